@@ -1,0 +1,59 @@
+"""DiceCE loss for training and the hard Dice metric for validation (DESIGN.md "loss")."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SMOOTH = 1e-5  # in numerator and denominator, as MONAI's DiceCELoss defaults (smooth_nr = smooth_dr = 1e-5)
+
+
+def soft_dice_loss(probs, target_probs):
+    """1 - soft Dice per sample and class (background included), averaged.
+
+    probs, target_probs: (B, C, *S) float. Sums run over the spatial axes only.
+    """
+    dims = tuple(range(2, probs.ndim))
+    inter = (probs * target_probs).sum(dims)                     # (B, C)
+    denom = probs.sum(dims) + target_probs.sum(dims)             # (B, C)
+    return (1.0 - (2.0 * inter + SMOOTH) / (denom + SMOOTH)).mean()
+
+
+def dice_ce_loss(logits, target, dice_weight=1.0, ce_weight=1.0):
+    """Soft Dice + cross-entropy, weights 1 and 1 (the DiceCE that the paper cites).
+
+    logits: (B, C, *S) float.
+    target: (B, 1, *S) int64 class labels, or (B, C, *S) class probabilities
+            (semi-supervised consistency: soft Dice against the probabilities,
+            cross-entropy against their argmax).
+    Returns a scalar tensor, computed in float32 even under autocast.
+    """
+    logits = logits.float()
+    num_classes = logits.shape[1]
+    if target.shape[1] == num_classes and target.is_floating_point():
+        target_probs = target.float()
+        labels = target.argmax(1)                                 # (B, *S)
+    elif target.shape[1] == 1:
+        labels = target[:, 0].long()
+        target_probs = F.one_hot(labels, num_classes).movedim(-1, 1).float()
+    else:
+        raise ValueError(f"target shape {tuple(target.shape)} fits neither (B, 1, *S) labels "
+                         f"nor (B, {num_classes}, *S) probabilities")
+    dice = soft_dice_loss(logits.softmax(1), target_probs)
+    ce = F.cross_entropy(logits, labels)
+    return dice_weight * dice + ce_weight * ce
+
+
+def dice_per_class(pred, target, num_classes):
+    """Hard Dice of each foreground class, (num_classes - 1,) float64.
+
+    pred, target: (*S) integer label arrays of the same shape. A class absent from both
+    scores 1.0 (nothing to find, nothing found); absent from one only, 0.0.
+    """
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from label shape {target.shape}")
+    out = np.empty(num_classes - 1)
+    for c in range(1, num_classes):
+        p, t = pred == c, target == c
+        total = p.sum() + t.sum()
+        out[c - 1] = 1.0 if total == 0 else 2.0 * np.logical_and(p, t).sum() / total
+    return out
