@@ -1,0 +1,312 @@
+"""The method's building blocks: pseudo labels, sliding-window and MC-dropout inference,
+noisy labels, and the training steps (proxy, supervised, semi-supervised).
+
+Arrays called `image` are windowed to [0, 1] (data.window); `image_hu` are Hounsfield units.
+"""
+import math
+import time
+import warnings
+from contextlib import nullcontext
+
+import numpy as np
+import scipy.ndimage as ndi
+import torch
+import torch.nn.functional as F
+
+from data import augment_intensity, sample_patch
+from losses import dice_ce_loss, dice_per_class
+from unet import enable_mc_dropout
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Prints `tag i/n  elapsed  ETA` at most every `every_s` seconds (and at the end)."""
+
+    def __init__(self, tag, total, every_s=10.0):
+        self.tag, self.total, self.every_s = tag, total, every_s
+        self.t0 = self.last = time.time()
+
+    def update(self, done, extra=""):
+        now = time.time()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        eta = elapsed / max(done, 1) * (self.total - done)
+        print(f"  {self.tag} {done}/{self.total}  {extra}  elapsed {fmt_s(elapsed)}  ETA {fmt_s(eta)}", flush=True)
+
+
+def fmt_s(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+# ----------------------------------------------------------------------------- devices
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda when available, else cpu. Turns on cudnn.benchmark on CUDA (fixed patch sizes)."""
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA where supported, else fp16 (needs a grad scaler); plain float32 on the CPU."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def needs_scaler(device):
+    return device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+# ----------------------------------------------------------------------------- pseudo labels
+
+
+def auto_hu_band(image_hu, width_hu=50.0):
+    """A band `width_hu` wide centred on the case's own soft-tissue peak.
+
+    Rule: histogram (5 HU bins) of the voxels in [20, 200] HU, which excludes fat, water
+    and bone; smooth it over 15 HU; the highest bin is the soft-tissue peak, mostly liver
+    parenchyma in abdominal CT because the liver is the largest solid organ. This follows
+    the contrast phase of each scan (liver ~50 HU unenhanced, ~100-130 HU portal venous),
+    where the paper's fixed 100-150 band can miss the liver entirely.
+    """
+    values = np.asarray(image_hu)[::2, ::2, ::2]
+    values = values[(values >= 20) & (values <= 200)]
+    if values.size == 0:
+        return (100.0, 150.0)
+    hist, edges = np.histogram(values, bins=36, range=(20, 200))
+    hist = ndi.uniform_filter1d(hist.astype(float), 3)
+    peak = 0.5 * (edges[hist.argmax()] + edges[hist.argmax() + 1])
+    return (peak - width_hu / 2, peak + width_hu / 2)
+
+
+def pseudo_label(image_hu, hu_band=(100, 150), case_id="case"):
+    """Binary proxy label: voxels in the HU band, largest 26-connected component (paper sec. 3.1).
+
+    image_hu: (X, Y, Z) HU. hu_band: (lo_hu, hi_hu), inclusive, or "auto" (see auto_hu_band).
+    Returns uint8 (X, Y, Z). An empty band gives an empty mask and a warning naming the case.
+    """
+    image_hu = np.asarray(image_hu)
+    lo_hu, hi_hu = auto_hu_band(image_hu) if isinstance(hu_band, str) and hu_band == "auto" else hu_band
+    band = (image_hu >= lo_hu) & (image_hu <= hi_hu)
+    components, n = ndi.label(band, structure=np.ones((3, 3, 3), bool))  # 26-connectivity
+    if n == 0:
+        warnings.warn(f"{case_id}: no voxel in the HU band [{lo_hu:g}, {hi_hu:g}]; its pseudo label is empty "
+                      f"(try --hu-band auto)", stacklevel=2)
+        return np.zeros(image_hu.shape, np.uint8)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return (components == sizes.argmax()).astype(np.uint8)
+
+# ----------------------------------------------------------------------------- inference
+
+
+def window_starts(size, roi, overlap):
+    """Evenly spaced window starts along one axis; the last window ends flush with the edge."""
+    if size <= roi:
+        return [0]
+    n = math.ceil((size - roi) / max(1, int(roi * (1 - overlap)))) + 1
+    return sorted(set(np.linspace(0, size - roi, n).round().astype(int).tolist()))
+
+
+def _padded_input(image, roi, device):
+    """(X, Y, Z) float32 -> (1, 1, X', Y', Z') tensor padded at the far end to at least `roi`."""
+    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32), device=device)
+    pad = [max(0, r - s) for s, r in zip(x.shape, roi)]
+    return F.pad(x[None, None], (0, pad[2], 0, pad[1], 0, pad[0]))
+
+
+@torch.inference_mode()
+def _predict_padded(model, x, roi, overlap, batch_size):
+    """Softmax (C, X', Y', Z') on x's device: each window once, overlaps averaged (uniform weights)."""
+    size = x.shape[2:]
+    corners = [(a, b, c) for a in window_starts(size[0], roi[0], overlap)
+               for b in window_starts(size[1], roi[1], overlap) for c in window_starts(size[2], roi[2], overlap)]
+    out, count = None, torch.zeros(size, device=x.device)
+    for i in range(0, len(corners), batch_size):
+        chunk = corners[i:i + batch_size]
+        crops = torch.cat([x[..., a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in chunk])  # (n, 1, *roi)
+        with autocast(x.device):
+            probs = model(crops).float().softmax(1)                                              # (n, C, *roi)
+        if out is None:
+            out = torch.zeros((probs.shape[1],) + tuple(size), device=x.device)
+        for p, (a, b, c) in zip(probs, chunk):
+            out[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += p
+            count[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += 1
+    return out / count
+
+
+def sliding_window_predict(model, image, roi=(96, 96, 96), overlap=0.25, batch_size=4):
+    """Softmax probabilities (C, X, Y, Z) float32 numpy of `image` (X, Y, Z) in [0, 1].
+
+    Uses the model in whatever mode it is in (call model.eval() for a deterministic result).
+    """
+    device = next(model.parameters()).device
+    x = _padded_input(image, roi, device)
+    probs = _predict_padded(model, x, roi, overlap, batch_size)
+    return probs[:, :image.shape[0], :image.shape[1], :image.shape[2]].cpu().numpy()
+
+
+@torch.inference_mode()
+def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=4, return_map=False):
+    """MC-dropout uncertainty of one volume under `model` (DESIGN.md "scores").
+
+    m stochastic passes (dropout on, norms in eval mode), each a full sliding-window prediction.
+    variance: per-voxel variance over the passes of the softmax (population variance, ddof 0),
+              summed over classes, mean over voxels.
+    entropy:  entropy (nats) of the mean softmax, summed over classes, mean over voxels.
+    Running sums of p and p^2 per voxel: memory is 3 probability volumes whatever m is.
+    Returns {"variance": float, "entropy": float} (+ "variance_map" (X, Y, Z) float32 with return_map).
+    """
+    was_training = model.training
+    enable_mc_dropout(model)
+    device = next(model.parameters()).device
+    x = _padded_input(image, roi, device)
+    s1 = s2 = None
+    for _ in range(m):
+        p = _predict_padded(model, x, roi, overlap, batch_size)[:, :image.shape[0], :image.shape[1], :image.shape[2]]
+        s1 = p.clone() if s1 is None else s1.add_(p)
+        s2 = p.square() if s2 is None else s2.addcmul_(p, p)
+    model.train(was_training)
+    mean = s1.div_(m)                                                   # (C, X, Y, Z)
+    var_map = (s2.div_(m) - mean.square()).clamp_(min=0).sum(0)         # (X, Y, Z)
+    entropy_map = -(mean * mean.clamp(min=1e-12).log()).sum(0)
+    out = {"variance": var_map.mean().item(), "entropy": entropy_map.mean().item()}
+    if return_map:
+        out["variance_map"] = var_map.cpu().numpy()
+    return out
+
+
+def noisy_label(probs, tau=0.9):
+    """Argmax where the max softmax probability exceeds tau, background elsewhere (paper sec. 3.3).
+
+    probs: (C, X, Y, Z) float. Returns uint8 (X, Y, Z).
+    """
+    probs = np.asarray(probs)
+    return np.where(probs.max(0) > tau, probs.argmax(0), 0).astype(np.uint8)
+
+# ----------------------------------------------------------------------------- training data
+
+
+class PatchStream(torch.utils.data.IterableDataset):
+    """Endless foreground-balanced training patches, made in DataLoader workers off the training thread.
+
+    volumes: list of (image_hu (X, Y, Z), label (X, Y, Z) uint8, fg_index) from data.cached_case /
+    data.foreground_index. two_views=False yields (image (1, *P) float32, label (1, *P) int64), intensity-
+    augmented; two_views=True yields (view1 clean, view2 intensity-augmented) of the same patch (the
+    semi-supervised consistency pair; the label only steers where patches are centred).
+    """
+
+    def __init__(self, volumes, patch_vox, fg_fraction, window_hu, seed, two_views=False):
+        self.volumes, self.patch_vox, self.fg_fraction = volumes, tuple(patch_vox), fg_fraction
+        self.window_hu, self.seed, self.two_views = window_hu, seed, two_views
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, info.id if info else 0])
+        while True:
+            image_hu, label, fg_index = self.volumes[rng.integers(len(self.volumes))]
+            patch, lab = sample_patch(image_hu, label, self.patch_vox, self.fg_fraction, rng,
+                                      self.window_hu, fg_index=fg_index)
+            if self.two_views:
+                yield torch.from_numpy(patch[None]), torch.from_numpy(augment_intensity(patch, rng)[None])
+            else:
+                yield torch.from_numpy(augment_intensity(patch, rng)[None]), torch.from_numpy(lab[None].astype(np.int64))
+
+
+def batches(stream, batch_size, workers, device):
+    """An endless iterator of batches on `device` from a PatchStream."""
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda",
+                                         persistent_workers=False, prefetch_factor=4 if workers else None)
+    for batch in loader:
+        yield [t.to(device, non_blocking=True) for t in batch]
+
+# ----------------------------------------------------------------------------- training steps
+
+
+def make_optimizer(model, lr, device):
+    """Adam (paper: lr 1e-4) and a grad scaler that is active only for fp16 autocast."""
+    return torch.optim.Adam(model.parameters(), lr=lr), torch.amp.GradScaler(device.type, enabled=needs_scaler(device))
+
+
+def supervised_loss(model, batch):
+    image, label = batch                                                  # (B, 1, *P), (B, 1, *P)
+    return dice_ce_loss(model(image), label)
+
+
+def semi_loss(model, batch, alpha=1.0, beta=1e-3):
+    """alpha * DiceCE(labeled) + beta * DiceCE(view 2 logits, softmax of view 1, detached) (paper sec. 3.3)."""
+    sup_batch, (view1, view2) = batch                                     # labeled pair; (B, 1, *P) each
+    with torch.no_grad():
+        target = model(view1).float().softmax(1)                          # (B, C, *P)
+    return alpha * supervised_loss(model, sup_batch) + beta * dice_ce_loss(model(view2), target)
+
+
+def train_steps(model, optimizer, scaler, step_loss, data, steps, device, tag="train", log_every_s=10.0):
+    """Run `steps` optimiser steps of `step_loss(model, next(data))`.
+
+    Returns {"loss": mean loss, "step_s": seconds per step, "data_wait": share of time spent waiting for data}.
+    """
+    model.train()
+    progress = Progress(tag, steps, log_every_s)
+    total, wait, t0 = 0.0, 0.0, time.time()
+    for step in range(1, steps + 1):
+        t = time.time()
+        batch = next(data)
+        wait += time.time() - t
+        with autocast(device):
+            loss = step_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item()
+        progress.update(step, f"loss {total / step:.4f}")
+    elapsed = max(time.time() - t0, 1e-9)
+    return {"loss": total / max(steps, 1), "step_s": elapsed / max(steps, 1), "data_wait": wait / elapsed}
+
+
+def evaluate(model, cases, num_classes, roi, overlap=0.25, batch_size=4):
+    """Hard Dice per foreground class of each case: (n_cases, num_classes - 1) float64.
+
+    cases: iterable of (image (X, Y, Z) in [0, 1], label (X, Y, Z) int), e.g. a generator that loads lazily.
+    """
+    model.eval()
+    rows = []
+    for image, label in cases:
+        pred = sliding_window_predict(model, image, roi, overlap, batch_size).argmax(0)
+        rows.append(dice_per_class(pred, np.asarray(label), num_classes))
+    return np.array(rows).reshape(len(rows), num_classes - 1)
+
+
+def train_proxy(model, volumes, val_cases, epochs, val_every, steps_per_epoch, device, seed, *,
+                patch_vox, batch_size, window_hu, lr, workers, roi, fg_fraction=0.5):
+    """Proxy model on pseudo labels (Algorithm 1 line 2): `epochs` epochs, validation Dice on the validation
+    cases' pseudo labels every `val_every` epochs, the best weights kept (paper: 100 epochs, every 5).
+
+    val_cases: a function returning an iterable of (image, pseudo label) pairs, or None.
+    Returns the validation history [(epoch, dice)]; the model ends with its best weights.
+    """
+    optimizer, scaler = make_optimizer(model, lr, device)
+    data = batches(PatchStream(volumes, patch_vox, fg_fraction, window_hu, seed), batch_size, workers, device)
+    best, best_state, history = -1.0, None, []
+    for epoch in range(0, epochs, val_every):
+        chunk = min(val_every, epochs - epoch)
+        train_steps(model, optimizer, scaler, supervised_loss, data, chunk * steps_per_epoch, device,
+                    tag=f"proxy epochs {epoch + 1}-{epoch + chunk}/{epochs}")
+        if val_cases is None:  # nothing to validate on: keep the last weights
+            best_state = model.state_dict()
+            continue
+        dice = float(evaluate(model, val_cases(), 2, roi).mean())
+        history.append((epoch + chunk, dice))
+        print(f"  proxy epoch {epoch + chunk}/{epochs}: validation Dice on pseudo labels {dice:.4f}", flush=True)
+        if dice > best:
+            best, best_state = dice, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return history
