@@ -1,0 +1,186 @@
+"""Algorithm 1 end to end on a tiny phantom data set (seconds on the CPU)."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import al_loop
+import data
+
+K = 2
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom") / "Phantom"
+    data.make_phantom_dataset(root, 10, seed=3, shape_vox=(24, 24, 16), spacing_mm=(5.0, 5.0, 6.0))
+    return root
+
+
+def tiny_args(root, out, *extra):
+    return ["--data", str(root), "--out", str(out), "--cache-dir", str(out.parent / "cache"), "--preset", "demo",
+            "--k", str(K), "--iterations", "2", "--seeds", "0", "--spacing-mm", "6.0,6.0,6.0",
+            "--patch-vox", "16,16,32", "--roi-vox", "32,32,32", "--steps", "2", "--proxy-epochs", "2",
+            "--proxy-val-every", "1", "--proxy-patches-per-case", "1", "--mc-passes", "2", "--channels", "4,4,8,8,8",
+            "--workers", "0", "--n-val", "2", *extra]
+
+
+def run(root, out, *extra):
+    assert al_loop.main(tiny_args(root, out, *extra)) == 0
+    return json.loads((out / "state.json").read_text())
+
+
+def test_parse_strategy_covers_table():
+    assert al_loop.parse_strategy("rand") == (False, "random", False)
+    assert al_loop.parse_strategy("ent_semi") == (False, "entropy", True)
+    assert al_loop.parse_strategy("proxyrank") == (True, "proxy", False)
+    assert al_loop.parse_strategy("proxyrank_var_semi") == (True, "variance", True)
+    assert len(set(al_loop.STRATEGIES)) == 12
+
+
+def test_presets_and_overrides():
+    cfg = al_loop.parse_args([])
+    assert cfg.preset == "demo" and cfg.data == "demo"
+    cfg = al_loop.parse_args(["--data", "MSD_Task03", "--k", "3", "--patch-vox", "64,64,32"])
+    assert cfg.preset == "paper" and cfg.k == 3 and cfg.patch_vox == (64, 64, 32) and cfg.steps == 2000
+    with pytest.raises(SystemExit):
+        al_loop.parse_args(["--k", "three"])
+
+
+def test_all_strategies_two_iterations(phantom, tmp_path, monkeypatch):
+    started_from_proxy = {}
+    real_supervised = al_loop.supervised
+
+    def spy_supervised(study, labeled, init_state, tag):
+        started_from_proxy[tag] = init_state is not None
+        return real_supervised(study, labeled, init_state, tag)
+
+    certain_scores = {}
+    real_score = al_loop.score_cases
+
+    def spy_score(study, model, ids, tag):
+        scores = real_score(study, model, ids, tag)
+        certain_scores[tag] = scores
+        return scores
+
+    monkeypatch.setattr(al_loop, "supervised", spy_supervised)
+    monkeypatch.setattr(al_loop, "score_cases", spy_score)
+    state = run(phantom, tmp_path / "run", "--strategy", "all")["0"]
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert set(state) == set(al_loop.STRATEGIES)
+    for name, st in state.items():
+        proxy, _, semi = al_loop.parse_strategy(name)
+        assert len(st["labeled"]) == len(set(st["labeled"])) == 2 * K, name          # k per iteration, distinct
+        assert not set(st["labeled"]) & set(split["val"]), name                      # never a validation case
+        assert [it["n_labeled"] for it in st["iterations"]] == [K, 2 * K]
+        assert all(started_from_proxy[f"seed0/{name}/iter{j}"] == proxy for j in range(2)), name
+        if semi:  # line 8: the len(Tl) most certain unlabeled cases under Ms
+            for j, it in enumerate(st["iterations"]):
+                scores = certain_scores[f"seed0/{name}/iter{j}/certain"]
+                key = "entropy" if "ent" in name else "variance"
+                ranked = sorted(scores, key=lambda c: scores[c][key])
+                assert it["certain"] == ranked[:it["n_labeled"]], name
+                assert not set(it["certain"]) & set(st["labeled"][:it["n_labeled"]])
+    firsts = {n: tuple(st["labeled"][:K]) for n, st in state.items()}
+    # one proxy ranking per seed: by entropy for proxyrank_ent*, by variance for the other proxyrank strategies
+    assert len({firsts[n] for n in state if n.startswith("proxyrank_ent")}) == 1
+    assert len({firsts[n] for n in state if n.startswith("proxyrank") and "_ent" not in n}) == 1
+    assert len({firsts[n] for n in state if not n.startswith("proxyrank")}) == 1  # one shared random draw
+    assert state["proxyrank"]["labeled"] == state["proxyrank_semi"]["labeled"]   # the ranking itself, in order
+    with open(tmp_path / "run" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24 and {"dice_liver", "dice_tumour", "mean_dice", "pct_labeled"} <= set(rows[0])
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "proxyrank_ent_semi" in summary and "Wilcoxon" in summary
+    assert (tmp_path / "run" / "per_case_dice.csv").read_text().count("\n") == 1 + 24 * 2
+
+
+def test_oracle_reads_only_selected_labels(phantom, tmp_path, monkeypatch):
+    read = []
+    real_read = data._read_nifti_ras  # every voxel data.py reads goes through it
+    monkeypatch.setattr(data, "_read_nifti_ras", lambda path: read.append(str(path)) or real_read(path))
+    state = run(phantom, tmp_path / "run", "--strategy", "proxyrank_var_semi,var")["0"]
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    cases = {c["id"]: c for c in data.read_msd(phantom)}
+    allowed = set(split["val"]) | {c for st in state.values() for c in st["labeled"]}
+    labels_read = {cid for cid, c in cases.items() if c["label"] in read}
+    assert labels_read  # the spy works: selected and validation labels are read
+    assert labels_read <= allowed
+    assert set(split["pool"]) - allowed  # some pool labels were never needed, and never read
+
+
+def test_resume_after_stop_between_stages(phantom, tmp_path, monkeypatch):
+    args = ("--strategy", "proxyrank_var_semi,rand")
+    reference = run(phantom, tmp_path / "ref", *args)
+    real_semi = al_loop.semi_finetune
+    calls = []
+
+    def dying_semi(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # second iteration, after its supervised stage was saved
+            raise KeyboardInterrupt
+        return real_semi(*a, **kw)
+
+    monkeypatch.setattr(al_loop, "semi_finetune", dying_semi)
+    with pytest.raises(KeyboardInterrupt):
+        run(phantom, tmp_path / "cut", *args)
+    monkeypatch.setattr(al_loop, "semi_finetune", real_semi)
+    resumed = run(phantom, tmp_path / "cut", *args, "--resume")
+    for name in ("proxyrank_var_semi", "rand"):
+        assert resumed["0"][name]["labeled"] == reference["0"][name]["labeled"]
+        assert resumed["0"][name]["iterations"][-1]["dice"] == pytest.approx(reference["0"][name]["iterations"][-1]["dice"])
+
+
+def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
+    root = tmp_path / "mine"
+    shutil.copytree(phantom, root)
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    cases = data.read_msd(root)
+    for case in cases[3:]:  # the user has labels for three cases only
+        shutil.move(case["label"], hidden)
+    out = tmp_path / "run"
+    for attempt in range(10):
+        with pytest.warns(UserWarning):
+            assert al_loop.main(tiny_args(root, out, "--k", "1")) == 0
+        todo = out / "to_annotate.csv"
+        if not todo.exists():
+            break
+        with open(todo) as f:
+            rows = list(csv.DictReader(f))
+        assert rows and set(rows[0]) == {"case", "image", "score", "rank"}
+        for row in rows:  # the "annotator" delivers the requested labels
+            shutil.move(hidden / f"{row['case']}.nii.gz", root / "labelsTr")
+        todo.unlink()
+    state = json.loads((out / "state.json").read_text())
+    st = state["0"]["proxyrank_var_semi"]
+    assert len(st["iterations"]) == 2 and attempt >= 2
+    assert not set(st["labeled"]) & set(json.loads((out / "split.json").read_text())["val"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--strategy", "rand,nope"), "unknown nope"),
+    (("--k", "50"), "pool has"),
+    (("--patch-vox", "20,20,20"), "multiples of 16"),
+])
+def test_bad_requests_fail_before_work(phantom, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        al_loop.main(tiny_args(phantom, tmp_path / "run", *extra))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_data_folder_says_where(tmp_path):
+    with pytest.raises(SystemExit, match="medicaldecathlon"):
+        al_loop.main(["--data", "MSD_Task03", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_one_class_task_is_refused(phantom, tmp_path):
+    root = tmp_path / "one"
+    shutil.copytree(phantom, root)
+    info = json.loads((root / "dataset.json").read_text())
+    info["labels"] = {"0": "background"}
+    (root / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises((SystemExit, ValueError), match="class"):
+        al_loop.main(tiny_args(root, tmp_path / "run"))
