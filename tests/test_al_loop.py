@@ -49,6 +49,14 @@ def test_presets_and_overrides():
         al_loop.parse_args(["--k", "three"])
 
 
+def test_help_lists_every_option_with_its_values(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        al_loop.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--proxy-epochs" in text and "paper: 100" in text and "--hu-band" in text
+
+
 def test_all_strategies_two_iterations(phantom, tmp_path, monkeypatch):
     started_from_proxy = {}
     real_supervised = al_loop.supervised
@@ -184,3 +192,14 @@ def test_one_class_task_is_refused(phantom, tmp_path):
     (root / "dataset.json").write_text(json.dumps(info))
     with pytest.raises((SystemExit, ValueError), match="class"):
         al_loop.main(tiny_args(root, tmp_path / "run"))
+
+
+def test_unreadable_case_is_left_out_with_a_warning(phantom, tmp_path):
+    root = tmp_path / "bad"
+    shutil.copytree(phantom, root)
+    (root / "imagesTr" / "phantom_4.nii.gz").write_bytes(b"not a nifti file")
+    cfg = al_loop.parse_args(tiny_args(root, tmp_path / "run"))
+    with pytest.warns(UserWarning, match="phantom_4"):
+        study = al_loop.prepare(al_loop.Study(cfg))
+    assert "phantom_4" not in study.pool + study.val
+    assert len(study.pool) + len(study.val) == 9
