@@ -35,7 +35,7 @@ MSD_TASKS = {"MSD_Task03": "Task03_Liver", "MSD_Task08": "Task08_HepaticVessel"}
 @dataclass
 class Config:
     data: str = "demo"                     # task folder, MSD_Task03 / MSD_Task08 (under data_root), or demo
-    data_root: str = "data"                # where MSD_TaskNN are looked up (env MSD_DATA_ROOT overrides)
+    data_root: str = "data"                # where MSD_TaskNN and the demo data live (default: env MSD_DATA_ROOT)
     out: str = ""                          # run folder; "" -> runs/<data>-<timestamp>; rerun with it to resume
     strategy: str = "all"                  # NAME[,NAME...] or all (12 strategies, supplementary Table 1)
     seeds: tuple = (0, 1, 2)               # paper: 3 seeds, mean +- std
@@ -66,7 +66,7 @@ class Config:
     workers: int = -1                      # patch loader processes; -1 -> 1 on the CPU, 6 on CUDA
     save_maps: int = 0                     # write uncertainty maps of the top N ranked cases (NIfTI)
     phantom_cases: int = 20                # demo: size of the phantom data set
-    cache_dir: str = ""                    # preprocessed cache; "" -> <data_root>/.cache
+    cache_dir: str = ""                    # preprocessed cache, shared by runs; "" -> <data_root>/.cache
     preset: str = ""                       # demo or paper; "" -> demo without --data, paper otherwise
 
 
@@ -100,6 +100,8 @@ def parse_args(argv=None):
     args = vars(p.parse_args(argv))
     resume = args.pop("resume")
     given = {k: convert(getattr(PAPER, k), v, k) for k, v in args.items() if v is not None}
+    if "data_root" not in given and os.environ.get("MSD_DATA_ROOT"):
+        given["data_root"] = os.environ["MSD_DATA_ROOT"]
     if resume and not given.get("out"):
         p.error("--resume needs --out pointing at the run to continue")
     preset = given.get("preset") or ("paper" if given.get("data", "demo") != "demo" else "demo")
@@ -142,7 +144,7 @@ def parse_strategy(name):
 
 def resolve_data(cfg):
     """Path of the task folder named by --data; the demo phantom set is generated once into the cache."""
-    root = Path(os.environ.get("MSD_DATA_ROOT", cfg.data_root))
+    root = Path(cfg.data_root)
     if cfg.data == "demo":
         return Path(data.make_phantom_dataset(root / "phantom", cfg.phantom_cases, seed=0))
     path = root / MSD_TASKS[cfg.data] if cfg.data in MSD_TASKS else Path(cfg.data)
@@ -161,7 +163,7 @@ class Study:
         self.root = resolve_data(cfg)
         self.out = Path(cfg.out or f"runs/{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.out.mkdir(parents=True, exist_ok=True)
-        self.cache = Path(cfg.cache_dir) if cfg.cache_dir else self.root.parent / ".cache"
+        self.cache = Path(cfg.cache_dir or Path(cfg.data_root) / ".cache")
         self.task = data.read_task_info(self.root)
         self.num_classes = self.task["num_classes"]
         self.window_hu = data.task_window(self.task["name"], tuple(cfg.window_hu) or None)
@@ -268,6 +270,18 @@ def load_split(study, val_candidates):
     if not isinstance(split, dict) or not {"pool", "val"} <= set(split):
         raise SystemExit(f"{path}: not a split file (needs 'pool' and 'val'); delete it to draw a new split")
     return split
+
+
+def warn_changed_config(study):
+    """A rerun into an existing --out with other settings mixes results: say which settings changed."""
+    path = study.out / "config.json"
+    if not path.exists():
+        return
+    old, new = json.loads(path.read_text()), json.loads(json.dumps(dataclasses.asdict(study.cfg)))
+    changed = [k for k in new if k not in ("strategy", "seeds", "device", "workers", "save_maps") and old.get(k) != new[k]]
+    if changed:
+        warnings.warn(f"{path}: this rerun changes {', '.join(changed)}; finished stages keep their old settings "
+                      f"(use a new --out for a clean run)")
 
 
 def check_request(study, strategies):
@@ -616,6 +630,7 @@ def main(argv=None):
         study.log(f"annotation mode ({sum(not c['label'] for c in study.cases.values())} unlabeled cases): "
                   f"strategy proxyrank_var_semi, seed {cfg.seeds[0]} (set --strategy/--seeds to change)")
     check_request(study, strategies)
+    warn_changed_config(study)
     data.atomic_write_json(study.out / "config.json", dataclasses.asdict(cfg))
     study.log(f"{study.task['name']}: {len(study.pool)} pool, {len(study.val)} validation cases; "
               f"{len(strategies)} strategies x {len(cfg.seeds)} seeds; device {study.device}; out {study.out}")
