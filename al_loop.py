@@ -232,28 +232,33 @@ class Study:
 
 
 def prepare(study):
-    """Cases, split, and a checked, preprocessed image cache (one bad case is left out with a warning)."""
-    cfg = study.cfg
-    cases = data.read_msd(study.root)
+    """Cases and the pool / validation split (cheap: headers and file names only)."""
+    study.cases = {c["id"]: c for c in data.read_msd(study.root)}
     if study.num_classes < 2:
         raise SystemExit(f"{study.root}/dataset.json: the task has {study.num_classes} class; segmentation needs "
                          f"background and at least one foreground class in 'labels'")
-    progress, good = Progress("preprocess", len(cases)), {}
-    for i, case in enumerate(cases, 1):
+    labeled = [cid for cid, c in study.cases.items() if c["label"]]
+    study.annotation = len(labeled) < len(study.cases)
+    split = load_split(study, labeled if study.annotation else list(study.cases))
+    study.val = [cid for cid in split["val"] if cid in study.cases]
+    study.pool = [cid for cid in split["pool"] if cid in study.cases]
+    return study
+
+
+def preprocess_all(study):
+    """Resample every image into the cache once; an unreadable case is left out with a warning."""
+    progress = Progress("preprocess", len(study.cases))
+    for i, (cid, case) in enumerate(list(study.cases.items()), 1):
         try:
-            data.cached_case(case, study.cache, cfg.spacing_mm, with_label=False)
-            good[case["id"]] = case
+            data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
         except (OSError, ValueError) as err:
-            warnings.warn(f"case {case['id']} left out: {err}")
+            warnings.warn(f"case {cid} left out: {err}")
+            del study.cases[cid]
         progress.update(i)
-    if not good:
+    if not study.cases:
         raise SystemExit(f"{study.root}: no readable case")
-    study.cases = good
-    labeled = [cid for cid, c in good.items() if c["label"]]
-    study.annotation = len(labeled) < len(good)
-    split = load_split(study, labeled if study.annotation else list(good))
-    study.val = [cid for cid in split["val"] if cid in good]
-    study.pool = [cid for cid in split["pool"] if cid in good]
+    study.val = [c for c in study.val if c in study.cases]
+    study.pool = [c for c in study.pool if c in study.cases]
     return study
 
 
@@ -299,8 +304,6 @@ def check_request(study, strategies):
                          "e.g. --strategy proxyrank_var_semi --seeds 0")
     if any(s % 16 for s in tuple(cfg.patch_vox) + tuple(cfg.roi_vox)):
         raise SystemExit(f"--patch-vox {cfg.patch_vox} / --roi-vox {cfg.roi_vox}: sides must be multiples of 16")
-    if not study.val:
-        warnings.warn("no labeled validation case: validation Dice is skipped (results will show nan)")
 
 # ----------------------------------------------------------------------------- Algorithm 1, lines 1-3
 
@@ -629,7 +632,11 @@ def main(argv=None):
         strategies, cfg.seeds = ["proxyrank_var_semi"], cfg.seeds[:1]
         study.log(f"annotation mode ({sum(not c['label'] for c in study.cases.values())} unlabeled cases): "
                   f"strategy proxyrank_var_semi, seed {cfg.seeds[0]} (set --strategy/--seeds to change)")
-    check_request(study, strategies)
+    check_request(study, strategies)            # before any long work
+    preprocess_all(study)
+    check_request(study, strategies)            # again: unreadable cases may have left the pool
+    if not study.val:
+        warnings.warn("no labeled validation case: validation Dice is skipped (results will show nan)")
     warn_changed_config(study)
     data.atomic_write_json(study.out / "config.json", dataclasses.asdict(cfg))
     study.log(f"{study.task['name']}: {len(study.pool)} pool, {len(study.val)} validation cases; "

@@ -200,6 +200,6 @@ def test_unreadable_case_is_left_out_with_a_warning(phantom, tmp_path):
     (root / "imagesTr" / "phantom_4.nii.gz").write_bytes(b"not a nifti file")
     cfg = al_loop.parse_args(tiny_args(root, tmp_path / "run"))
     with pytest.warns(UserWarning, match="phantom_4"):
-        study = al_loop.prepare(al_loop.Study(cfg))
+        study = al_loop.preprocess_all(al_loop.prepare(al_loop.Study(cfg)))
     assert "phantom_4" not in study.pool + study.val
     assert len(study.pool) + len(study.val) == 9
