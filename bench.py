@@ -19,6 +19,7 @@ m calls of sliding_window_inference (sw_batch_size 4, overlap 0.25), variance of
 MONAI is optional: it is imported only under --compare-monai.
 """
 import argparse
+import ctypes
 import dataclasses
 import gc
 import os
@@ -128,6 +129,15 @@ def log(message):
     print(f"[{proxy_al.fmt_s(time.time() - T0)}] {message}", flush=True)
 
 
+def release_free_heap():
+    """Hand freed heap pages back to the OS (glibc malloc_trim), so that a section's baseline RSS holds no free
+    memory a later stage could reuse unseen. A no-op where glibc is missing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_mb():
     """Resident memory of this process now, MB (VmRSS); the high-water mark where /proc is missing."""
     try:
@@ -164,6 +174,7 @@ class RssSampler:
     def section(self, tag):
         """Yields a dict that holds base_mb, peak_mb and extra_mb (peak - base) once the block ends."""
         gc.collect()
+        release_free_heap()
         stats = {"base_mb": rss_mb()}
         self.window_peak, self.tag = stats["base_mb"], tag
         try:
@@ -220,6 +231,7 @@ def make_case(cfg, work):
     code = ("import sys, data; a = sys.argv; data.make_phantom_dataset(a[1], 1, int(a[2]), "
             "[int(v) for v in a[3].split(',')], [float(v) for v in a[4].split(',')])")
     args = [str(root), str(cfg.seed), ",".join(map(str, cfg.shape_vox)), ",".join(map(str, cfg.spacing_mm))]
+    existed = (root / "dataset.json").is_file()   # make_phantom_dataset keeps a complete folder of the same parameters
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", code] + args, check=True, cwd=HERE)
     seconds = time.perf_counter() - t
@@ -227,7 +239,7 @@ def make_case(cfg, work):
     info = {"seconds": seconds, "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             "axcodes": "".join(nib.aff2axcodes(nib.load(case["image"]).affine)),
             "file_mb": os.path.getsize(case["image"]) / 2**20, "shape_vox": list(cfg.shape_vox),
-            "spacing_mm": list(cfg.spacing_mm)}
+            "spacing_mm": list(cfg.spacing_mm), "existed_before": existed}
     return case, info
 
 # ----------------------------------------------------------------------------- 1. preprocessing
@@ -283,6 +295,7 @@ def stage_preprocess(cfg, case, monai, sampler):
     if monai is not None:
         chain, _ = monai_chain(monai, cfg.patch_vox)
         runs["monai"] = lambda: chain({"image": case["image"], "label": case["label"]})
+    nibabel_read([case["image"], case["label"]])   # untimed: files in the page cache, so no run pays the disk
     res = alternate(runs, cfg.repeats, sampler)
     checks = preprocess_checks(res["ours"]["result"], res["monai"]["result"]) if monai is not None else None
     theirs = res["monai"].pop("result") if monai is not None else None
@@ -365,7 +378,7 @@ def stage_train(cfg, device, volume, num_classes, sampler):
     workers = cfg.workers if cfg.workers >= 0 else (6 if device.type == "cuda" else 1)
     stream = proxy_al.PatchStream([volume], (cfg.patch_vox,) * 3, 0.5, WINDOW_HU, cfg.seed)  # paper: fg:bg 1:1
     batches = proxy_al.batches(stream, cfg.batch_size, workers, device)
-    with sampler.section("ours") as mem:
+    with sampler.section("train") as mem:   # its own tag: backward at 96^3 dwarfs every other stage
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         proxy_al.train_steps(model, optimizer, scaler, proxy_al.supervised_loss, batches, 1, device, tag="warm-up step")
@@ -382,9 +395,9 @@ def stage_train(cfg, device, volume, num_classes, sampler):
 
 
 def inference_autocast(device):
-    """The autocast ours runs inference under: proxy_al.inference_autocast where the module has one (bf16 on
+    """The autocast ours runs inference under: proxy_al.mc_autocast where the module has one (bf16 on
     CPUs with native bf16), else its training autocast (bf16/fp16 on CUDA, none on the CPU)."""
-    return getattr(proxy_al, "inference_autocast", proxy_al.autocast)(device)
+    return getattr(proxy_al, "mc_autocast", proxy_al.autocast)(device)
 
 
 def precision(ctx):
@@ -481,7 +494,7 @@ def stage_mc(cfg, model, image, device, monai, sampler):
     n_windows = int(np.prod([len(proxy_al.window_starts(max(s, cfg.patch_vox), cfg.patch_vox, OVERLAP))
                              for s in image.shape]))
     per_window = window_seconds(model, cfg.patch_vox, device)
-    log(f"MC scoring on {image.shape}: {n_windows} windows x {cfg.mc_passes} passes, one window "
+    log(f"MC scoring on {image.shape}: {n_windows} windows x {cfg.mc_passes} passes, one window (batch 1) "
         f"{per_window:.2f} s -> about {proxy_al.fmt_s(n_windows * cfg.mc_passes * per_window)} per implementation")
 
     def ours():
@@ -564,7 +577,8 @@ def run_all(cfg, device, work, monai):
     report.update(part)
     num_classes = data.read_task_info(Path(work) / "phantom")["num_classes"]
     report.update(run_model_stages(cfg, device, (image_hu, label, fg_index), num_classes, monai, sampler))
-    report["memory"] = {"peak_rss_ours_mb": sampler.peaks.get("ours"), "peak_rss_monai_mb": sampler.peaks.get("monai"),
+    report["memory"] = {"peak_rss_ours_mb": sampler.peaks.get("ours"), "peak_rss_train_mb": sampler.peaks.get("train"),
+                        "peak_rss_monai_mb": sampler.peaks.get("monai"),
                         "process_high_water_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     report["environment"]["load_avg_end"] = load_average()
     return report
@@ -625,9 +639,10 @@ def mc_rows(mc, cfg, device, monai):
 def check_rows(r, monai):
     """Memory and agreement rows."""
     mem = r["memory"]
-    rows = [("peak RSS of the process (MB)", f"{mem['peak_rss_ours_mb']:.0f}",
-             f"{mem['peak_rss_monai_mb']:.0f}" if monai else "-", "-", "< 2048 (demo run)",
-             verdict(mem["peak_rss_ours_mb"] < 2048)),
+    # No target here: issue 4's 2 GB is for the demo run (al_loop.py, 32^3 patches), not this full-size case.
+    rows = [("peak RSS, all but training (MB)", f"{mem['peak_rss_ours_mb']:.0f}",
+             f"{mem['peak_rss_monai_mb']:.0f}" if monai else "-", "-", "-", "-"),
+            ("peak RSS, training stage (MB)", f"{mem['peak_rss_train_mb']:.0f}", "-", "-", "-", "-"),
             ("cache memory-mapped", str(r["cache"]["memory_mapped"]), "-", "-", "True",
              verdict(r["cache"]["memory_mapped"]))]
     if not monai:
@@ -658,15 +673,16 @@ def notes(r, device):
             f"{env['torch_threads']} threads, {env['cpu_count']} CPUs, load average {env['load_avg_start']} -> "
             f"{env['load_avg_end']}",
             f"case: {'x'.join(map(str, r['case']['shape_vox']))} at {r['case']['spacing_mm']} mm, "
-            f"{r['case']['file_mb']:.0f} MB gzip, axes {r['case']['axcodes']}, generated in {r['case']['seconds']:.1f} s "
+            f"{r['case']['file_mb']:.0f} MB gzip, axes {r['case']['axcodes']}, {'checked' if r['case']['existed_before'] else 'generated'} in {r['case']['seconds']:.1f} s "
             f"(child peak RSS {r['case']['child_peak_rss_mb']:.0f} MB)",
             f"image only: preprocess {pre['ours_image']['median_s']:.2f} s vs read {pre['floor_image']['median_s']:.2f} s "
             f"({pre['ours_image']['median_s'] / pre['floor_image']['median_s']:.2f}x)",
             f"cache build {r['cache']['build_s']:.2f} s, open only {r['cache']['open']['median_s'] * 1000:.1f} ms; "
             f"foreground index {r['patches']['foreground_index_s'] * 1000:.0f} ms once per case",
             f"MC: {r['mc']['windows']} windows of {r['mc']['shape_vox']} x {r['mc']['passes']} passes; "
-            f"one window {r['mc']['window_s']:.2f} s; arithmetic ours {r['mc']['precision_ours']}, "
-            f"MONAI {r['mc']['precision_monai']}; process high-water RSS {r['memory']['process_high_water_mb']:.0f} MB"]
+            f"one window {r['mc']['window_s']:.2f} s; arithmetic ours {r['mc']['precision_ours']}"
+            + (f", MONAI {r['mc']['precision_monai']}" if "monai" in r["mc"] else "")
+            + f"; process high-water RSS {r['memory']['process_high_water_mb']:.0f} MB"]
 
 # ----------------------------------------------------------------------------- entry point
 
