@@ -9,6 +9,7 @@ needs to continue is in state.json and the checkpoints next to it.
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -515,10 +516,9 @@ def validate(study, model):
 
 
 def write_csv(path, header, rows):
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows([header] + [list(r) for r in rows])
-    os.replace(tmp, path)
+    text = io.StringIO()
+    csv.writer(text).writerows([header] + [list(r) for r in rows])
+    data.atomic_write_bytes(path, text.getvalue().encode())
 
 
 def results_rows(study):
@@ -554,9 +554,7 @@ def write_reports(study):
                 for j, rec in enumerate(st["iterations"]) for c, d in rec["per_case"].items()]
     write_csv(study.out / "per_case_dice.csv", ["strategy", "seed", "iteration", "case"] + header[5:-1], per_case)
     summary = summary_table(study, header, rows) + "\n" + wilcoxon_table(study)
-    tmp = study.out / "summary.md.tmp"
-    tmp.write_text(summary)
-    os.replace(tmp, study.out / "summary.md")
+    data.atomic_write_bytes(study.out / "summary.md", summary.encode())
     plot_curves(study, header, rows)
     return summary
 
