@@ -16,12 +16,14 @@ Stages, each timed as seconds per case unless said otherwise (cheap stages: medi
 With --compare-monai, MONAI's equivalents (issue 4) run on the same file and the same network, alternating with ours:
 LoadImaged, EnsureChannelFirstd, Orientationd(RAS), Spacingd, ScaleIntensityRanged; RandCropByPosNegLabeld;
 m calls of sliding_window_inference (sw_batch_size 4, overlap 0.25), variance of the stacked softmax volumes.
+The MC agreement check reruns both on the largest crop where both place the same windows (see stage_mc).
 MONAI is optional: it is imported only under --compare-monai.
 """
 import argparse
 import ctypes
 import dataclasses
 import gc
+import math
 import os
 import platform
 import resource
@@ -489,33 +491,68 @@ def window_seconds(model, patch_vox, device):
     return time.perf_counter() - t
 
 
+def same_layout_shape(shape, roi, overlap):
+    """Largest crop (per axis <= shape) on which proxy_al's evenly spaced windows and MONAI's fixed-step ones
+    (step int(roi x (1 - overlap)), the last moved back to the edge) are the same: roi + k x step voxels."""
+    step = int(roi * (1 - overlap))
+    return tuple(s if s <= roi else roi + (s - roi) // step * step for s in shape)
+
+
+def monai_starts(size, roi, overlap):
+    """MONAI's window starts along one axis (monai.inferers.utils: dense_patch_slices), for the check."""
+    if size <= roi:
+        return [0]
+    step = int(roi * (1 - overlap))
+    return sorted({min(i * step, size - roi) for i in range(math.ceil((size - roi) / step) + 1)})
+
+
 def stage_mc(cfg, model, image, device, monai, sampler):
-    """Stage 5: proxy_al.mc_scores vs the MONAI recipe on the same volume and network, one run each."""
+    """Stage 5: proxy_al.mc_scores vs the MONAI recipe on the same volume and network, one run each.
+
+    The scores depend on where the windows lie (averaging overlapping windows lowers the per-voxel
+    variance): ours are evenly spaced, MONAI's keep a fixed step and move the last one back. So the
+    agreement check runs both again on the largest crop of the volume where the two layouts coincide.
+    """
     n_windows = int(np.prod([len(proxy_al.window_starts(max(s, cfg.patch_vox), cfg.patch_vox, OVERLAP))
                              for s in image.shape]))
     per_window = window_seconds(model, cfg.patch_vox, device)
     log(f"MC scoring on {image.shape}: {n_windows} windows x {cfg.mc_passes} passes, one window (batch 1) "
         f"{per_window:.2f} s -> about {proxy_al.fmt_s(n_windows * cfg.mc_passes * per_window)} per implementation")
 
-    def ours():
-        torch.manual_seed(cfg.seed)
-        return with_cuda_peak(lambda: proxy_al.mc_scores(model, image, cfg.mc_passes, (cfg.patch_vox,) * 3,
-                                                         OVERLAP), device)
-    runs = {"ours": ours}
-    if monai is not None:
-        def theirs():
-            torch.manual_seed(cfg.seed + 1)   # independent dropout masks: the check compares two MC estimates
-            return with_cuda_peak(lambda: monai_mc(monai, model, image, cfg, device), device)
-        runs["monai"] = theirs
-    res = alternate(runs, 1, sampler, device)
+    def runs_on(volume, seed):
+        def ours():
+            torch.manual_seed(seed)
+            return with_cuda_peak(lambda: proxy_al.mc_scores(model, volume, cfg.mc_passes, (cfg.patch_vox,) * 3,
+                                                             OVERLAP), device)
+        runs = {"ours": ours}
+        if monai is not None:
+            def theirs():
+                torch.manual_seed(seed + 1)   # independent dropout masks: the check compares two MC estimates
+                return with_cuda_peak(lambda: monai_mc(monai, model, volume, cfg, device), device)
+            runs["monai"] = theirs
+        return runs
+
+    res = alternate(runs_on(image, cfg.seed), 1, sampler, device)
     for record in res.values():
         record["scores"], record["cuda_extra_mb"] = record.pop("result")
     res.update(windows=n_windows, passes=cfg.mc_passes, window_s=per_window, shape_vox=list(image.shape),
                precision_ours=precision(inference_autocast(device)),
                precision_monai=precision(inference_autocast(device) if cfg.monai_autocast else nullcontext()))
-    if monai is not None:
-        res["monai"]["scores"], stack = res["monai"]["scores"]
-        res["checks"] = mc_checks(res["ours"]["scores"], res["monai"]["scores"], jackknife_se(stack))
+    if monai is None:
+        return res
+    res["monai"]["scores"], stack = res["monai"]["scores"]
+    res["full_case_diff"] = mc_checks(res["ours"]["scores"], res["monai"]["scores"], jackknife_se(stack))
+    del stack
+    crop = same_layout_shape(image.shape, cfg.patch_vox, OVERLAP)
+    for s in crop:
+        assert proxy_al.window_starts(max(s, cfg.patch_vox), cfg.patch_vox, OVERLAP) == \
+            monai_starts(s, cfg.patch_vox, OVERLAP), crop
+    log(f"    agreement check: both again on a {crop} crop, where both place the same windows")
+    same = alternate(runs_on(np.ascontiguousarray(image[:crop[0], :crop[1], :crop[2]]), cfg.seed + 2), 1, sampler,
+                     device)
+    (theirs, stack), _ = same["monai"]["result"]
+    res["checks"] = mc_checks(same["ours"]["result"][0], theirs, jackknife_se(stack))
+    res["check_crop_vox"] = list(crop)
     return res
 
 # ----------------------------------------------------------------------------- running the stages
@@ -651,9 +688,13 @@ def check_rows(r, monai):
     rows += [("check: shape gap (voxels)", str(c["max_shape_gap_vox"]), "-", "-", "<= 1", verdict(c["ok_shape"])),
              ("check: label agreement", f"{c['label_agreement']:.4f}", "-", "-", ">= 0.99", verdict(c["ok_label"])),
              ("check: window MAD", f"{c['window_mad']:.4f}", "-", "-", "<= 0.01", verdict(c["ok_window"]))]
+    crop = "x".join(map(str, r["mc"]["check_crop_vox"]))
     for key, v in r["mc"]["checks"].items():
-        rows.append((f"check: MC {key}", f"{v['ours']:.5f}", f"{v['monai']:.5f}", f"z = {v['z']:+.1f}",
+        rows.append((f"check: MC {key}, {crop} crop", f"{v['ours']:.5f}", f"{v['monai']:.5f}", f"z = {v['z']:+.1f}",
                      "|diff| <= 3 sigma MC", verdict(v["ok"])))
+    for key, v in r["mc"]["full_case_diff"].items():
+        rows.append((f"  full case MC {key} (layouts differ)", f"{v['ours']:.5f}", f"{v['monai']:.5f}",
+                     f"z = {v['z']:+.1f}", "-", "-"))
     return rows
 
 

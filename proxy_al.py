@@ -122,30 +122,51 @@ def _padded_input(image, roi, device):
     return F.pad(x[None, None], (0, pad[2], 0, pad[1], 0, pad[0]))
 
 
+def _passes(model, crops, n):
+    """n forward passes of the same crops: UNet.repeated_forward shares the first block; any other model
+    is simply called n times."""
+    repeated = getattr(model, "repeated_forward", None)
+    return repeated(crops, n) if repeated is not None else (model(crops) for _ in range(n))
+
+
 @torch.inference_mode()
-def _predict_padded(model, x, roi, overlap, batch_size):
-    """Softmax (C, X', Y', Z') on x's device: each window once, overlaps averaged (uniform weights)."""
+def _predict_padded(model, x, roi, overlap, batch_size, passes=1):
+    """Softmax (passes, C, X', Y', Z') on x's device: every window `passes` times, overlaps averaged (uniform
+    weights). Pass j of every window goes into map j; a window's passes follow each other (one stem)."""
     size = x.shape[2:]
-    corners = [(a, b, c) for a in window_starts(size[0], roi[0], overlap)
-               for b in window_starts(size[1], roi[1], overlap) for c in window_starts(size[2], roi[2], overlap)]
-    out, count = None, torch.zeros(size, device=x.device)
+    starts = [window_starts(s, r, overlap) for s, r in zip(size, roi)]
+    corners = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    out = None
     for i in range(0, len(corners), batch_size):
         chunk = corners[i:i + batch_size]
         crops = torch.cat([x[..., a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in chunk])  # (n, 1, *roi)
         with autocast(x.device):
-            probs = model(crops).float().softmax(1)                                              # (n, C, *roi)
-        if out is None:
-            out = torch.zeros((probs.shape[1],) + tuple(size), device=x.device)
-        for p, (a, b, c) in zip(probs, chunk):
-            out[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += p
-            count[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += 1
-    return out / count
+            for j, logits in enumerate(_passes(model, crops, passes)):
+                probs = logits.float().softmax(1)                                                  # (n, C, *roi)
+                if out is None:
+                    out = torch.zeros((passes, probs.shape[1]) + tuple(size), device=x.device)
+                for p, (a, b, c) in zip(probs, chunk):
+                    out[j, :, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += p
+    # the windows form a grid, so a voxel's window count is the product of its counts along each axis
+    for axis, (axis_starts, n, r) in enumerate(zip(starts, size, roi)):
+        count = torch.zeros(n, device=x.device)
+        for a in axis_starts:
+            count[a:a + r] += 1
+        out.div_(count.view([-1 if i == axis else 1 for i in range(3)]))
+    return out
 
 
 def default_batch(device):
     """Windows per forward pass: 4 on CUDA; 1 on the CPU, where it was faster and needed half the memory
     (bench.py, full-size case: 199 s and 1.0 GB extra against 238 s and 2.3 GB at batch 4)."""
     return 4 if device.type == "cuda" else 1
+
+
+def default_maps_mb(device):
+    """Memory for the pass maps of one MC sweep: 2 GB on CUDA; 128 MB on the CPU, which keeps a full-size
+    case (273 x 273 x 120, 3 classes: 102 MB a map) under 1 GB of extra memory at one pass per sweep
+    (bench.py: about 0.9 GB, against about 1.0 GB with two); smaller volumes get several passes per sweep."""
+    return 2048 if device.type == "cuda" else 128
 
 
 def sliding_window_predict(model, image, roi=(96, 96, 96), overlap=0.25, batch_size=None):
@@ -155,19 +176,22 @@ def sliding_window_predict(model, image, roi=(96, 96, 96), overlap=0.25, batch_s
     """
     device = next(model.parameters()).device
     x = _padded_input(image, roi, device)
-    probs = _predict_padded(model, x, roi, overlap, batch_size or default_batch(device))
+    probs = _predict_padded(model, x, roi, overlap, batch_size or default_batch(device))[0]
     return probs[:, :image.shape[0], :image.shape[1], :image.shape[2]].cpu().numpy()
 
 
 @torch.inference_mode()
-def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=None, return_map=False):
+def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=None, return_map=False, maps_mb=None):
     """MC-dropout uncertainty of one volume under `model` (DESIGN.md "scores").
 
     m stochastic passes (dropout on, norms in eval mode), each a full sliding-window prediction.
     variance: per-voxel variance over the passes of the softmax (population variance, ddof 0),
               summed over classes, mean over voxels.
     entropy:  entropy (nats) of the mean softmax, summed over classes, mean over voxels.
-    Running mean and sum of squared deviations per voxel (Welford): a few probability volumes whatever m is.
+    The passes run in sweeps over the windows; in one sweep each window runs as many passes as there are
+    pass maps fit in `maps_mb` megabytes (default_maps_mb), all sharing its first block
+    (UNet.repeated_forward). A running mean and sum of squared deviations per voxel (Welford) take each
+    pass map in turn, so memory is those maps plus two probability volumes, whatever m is.
     Returns {"variance": float, "entropy": float} (+ "variance_map" (X, Y, Z) float32 with return_map).
     """
     was_training = model.training
@@ -175,26 +199,40 @@ def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=Non
     device = next(model.parameters()).device
     x = _padded_input(image, roi, device)
     batch_size = batch_size or default_batch(device)
+    map_mb = getattr(model, "out_channels", 1) * x[0, 0].numel() * 4 / 2**20
+    maps_mb = default_maps_mb(device) if maps_mb is None else maps_mb
+    per_sweep = max(1, min(m, int(maps_mb // map_mb))) if hasattr(model, "repeated_forward") else 1
     mean = m2 = None
+    k = 0
     try:
-        for k in range(1, m + 1):
-            p = _predict_padded(model, x, roi, overlap, batch_size)[:, :image.shape[0], :image.shape[1], :image.shape[2]]
-            if mean is None:
-                mean, m2 = p.clone(), torch.zeros_like(p)                  # (C, X, Y, Z) each
-                continue
-            # Welford's update: sum(p^2)/m - mean^2 in float32 leaves ~1e-8 of cancellation noise even
-            # when every pass is identical; this form gives exactly 0 then and stays accurate
-            delta = p - mean
-            mean.add_(delta, alpha=1.0 / k)
-            m2.addcmul_(delta, p.sub_(mean))
+        while k < m:
+            sweep = _predict_padded(model, x, roi, overlap, batch_size, min(per_sweep, m - k))
+            for p in sweep[:, :, :image.shape[0], :image.shape[1], :image.shape[2]]:
+                k += 1
+                if mean is None:
+                    mean, m2 = p.clone(), torch.zeros_like(p)              # (C, X, Y, Z) each
+                    continue
+                # Welford's update: sum(p^2)/m - mean^2 in float32 leaves ~1e-8 of cancellation noise even
+                # when every pass is identical; this form gives exactly 0 then and stays accurate.
+                # Slabs along x keep the temporaries small.
+                for s in _slabs(p.shape[1]):
+                    delta = p[:, s] - mean[:, s]
+                    mean[:, s].add_(delta, alpha=1.0 / k)
+                    m2[:, s].addcmul_(delta, p[:, s].sub_(mean[:, s]))
+            sweep = p = delta = None        # free this sweep's maps before the next one is allocated
     finally:
         model.train(was_training)
-    var_map = m2.div_(m).sum(0)                                          # (X, Y, Z), population variance
-    entropy_map = -(mean * mean.clamp(min=1e-12).log()).sum(0)
-    out = {"variance": var_map.mean().item(), "entropy": entropy_map.mean().item()}
+    var_map = m2.sum(0).div_(m)                                          # (X, Y, Z), population variance
+    entropy = sum(-(mean[:, s] * mean[:, s].clamp(min=1e-12).log()).sum(dtype=torch.float64).item()
+                  for s in _slabs(mean.shape[1]))
+    out = {"variance": var_map.mean().item(), "entropy": entropy / var_map.numel()}
     if return_map:
         out["variance_map"] = var_map.cpu().numpy()
     return out
+
+
+def _slabs(n, width=8):
+    return [slice(i, i + width) for i in range(0, n, width)]
 
 
 def noisy_label(probs, tau=0.9):

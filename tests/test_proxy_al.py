@@ -219,27 +219,71 @@ def test_mc_variance_grows_with_dropout_rate():
     assert 0 < low and high > 3 * low
 
 
-def test_mc_scores_match_stored_passes():
-    """mc_scores makes m sequential padded sliding-window predictions with dropout on: redo them by hand
-    from the same torch seed and compute both scores directly (float64, population variance)."""
-    net = tiny_unet(dropout=0.3)
-    image = np.random.default_rng(2).random((20, 13, 30), dtype=np.float32)   # 2 windows along x, padded y, z
-    m, kw = 5, dict(roi=ROI, overlap=0.5, batch_size=1)
-    torch.manual_seed(7)
-    scores = mc_scores(net, image, m=m, return_map=True, **kw)
-    torch.manual_seed(7)
-    enable_mc_dropout(net)
-    passes = np.stack([sliding_window_predict(net, image, **kw) for _ in range(m)]).astype(np.float64)
-    assert passes.shape == (m, 2, 20, 13, 30)
-    assert not np.allclose(passes[0], passes[1]), "dropout must make the passes differ"
+def direct_scores(passes):
+    """Both scores and the variance map from stored passes (m, C, X, Y, Z), float64, population variance."""
+    passes = np.asarray(passes, np.float64)
     var_map = passes.var(0).sum(0)                                            # (X, Y, Z)
     mean = passes.mean(0)
     entropy = -(mean * np.log(np.clip(mean, 1e-12, None))).sum(0).mean()
+    return var_map, entropy
+
+
+def check_scores(scores, passes, image):
+    var_map, entropy = direct_scores(passes)
     assert scores["variance"] == pytest.approx(var_map.mean(), rel=1e-4)
     assert scores["entropy"] == pytest.approx(entropy, rel=1e-5)
     assert scores["variance_map"].shape == image.shape and scores["variance_map"].dtype == np.float32
     np.testing.assert_allclose(scores["variance_map"], var_map, rtol=1e-3, atol=1e-6)
     assert float(scores["variance_map"].mean()) == pytest.approx(scores["variance"], rel=1e-5)
+
+
+def test_mc_scores_match_stored_passes():
+    """With room for one pass map (maps_mb=0) mc_scores makes m sequential padded sliding-window
+    predictions with dropout on: redo them by hand from the same torch seed and compute both scores directly."""
+    net = tiny_unet(dropout=0.3)
+    image = np.random.default_rng(2).random((20, 13, 30), dtype=np.float32)   # 2 windows along x, padded y, z
+    m, kw = 5, dict(roi=ROI, overlap=0.5, batch_size=1)
+    torch.manual_seed(7)
+    scores = mc_scores(net, image, m=m, return_map=True, maps_mb=0, **kw)
+    torch.manual_seed(7)
+    enable_mc_dropout(net)
+    passes = np.stack([sliding_window_predict(net, image, **kw) for _ in range(m)])
+    assert passes.shape == (m, 2, 20, 13, 30)
+    assert not np.allclose(passes[0], passes[1]), "dropout must make the passes differ"
+    check_scores(scores, passes, image)
+
+
+@pytest.mark.parametrize("batch_size, maps_mb, sweeps", [(1, 512, [4]), (2, 512, [4]), (1, 0.17, [2, 2]),
+                                                         (2, 0.25, [3, 1])])
+def test_mc_scores_sweep_stitches_pass_j_of_every_window_into_map_j(batch_size, maps_mb, sweeps):
+    """Each sweep over the windows runs as many passes per window as pass maps fit in maps_mb (one pass map
+    here: 2 classes x 20 x 16 x 32 float32 = 0.078 MB), a window's passes in a row with one shared stem.
+    Rebuild the pass maps by hand in that random order (pass j of each window into map j) and compare."""
+    net = tiny_unet(dropout=0.3)
+    image = np.random.default_rng(3).random((20, 13, 30), dtype=np.float32)
+    m = sum(sweeps)
+    starts = window_starts(20, ROI[0], 0.5)
+    assert starts == [0, 4]
+    torch.manual_seed(11)
+    scores = mc_scores(net, image, m=m, roi=ROI, overlap=0.5, batch_size=batch_size, return_map=True,
+                       maps_mb=maps_mb)
+    torch.manual_seed(11)
+    enable_mc_dropout(net)
+    x = F.pad(torch.from_numpy(image)[None, None], (0, 2, 0, 3))               # (1, 1, 20, 16, 32)
+    crops = torch.cat([x[:, :, a:a + ROI[0]] for a in starts])
+    groups = [crops[i:i + batch_size] for i in range(0, len(starts), batch_size)]
+    maps = []
+    with torch.no_grad():
+        for n in sweeps:
+            per_window = torch.cat([torch.stack([lg.softmax(1) for lg in net.repeated_forward(g, n)], 1)
+                                    for g in groups])                        # (windows, n, C, *ROI)
+            passes = torch.zeros((n, 2, 20, 16, 32))
+            count = torch.zeros(20)
+            for w, a in enumerate(starts):
+                passes[:, :, a:a + ROI[0]] += per_window[w]
+                count[a:a + ROI[0]] += 1
+            maps.append((passes / count[:, None, None])[:, :, :, :13, :30])
+    check_scores(scores, torch.cat(maps).numpy(), image)
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -38,6 +38,23 @@ def test_mc_dropout_varies_eval_does_not():
     assert all(not m.training for m in norms) and all(m.training for m in drops)
 
 
+def test_repeated_forward_equals_repeated_calls_random_stream_included():
+    """MC passes share the first block: same logits as n plain calls from the same seed, pass by pass."""
+    torch.manual_seed(0)
+    net = enable_mc_dropout(UNet(channels=SMALL, dropout=0.3))
+    x = torch.randn(2, 1, 16, 16, 32)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        shared = list(net.repeated_forward(x, 3))
+        torch.manual_seed(5)
+        plain = [net(x) for _ in range(3)]
+    assert len(shared) == 3 and not torch.allclose(shared[0], shared[1])
+    for a, b in zip(shared, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        next(net.repeated_forward(torch.randn(1, 1, 17, 16, 16), 2))
+
+
 def test_head_replacement_keeps_backbone():
     proxy = UNet(channels=SMALL, out_channels=2)
     target = UNet(channels=SMALL, out_channels=3)
