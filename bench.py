@@ -620,6 +620,45 @@ def run_all(cfg, device, work, monai):
     report["environment"]["load_avg_end"] = load_average()
     return report
 
+def paper_workload(pool=105, val=26, seeds=3, cfg=None):
+    """Work of al_loop's paper preset (default: MSD Task03, 105-case pool, 26 validation cases), counted
+    the way al_loop.run_strategy does it. Returns {"train_steps", "semi_steps", "mc_volumes", "predictions"}:
+    supervised and proxy steps, semi-supervised steps, m-pass MC scorings of one volume, and single-pass
+    sliding-window predictions (validation, noisy labels)."""
+    import al_loop
+    cfg = cfg or al_loop.PAPER
+    proxy_steps = max(1, pool * cfg.proxy_patches_per_case // cfg.batch_size) * cfg.proxy_epochs
+    n = {"train_steps": proxy_steps, "semi_steps": 0, "mc_volumes": pool,
+         "predictions": cfg.proxy_epochs // cfg.proxy_val_every * val}              # lines 1-3, once per seed
+    for strategy in al_loop.STRATEGIES:
+        _, acquisition, semi = al_loop.parse_strategy(strategy)
+        labeled = cfg.k                                                           # line 4: no scoring
+        for j in range(cfg.iterations):
+            n["train_steps"] += cfg.steps                                         # line 6
+            n["predictions"] += val                                               # validation
+            if semi:                                                              # lines 8-10
+                n["mc_volumes"] += pool - labeled
+                n["predictions"] += labeled
+                n["semi_steps"] += cfg.steps
+            if j < cfg.iterations - 1:                                            # lines 11-13
+                n["mc_volumes"] += 0 if acquisition in ("proxy", "random") else pool - labeled
+                labeled += cfg.k
+    return {key: value * seeds for key, value in n.items()}
+
+
+SEMI_STEP_COST = 7 / 3   # a semi-supervised step: two forward-backward passes and one forward (~1/3 of one)
+
+
+def paper_estimate(r, cfg):
+    """Estimated wall time (s) of the paper preset on Task03 from this run's unit costs: a training step, an
+    m-pass MC scoring of this case, and one pass of it. Volumes are taken to be the size of this case."""
+    n = paper_workload()
+    step_s, mc_s = r["train"]["step_s"], r["mc"]["ours"]["median_s"]
+    seconds = {"train": n["train_steps"] * step_s, "semi": n["semi_steps"] * SEMI_STEP_COST * step_s,
+               "mc": n["mc_volumes"] * mc_s, "predict": n["predictions"] * mc_s / cfg.mc_passes}
+    return {"workload": n, "seconds": seconds, "total_s": sum(seconds.values())}
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -723,7 +762,16 @@ def notes(r, device):
             f"MC: {r['mc']['windows']} windows of {r['mc']['shape_vox']} x {r['mc']['passes']} passes; "
             f"one window {r['mc']['window_s']:.2f} s; arithmetic ours {r['mc']['precision_ours']}"
             + (f", MONAI {r['mc']['precision_monai']}" if "monai" in r["mc"] else "")
-            + f"; process high-water RSS {r['memory']['process_high_water_mb']:.0f} MB"]
+            + f"; process high-water RSS {r['memory']['process_high_water_mb']:.0f} MB",
+            paper_line(r["paper_estimate"])]
+
+
+def paper_line(est):
+    n, s = est["workload"], est["seconds"]
+    return (f"paper preset on Task03 (105-case pool, 26 validation, 4 iterations, 3 seeds, 12 strategies): "
+            f"{n['train_steps']:,} training + {n['semi_steps']:,} semi-supervised steps, {n['mc_volumes']:,} MC "
+            f"scorings, {n['predictions']:,} predictions -> about {est['total_s'] / 3600:,.0f} h here (training "
+            f"{(s['train'] + s['semi']) / 3600:,.0f} h, MC {s['mc'] / 3600:,.0f} h; volumes the size of this case)")
 
 # ----------------------------------------------------------------------------- entry point
 
@@ -747,6 +795,7 @@ def main(argv=None):
     finally:
         if not cfg.work:
             shutil.rmtree(work, ignore_errors=True)
+    report["paper_estimate"] = paper_estimate(report, cfg)
     rows = speed_rows(report, cfg, device, monai) + check_rows(report, monai)
     report["table"] = [dict(zip(("stage", "ours", "monai", "ratio", "target", "ok"), row)) for row in rows]
     print("\n" + format_table(rows) + "\n" + "\n".join(notes(report, device)), flush=True)

@@ -119,7 +119,7 @@ def _padded_input(image, roi, device):
     """(X, Y, Z) float32 -> (1, 1, X', Y', Z') tensor padded at the far end to at least `roi`."""
     x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32), device=device)
     pad = [max(0, r - s) for s, r in zip(x.shape, roi)]
-    return F.pad(x[None, None], (0, pad[2], 0, pad[1], 0, pad[0]))
+    return F.pad(x[None, None], (0, pad[2], 0, pad[1], 0, pad[0])) if any(pad) else x[None, None]
 
 
 def _passes(model, crops, n):

@@ -32,7 +32,8 @@ class ResBlock(nn.Module):
     def forward(self, x):
         y = self.act(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))
-        return self.act(y + self.skip(x))
+        y += self.skip(x)               # in place: one full-size tensor fewer at the peak (norm backward needs no output)
+        return self.act(y)
 
 
 class Encoder(nn.Module):
@@ -64,9 +65,11 @@ class Decoder(nn.Module):
         self.head = nn.Conv3d(channels[0], out_channels, 1)
 
     def forward(self, skips):
-        x = skips[-1]
-        for up, stage, skip in zip(self.ups, self.stages, reversed(skips[:-1])):
-            x = stage(torch.cat([up(x), skip], dim=1))
+        """skips: the encoder's list, full resolution first. It is emptied as the skips are used, so that in
+        inference each is freed as soon as it has been joined (the full-resolution one is 16 x 96^3 floats)."""
+        x = skips.pop()
+        for up, stage in zip(self.ups, self.stages):
+            x = stage(torch.cat([up(x), skips.pop()], dim=1))
         return self.head(x)
 
 
@@ -102,6 +105,9 @@ class UNet(nn.Module):
         dropout and its norms are per-sample, so its output is the same in every pass; it runs once.
         With MC dropout (paper channels, 96^3 window) that block is about a fifth of a pass on the CPU.
         """
+        if n == 1:                      # nothing to share; holding the stem would only cost memory
+            yield self(x)
+            return
         self.check_input(x)
         stem = self.encoder.stages[0][0](x)
         for _ in range(n):

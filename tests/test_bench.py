@@ -1,0 +1,37 @@
+"""Tests for the pure parts of bench.py (the timed stages run in bench.py itself, never in tests)."""
+import dataclasses
+
+import pytest
+
+import al_loop
+import bench
+from proxy_al import window_starts
+
+
+@pytest.mark.parametrize("roi, overlap", [(96, 0.25), (64, 0.25), (32, 0.5), (16, 0.0)])
+def test_same_layout_crop_gives_monai_and_our_windows(roi, overlap):
+    for size in range(1, 400, 7):
+        crop = bench.same_layout_shape((size,), roi, overlap)[0]
+        assert crop <= size and (crop == size or size - crop < int(roi * (1 - overlap)))
+        assert window_starts(max(crop, roi), roi, overlap) == bench.monai_starts(crop, roi, overlap)
+
+
+def test_monai_starts_moves_the_last_window_back():
+    """The layout the crop avoids: 273 voxels, roi 96, overlap 0.25 -> MONAI 0, 72, 144, 177; ours even."""
+    assert bench.monai_starts(273, 96, 0.25) == [0, 72, 144, 177]
+    assert window_starts(273, 96, 0.25) == [0, 59, 118, 177]
+
+
+def test_paper_workload_counts_by_hand():
+    cfg = dataclasses.replace(al_loop.PAPER, k=2, iterations=2, steps=10, proxy_epochs=4, proxy_val_every=2,
+                              proxy_patches_per_case=2, batch_size=2)
+    n = bench.paper_workload(pool=20, val=4, seeds=1, cfg=cfg)
+    # proxy: 20 steps x 4 epochs; 12 strategies x 2 iterations x 10 steps
+    assert n["train_steps"] == 80 + 240
+    assert n["semi_steps"] == 6 * 2 * 10
+    # proxy ranking of the pool; 6 semi strategies score the rest (18, 16) for the most certain cases;
+    # 8 strategies acquire by variance or entropy after iteration 1 only (the last one acquires nothing)
+    assert n["mc_volumes"] == 20 + 6 * (18 + 16) + 8 * 18
+    # validation of the proxy every 2 epochs and after every iteration; noisy labels for len(Tl) cases
+    assert n["predictions"] == 2 * 4 + 12 * 2 * 4 + 6 * (2 + 4)
+    assert bench.paper_workload(pool=20, val=4, seeds=3, cfg=cfg)["mc_volumes"] == 3 * n["mc_volumes"]
