@@ -67,6 +67,7 @@ class BenchConfig:
     patch_vox: int = 96                      # paper: 96^3 patches and sliding-window ROI
     batch_size: int = 2                      # patches per training step (al_loop default)
     monai_autocast: bool = False             # run MONAI's MC under the autocast ours uses (same precision)
+    mc_maps_mb: int = -1                     # memory for one MC sweep's pass maps; -1 -> proxy_al.default_maps_mb
 
 
 FULL = BenchConfig()
@@ -519,11 +520,13 @@ def stage_mc(cfg, model, image, device, monai, sampler):
     log(f"MC scoring on {image.shape}: {n_windows} windows x {cfg.mc_passes} passes, one window (batch 1) "
         f"{per_window:.2f} s -> about {proxy_al.fmt_s(n_windows * cfg.mc_passes * per_window)} per implementation")
 
+    maps_mb = None if cfg.mc_maps_mb < 0 else cfg.mc_maps_mb
+
     def runs_on(volume, seed):
         def ours():
             torch.manual_seed(seed)
             return with_cuda_peak(lambda: proxy_al.mc_scores(model, volume, cfg.mc_passes, (cfg.patch_vox,) * 3,
-                                                             OVERLAP), device)
+                                                             OVERLAP, maps_mb=maps_mb), device)
         runs = {"ours": ours}
         if monai is not None:
             def theirs():
@@ -535,7 +538,9 @@ def stage_mc(cfg, model, image, device, monai, sampler):
     res = alternate(runs_on(image, cfg.seed), 1, sampler, device)
     for record in res.values():
         record["scores"], record["cuda_extra_mb"] = record.pop("result")
+    padded = [max(v, cfg.patch_vox) for v in image.shape]
     res.update(windows=n_windows, passes=cfg.mc_passes, window_s=per_window, shape_vox=list(image.shape),
+               passes_per_sweep=proxy_al.passes_per_sweep(model, padded, cfg.mc_passes, maps_mb),
                precision_ours=precision(inference_autocast(device)),
                precision_monai=precision(inference_autocast(device) if cfg.monai_autocast else nullcontext()))
     if monai is None:
@@ -759,7 +764,8 @@ def notes(r, device):
             f"({pre['ours_image']['median_s'] / pre['floor_image']['median_s']:.2f}x)",
             f"cache build {r['cache']['build_s']:.2f} s, open only {r['cache']['open']['median_s'] * 1000:.1f} ms; "
             f"foreground index {r['patches']['foreground_index_s'] * 1000:.0f} ms once per case",
-            f"MC: {r['mc']['windows']} windows of {r['mc']['shape_vox']} x {r['mc']['passes']} passes; "
+            f"MC: {r['mc']['windows']} windows of {r['mc']['shape_vox']} x {r['mc']['passes']} passes, "
+            f"{r['mc']['passes_per_sweep']} per sweep; "
             f"one window {r['mc']['window_s']:.2f} s; arithmetic ours {r['mc']['precision_ours']}"
             + (f", MONAI {r['mc']['precision_monai']}" if "monai" in r["mc"] else "")
             + f"; process high-water RSS {r['memory']['process_high_water_mb']:.0f} MB",

@@ -286,6 +286,15 @@ def test_mc_scores_sweep_stitches_pass_j_of_every_window_into_map_j(batch_size, 
     check_scores(scores, torch.cat(maps).numpy(), image)
 
 
+def test_passes_per_sweep_follows_the_memory_budget():
+    net = tiny_unet(out_channels=3)                          # a pass map of 64^3: 3 x 1 MB
+    assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10, maps_mb=7) == 2
+    assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10, maps_mb=1) == 1
+    assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10, maps_mb=1e6) == 10
+    assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10) == 10    # CPU default: 128 MB
+    assert proxy_al.passes_per_sweep(nn.Conv3d(1, 2, 1), (64, 64, 64), 10, maps_mb=1e6) == 1   # no stem to share
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_mc_scores_restores_model_mode(training):
     net = tiny_unet(dropout=0.2)
