@@ -514,8 +514,8 @@ def stage_mc(cfg, model, image, device, monai, sampler):
     variance): ours are evenly spaced, MONAI's keep a fixed step and move the last one back. So the
     agreement check runs both again on the largest crop of the volume where the two layouts coincide.
     """
-    n_windows = int(np.prod([len(proxy_al.window_starts(max(s, cfg.patch_vox), cfg.patch_vox, OVERLAP))
-                             for s in image.shape]))
+    padded = [max(s, cfg.patch_vox) for s in image.shape]     # proxy_al pads volumes smaller than the window
+    n_windows = int(np.prod([len(proxy_al.window_starts(s, cfg.patch_vox, OVERLAP)) for s in padded]))
     per_window = window_seconds(model, cfg.patch_vox, device)
     log(f"MC scoring on {image.shape}: {n_windows} windows x {cfg.mc_passes} passes, one window (batch 1) "
         f"{per_window:.2f} s -> about {proxy_al.fmt_s(n_windows * cfg.mc_passes * per_window)} per implementation")
@@ -538,7 +538,6 @@ def stage_mc(cfg, model, image, device, monai, sampler):
     res = alternate(runs_on(image, cfg.seed), 1, sampler, device)
     for record in res.values():
         record["scores"], record["cuda_extra_mb"] = record.pop("result")
-    padded = [max(v, cfg.patch_vox) for v in image.shape]
     res.update(windows=n_windows, passes=cfg.mc_passes, window_s=per_window, shape_vox=list(image.shape),
                passes_per_sweep=proxy_al.passes_per_sweep(model, padded, cfg.mc_passes, maps_mb),
                precision_ours=precision(inference_autocast(device)),
@@ -624,6 +623,7 @@ def run_all(cfg, device, work, monai):
                         "process_high_water_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     report["environment"]["load_avg_end"] = load_average()
     return report
+
 
 def paper_workload(pool=105, val=26, seeds=3, cfg=None):
     """Work of al_loop's paper preset (default: MSD Task03, 105-case pool, 26 validation cases), counted
