@@ -539,7 +539,8 @@ def stage_mc(cfg, model, image, device, monai, sampler):
     for record in res.values():
         record["scores"], record["cuda_extra_mb"] = record.pop("result")
     res.update(windows=n_windows, passes=cfg.mc_passes, window_s=per_window, shape_vox=list(image.shape),
-               passes_per_sweep=proxy_al.passes_per_sweep(model, padded, cfg.mc_passes, maps_mb),
+               passes_per_sweep=proxy_al.passes_per_sweep(model, padded, cfg.mc_passes, maps_mb,
+                                                          (cfg.patch_vox,) * 3),
                precision_ours=precision(inference_autocast(device)),
                precision_monai=precision(inference_autocast(device) if cfg.monai_autocast else nullcontext()))
     if monai is None:

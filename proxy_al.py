@@ -130,30 +130,50 @@ def _passes(model, crops, n):
 
 
 @torch.inference_mode()
-def _predict_padded(model, x, roi, overlap, batch_size, passes=1):
-    """Softmax (passes, C, X', Y', Z') on x's device: every window `passes` times, overlaps averaged (uniform
-    weights). Pass j of every window goes into map j; a window's passes follow each other (one stem)."""
+def _window_slabs(model, x, roi, overlap, batch_size, passes=1):
+    """Sliding-window softmax of x (1, 1, X', Y', Z') `passes` times, yielded as final slabs along x.
+
+    Yields (x0, slab): slab (passes, C, w, Y', Z') holds voxels x0 .. x0 + w - 1, overlaps averaged (uniform
+    weights). Windows run in order of their x start; once every window starting at one x is done, no later
+    window reaches below the next start, so that part is final. Only a band one window deep (C x roi x Y' x Z'
+    per pass) is ever held, whatever X' is. Pass j of a window goes into map j; a window's passes follow each
+    other (one stem); a forward batches up to batch_size windows of the same x start. The slab is a view
+    into the band: use it before asking for the next one.
+    """
     size = x.shape[2:]
     starts = [window_starts(s, r, overlap) for s, r in zip(size, roi)]
-    corners = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
-    out = None
-    for i in range(0, len(corners), batch_size):
-        chunk = corners[i:i + batch_size]
-        crops = torch.cat([x[..., a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in chunk])  # (n, 1, *roi)
-        with autocast(x.device):
-            for j, logits in enumerate(_passes(model, crops, passes)):
-                probs = logits.float().softmax(1)                                                  # (n, C, *roi)
-                if out is None:
-                    out = torch.zeros((passes, probs.shape[1]) + tuple(size), device=x.device)
-                for p, (a, b, c) in zip(probs, chunk):
-                    out[j, :, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += p
     # the windows form a grid, so a voxel's window count is the product of its counts along each axis
-    for axis, (axis_starts, n, r) in enumerate(zip(starts, size, roi)):
+    counts = []
+    for axis_starts, n, r in zip(starts, size, roi):
         count = torch.zeros(n, device=x.device)
         for a in axis_starts:
             count[a:a + r] += 1
-        out.div_(count.view([-1 if i == axis else 1 for i in range(3)]))
-    return out
+        counts.append(count)
+    yz_count = counts[1][:, None] * counts[2][None, :]
+    depth = roi[0]                                     # _padded_input makes X' >= roi
+    band = None
+    x_starts = starts[0] + [size[0]]
+    for a, a_next in zip(x_starts, x_starts[1:]):
+        corners = [(b, c) for b in starts[1] for c in starts[2]]
+        for i in range(0, len(corners), batch_size):
+            chunk = corners[i:i + batch_size]
+            crops = torch.cat([x[..., a:a + roi[0], b:b + roi[1], c:c + roi[2]] for b, c in chunk])  # (n, 1, *roi)
+            with autocast(x.device):
+                for j, logits in enumerate(_passes(model, crops, passes)):
+                    probs = logits.float().softmax(1)                                          # (n, C, *roi)
+                    if band is None:
+                        band = torch.zeros((passes, probs.shape[1], depth) + tuple(size[1:]), device=x.device)
+                    for p, (b, c) in zip(probs, chunk):
+                        band[j, :, :, b:b + roi[1], c:c + roi[2]] += p
+        final = min(a_next, size[0]) - a               # voxels a .. a_next - 1 see no later window
+        slab = band[:, :, :final]
+        slab.div_(counts[0][a:a + final, None, None] * yz_count)
+        yield a, slab
+        keep = depth - final                           # carry the overlap with the next row of windows,
+        for i in range(0, keep, final):                # in pieces that do not overlap (no band-sized copy)
+            j = min(i + final, keep)
+            band[:, :, i:j] = band[:, :, i + final:j + final]
+        band[:, :, keep:] = 0
 
 
 def default_batch(device):
@@ -163,20 +183,22 @@ def default_batch(device):
 
 
 def default_maps_mb(device):
-    """Memory for the pass maps of one MC sweep: 2 GB on CUDA; 128 MB on the CPU, which keeps the full-size
-    bench case (273 x 273 x 120, 3 classes: 102 MB a map, one pass per sweep) at about 1.0 GB of extra memory.
-    Smaller volumes get several passes per sweep. All ten passes in one sweep were 1.31x faster on a
-    240 x 240 x 96 volume (bench machine, 2-core CPU) at about 1 GB more."""
-    return 2048 if device.type == "cuda" else 128
+    """Memory for the pass maps of one MC sweep: 2 GB on CUDA; 192 MB on the CPU, which lets the full-size
+    bench case (273 x 273 x 120, 3 classes: a 38 MB band per pass) run 5 passes per sweep at 868 MB of
+    extra memory and 1.84 s per window pass, against about 2.2 s for a plain forward (bench machine, 2-core
+    CPU). Ten passes per sweep would save one more stem per window (about 2 %) for 190 MB more."""
+    return 2048 if device.type == "cuda" else 192
 
 
-def passes_per_sweep(model, padded_shape, m, maps_mb=None):
-    """MC passes each window runs in a row: as many pass maps (C x padded volume, float32) as fit in maps_mb
-    (None -> default_maps_mb), at least 1, at most m; 1 for a model without repeated_forward."""
+def passes_per_sweep(model, padded_shape, m, maps_mb=None, roi=(96, 96, 96)):
+    """MC passes each window runs in a row: as many pass maps as fit in maps_mb (None -> default_maps_mb),
+    at least 1, at most m; 1 for a model without repeated_forward. A pass map is one band of the sliding
+    window (_window_slabs): C x min(roi, X') x Y' x Z' float32 for the padded volume (X', Y', Z')."""
     if not hasattr(model, "repeated_forward"):
         return 1
     maps_mb = default_maps_mb(next(model.parameters()).device) if maps_mb is None else maps_mb
-    map_mb = getattr(model, "out_channels", 1) * math.prod(padded_shape) * 4 / 2**20
+    band = (min(roi[0], padded_shape[0]),) + tuple(padded_shape[1:])
+    map_mb = getattr(model, "out_channels", 1) * math.prod(band) * 4 / 2**20
     return max(1, min(m, int(maps_mb // map_mb)))
 
 
@@ -187,8 +209,14 @@ def sliding_window_predict(model, image, roi=(96, 96, 96), overlap=0.25, batch_s
     """
     device = next(model.parameters()).device
     x = _padded_input(image, roi, device)
-    probs = _predict_padded(model, x, roi, overlap, batch_size or default_batch(device))[0]
-    return probs[:, :image.shape[0], :image.shape[1], :image.shape[2]].cpu().numpy()
+    (X, Y, Z), out = image.shape, None
+    for a, slab in _window_slabs(model, x, roi, overlap, batch_size or default_batch(device)):
+        if out is None:
+            out = np.empty((slab.shape[1], X, Y, Z), np.float32)
+        w = min(slab.shape[2], X - a)
+        if w > 0:
+            out[:, a:a + w] = slab[0, :, :w, :Y, :Z].cpu().numpy()
+    return out
 
 
 @torch.inference_mode()
@@ -199,39 +227,41 @@ def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=Non
     variance: per-voxel variance over the passes of the softmax (population variance, ddof 0),
               summed over classes, mean over voxels.
     entropy:  entropy (nats) of the mean softmax, summed over classes, mean over voxels.
-    The passes run in sweeps over the windows; in one sweep each window runs as many passes as there are
-    pass maps fit in `maps_mb` megabytes (default_maps_mb), all sharing its first block
-    (UNet.repeated_forward). A running mean and sum of squared deviations per voxel (Welford) take each
-    pass map in turn, so memory is those maps plus two probability volumes, whatever m is.
+    The passes run in sweeps over the windows; in one sweep each window runs as many passes in a row as
+    pass maps fit in `maps_mb` megabytes (passes_per_sweep), all sharing its first block
+    (UNet.repeated_forward). Each sweep hands over its passes slab by slab along x (_window_slabs), and a
+    running mean and sum of squared deviations per voxel (Welford) take them in pass order; so memory is
+    one window-deep band per pass plus the mean (C volumes) and one volume of squared deviations,
+    whatever m is.
     Returns {"variance": float, "entropy": float} (+ "variance_map" (X, Y, Z) float32 with return_map).
     """
     was_training = model.training
     enable_mc_dropout(model)
     device = next(model.parameters()).device
     x = _padded_input(image, roi, device)
+    X, Y, Z = image.shape
     batch_size = batch_size or default_batch(device)
-    per_sweep = passes_per_sweep(model, x.shape[2:], m, maps_mb)
+    per_sweep = passes_per_sweep(model, x.shape[2:], m, maps_mb, roi)
     mean = m2 = None
-    k = 0
     try:
-        while k < m:
-            sweep = _predict_padded(model, x, roi, overlap, batch_size, min(per_sweep, m - k))
-            for p in sweep[:, :, :image.shape[0], :image.shape[1], :image.shape[2]]:
-                k += 1
+        for k0 in range(0, m, per_sweep):
+            for a, slab in _window_slabs(model, x, roi, overlap, batch_size, min(per_sweep, m - k0)):
+                w = min(slab.shape[2], X - a)
                 if mean is None:
-                    mean, m2 = p.clone(), torch.zeros_like(p)              # (C, X, Y, Z) each
-                    continue
-                # Welford's update: sum(p^2)/m - mean^2 in float32 leaves ~1e-8 of cancellation noise even
-                # when every pass is identical; this form gives exactly 0 then and stays accurate.
-                # Slabs along x keep the temporaries small.
-                for s in _slabs(p.shape[1]):
-                    delta = p[:, s] - mean[:, s]
-                    mean[:, s].add_(delta, alpha=1.0 / k)
-                    m2[:, s].addcmul_(delta, p[:, s].sub_(mean[:, s]))
-            sweep = p = delta = None        # free this sweep's maps before the next one is allocated
+                    mean = torch.zeros((slab.shape[1], X, Y, Z), device=device)    # per class
+                    m2 = torch.zeros((X, Y, Z), device=device)                      # summed over classes
+                for k, p in enumerate(slab[:, :, :w, :Y, :Z], start=k0 + 1):
+                    # Welford's update: sum(p^2)/m - mean^2 in float32 leaves ~1e-8 of cancellation noise even
+                    # when every pass is identical; this form gives exactly 0 then and stays accurate. Only the
+                    # class sum of the squared deviations is needed. Slabs of 8 keep the temporaries small.
+                    for s in _slabs(w):
+                        mu = mean[:, a:a + w][:, s]
+                        delta = p[:, s] - mu
+                        mu.add_(delta, alpha=1.0 / k)
+                        m2[a:a + w][s].add_(delta.mul_(p[:, s].sub_(mu)).sum(0))
     finally:
         model.train(was_training)
-    var_map = m2.sum(0).div_(m)                                          # (X, Y, Z), population variance
+    var_map = m2.div_(m)                                                   # (X, Y, Z), population variance
     entropy = sum(-(mean[:, s] * mean[:, s].clamp(min=1e-12).log()).sum(dtype=torch.float64).item()
                   for s in _slabs(mean.shape[1]))
     out = {"variance": var_map.mean().item(), "entropy": entropy / var_map.numel()}

@@ -178,7 +178,8 @@ def test_sliding_window_larger_than_roi_odd_sizes():
 
 
 @pytest.mark.parametrize("shape, roi, overlap, batch_size", [
-    ((33, 35, 37), (16, 16, 16), 0.25, 4), ((33, 35, 37), (16, 32, 16), 0.5, 3), ((17, 40, 9), (16, 16, 16), 0.0, 1)])
+    ((33, 35, 37), (16, 16, 16), 0.25, 4), ((33, 35, 37), (16, 32, 16), 0.5, 3), ((17, 40, 9), (16, 16, 16), 0.0, 1),
+    ((45, 20, 17), (16, 16, 16), 0.8, 2)])     # x step 3 or 4: the carried band moves in several pieces
 def test_sliding_window_stitches_each_voxel_in_place(shape, roi, overlap, batch_size):
     """A voxel-wise model gives the same answer in every window, so the stitched result must equal
     its direct output: catches misplaced windows, wrong averaging and wrong cropping of the padding."""
@@ -253,36 +254,39 @@ def test_mc_scores_match_stored_passes():
     check_scores(scores, passes, image)
 
 
-@pytest.mark.parametrize("batch_size, maps_mb, sweeps", [(1, 512, [4]), (2, 512, [4]), (1, 0.17, [2, 2]),
-                                                         (2, 0.25, [3, 1])])
+@pytest.mark.parametrize("batch_size, maps_mb, sweeps", [(1, 512, [4]), (2, 512, [4]), (3, 512, [3]),
+                                                         (1, 0.17, [2, 2]), (2, 0.25, [3, 1])])
 def test_mc_scores_sweep_stitches_pass_j_of_every_window_into_map_j(batch_size, maps_mb, sweeps):
-    """Each sweep over the windows runs as many passes per window as pass maps fit in maps_mb (one pass map
-    here: 2 classes x 20 x 16 x 32 float32 = 0.078 MB), a window's passes in a row with one shared stem.
-    Rebuild the pass maps by hand in that random order (pass j of each window into map j) and compare."""
+    """Each sweep over the windows runs as many passes per window as pass maps fit in maps_mb (a pass map is
+    one window-deep band: 2 classes x 16 x 20 x 32 float32 = 0.078 MB here), a window's passes in a row with
+    one shared stem; windows go by x start, a forward batching those of one x start. Rebuild the pass maps by
+    hand in that random order (pass j of each window into map j) and compare."""
     net = tiny_unet(dropout=0.3)
-    image = np.random.default_rng(3).random((20, 13, 30), dtype=np.float32)
+    image = np.random.default_rng(3).random((20, 20, 30), dtype=np.float32)
     m = sum(sweeps)
     starts = window_starts(20, ROI[0], 0.5)
-    assert starts == [0, 4]
+    assert starts == [0, 4] and window_starts(20, ROI[1], 0.5) == [0, 4]
     torch.manual_seed(11)
     scores = mc_scores(net, image, m=m, roi=ROI, overlap=0.5, batch_size=batch_size, return_map=True,
                        maps_mb=maps_mb)
     torch.manual_seed(11)
     enable_mc_dropout(net)
-    x = F.pad(torch.from_numpy(image)[None, None], (0, 2, 0, 3))               # (1, 1, 20, 16, 32)
-    crops = torch.cat([x[:, :, a:a + ROI[0]] for a in starts])
-    groups = [crops[i:i + batch_size] for i in range(0, len(starts), batch_size)]
+    x = F.pad(torch.from_numpy(image)[None, None], (0, 2))                     # (1, 1, 20, 20, 32)
+    count = torch.zeros(20, 20)
+    for a, b in itertools.product(starts, starts):
+        count[a:a + ROI[0], b:b + ROI[1]] += 1
     maps = []
     with torch.no_grad():
         for n in sweeps:
-            per_window = torch.cat([torch.stack([lg.softmax(1) for lg in net.repeated_forward(g, n)], 1)
-                                    for g in groups])                        # (windows, n, C, *ROI)
-            passes = torch.zeros((n, 2, 20, 16, 32))
-            count = torch.zeros(20)
-            for w, a in enumerate(starts):
-                passes[:, :, a:a + ROI[0]] += per_window[w]
-                count[a:a + ROI[0]] += 1
-            maps.append((passes / count[:, None, None])[:, :, :, :13, :30])
+            passes = torch.zeros((n, 2, 20, 20, 32))
+            for a in starts:                                                   # one row of windows
+                for i in range(0, len(starts), batch_size):
+                    chunk = starts[i:i + batch_size]
+                    crops = torch.cat([x[:, :, a:a + ROI[0], b:b + ROI[1]] for b in chunk])
+                    for j, logits in enumerate(net.repeated_forward(crops, n)):
+                        for p, b in zip(logits.softmax(1), chunk):
+                            passes[j, :, a:a + ROI[0], b:b + ROI[1]] += p
+            maps.append((passes / count[:, :, None])[..., :30])
     check_scores(scores, torch.cat(maps).numpy(), image)
 
 
