@@ -194,8 +194,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def alternate(runs, repeats, sampler, device=torch.device("cpu"), keep_all=False):
+def alternate(runs, repeats, sampler, device=torch.device("cpu"), keep_all=False, log_each=False):
     """Run each of `runs` {name: fn} once per repeat, in turn, so drifts in machine load hit all alike.
+    log_each: a progress line as each run ends (for the long MC runs).
 
     Names starting with 'monai' are charged to the 'monai' memory tag, the rest to 'ours'.
     Returns {name: {"s": [wall seconds per repeat], "median_s": float, "extra_mb": max, "result": last}}
@@ -211,6 +212,8 @@ def alternate(runs, repeats, sampler, device=torch.device("cpu"), keep_all=False
                 sync(device)
                 seconds = time.perf_counter() - t
             out[name]["s"].append(seconds)
+            if log_each:
+                log(f"    {name}: {seconds:.0f} s, {mem['extra_mb']:.0f} MB extra")
             out[name]["extra_mb"] = max(out[name]["extra_mb"], mem["extra_mb"])
             out[name]["result"] = result
             if keep_all:
@@ -535,7 +538,7 @@ def stage_mc(cfg, model, image, device, monai, sampler):
             runs["monai"] = theirs
         return runs
 
-    res = alternate(runs_on(image, cfg.seed), 1, sampler, device)
+    res = alternate(runs_on(image, cfg.seed), 1, sampler, device, log_each=True)
     for record in res.values():
         record["scores"], record["cuda_extra_mb"] = record.pop("result")
     res.update(windows=n_windows, passes=cfg.mc_passes, window_s=per_window, shape_vox=list(image.shape),
@@ -554,7 +557,7 @@ def stage_mc(cfg, model, image, device, monai, sampler):
             monai_starts(s, cfg.patch_vox, OVERLAP), crop
     log(f"    agreement check: both again on a {crop} crop, where both place the same windows")
     same = alternate(runs_on(np.ascontiguousarray(image[:crop[0], :crop[1], :crop[2]]), cfg.seed + 2), 1, sampler,
-                     device)
+                     device, log_each=True)
     (theirs, stack), _ = same["monai"]["result"]
     res["checks"] = mc_checks(same["ours"]["result"][0], theirs, jackknife_se(stack))
     res["check_crop_vox"] = list(crop)

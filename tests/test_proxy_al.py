@@ -295,7 +295,9 @@ def test_passes_per_sweep_follows_the_memory_budget():
     assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10, maps_mb=7) == 2
     assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10, maps_mb=1) == 1
     assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10, maps_mb=1e6) == 10
-    assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10) == 10    # CPU default: 128 MB
+    assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10) == 10    # CPU default: 192 MB
+    # a pass map is one window-deep band along x (3 x 32 x 64 x 64 floats = 1.5 MB), not the volume (9.4 MB)
+    assert proxy_al.passes_per_sweep(net, (200, 64, 64), 10, maps_mb=7, roi=(32, 32, 32)) == 4
     assert proxy_al.passes_per_sweep(nn.Conv3d(1, 2, 1), (64, 64, 64), 10, maps_mb=1e6) == 1   # no stem to share
 
 
