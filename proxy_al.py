@@ -151,10 +151,10 @@ def _window_slabs(model, x, roi, overlap, batch_size, passes=1):
         counts.append(count)
     yz_count = counts[1][:, None] * counts[2][None, :]
     depth = roi[0]                                     # _padded_input makes X' >= roi
+    corners = [(b, c) for b in starts[1] for c in starts[2]]          # one row of windows, any x start
     band = None
     x_starts = starts[0] + [size[0]]
     for a, a_next in zip(x_starts, x_starts[1:]):
-        corners = [(b, c) for b in starts[1] for c in starts[2]]
         for i in range(0, len(corners), batch_size):
             chunk = corners[i:i + batch_size]
             crops = torch.cat([x[..., a:a + roi[0], b:b + roi[1], c:c + roi[2]] for b, c in chunk])  # (n, 1, *roi)
@@ -165,7 +165,7 @@ def _window_slabs(model, x, roi, overlap, batch_size, passes=1):
                         band = torch.zeros((passes, probs.shape[1], depth) + tuple(size[1:]), device=x.device)
                     for p, (b, c) in zip(probs, chunk):
                         band[j, :, :, b:b + roi[1], c:c + roi[2]] += p
-        final = min(a_next, size[0]) - a               # voxels a .. a_next - 1 see no later window
+        final = a_next - a                             # voxels a .. a_next - 1 see no later window
         slab = band[:, :, :final]
         slab.div_(counts[0][a:a + final, None, None] * yz_count)
         yield a, slab
@@ -214,9 +214,8 @@ def sliding_window_predict(model, image, roi=(96, 96, 96), overlap=0.25, batch_s
     for a, slab in _window_slabs(model, x, roi, overlap, batch_size or default_batch(device)):
         if out is None:
             out = np.empty((slab.shape[1], X, Y, Z), np.float32)
-        w = min(slab.shape[2], X - a)
-        if w > 0:
-            out[:, a:a + w] = slab[0, :, :w, :Y, :Z].cpu().numpy()
+        w = min(slab.shape[2], X - a)                  # the last slab may reach into the padding
+        out[:, a:a + w] = slab[0, :, :w, :Y, :Z].cpu().numpy()
     return out
 
 
