@@ -276,7 +276,8 @@ def test_mc_scores_sweep_stitches_pass_j_of_every_window_into_map_j(batch_size, 
     for a, b in itertools.product(starts, starts):
         count[a:a + ROI[0], b:b + ROI[1]] += 1
     maps = []
-    with torch.no_grad():
+    # the same weight layout as mc_scores: the CPU dropout draws its mask in storage order
+    with torch.no_grad(), proxy_al.cpu_channels_last(net, torch.device("cpu")):
         for n in sweeps:
             passes = torch.zeros((n, 2, 20, 20, 32))
             for a in starts:                                                   # one row of windows
@@ -299,6 +300,22 @@ def test_passes_per_sweep_follows_the_memory_budget():
     # a pass map is one window-deep band along x (3 x 32 x 64 x 64 floats = 1.5 MB), not the volume (9.4 MB)
     assert proxy_al.passes_per_sweep(net, (200, 64, 64), 10, maps_mb=7, roi=(32, 32, 32)) == 4
     assert proxy_al.passes_per_sweep(nn.Conv3d(1, 2, 1), (64, 64, 64), 10, maps_mb=1e6) == 1   # no stem to share
+
+
+def test_inference_leaves_weights_contiguous_and_trainable():
+    """On the CPU the sweeps run with channels-last weights; afterwards the weights are as before and can be
+    trained (weights converted under inference mode could not), and the layout does not change the result."""
+    net = tiny_unet(dropout=0.2)
+    image = np.random.default_rng(0).random((16, 16, 32), dtype=np.float32)
+    mc_scores(net, image, m=2, roi=ROI)
+    probs = sliding_window_predict(net.eval(), image, roi=ROI)
+    assert all(p.is_contiguous() and not p.is_inference() for p in net.parameters())
+    with torch.no_grad():
+        direct = net(torch.from_numpy(image)[None, None]).softmax(1)[0].numpy()      # one window, plain layout
+    np.testing.assert_allclose(probs, direct, atol=1e-5)
+    net.train()
+    net(torch.from_numpy(image)[None, None]).square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from losses import dice_ce_loss, dice_per_class
-from unet import UNet, enable_mc_dropout, load_backbone
+from unet import InstanceNorm, MCDropout, UNet, dropout_cpu_, enable_mc_dropout, load_backbone
 
 SMALL = (4, 8, 8, 8, 8)  # five levels, tiny widths: fast on the CPU
 
@@ -53,6 +54,72 @@ def test_repeated_forward_equals_repeated_calls_random_stream_included():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="multiples of 16"):
         next(net.repeated_forward(torch.randn(1, 1, 17, 16, 16), 2))
+
+
+# ----------------------------------------------------------------------------- CPU inference paths
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 9, 7, 11), (1, 16, 17, 16, 18)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_instance_norm_inference_path_matches_torch(shape, layout):
+    """With autograd off, InstanceNorm normalises in place; the result must be torch's instance norm."""
+    torch.manual_seed(0)
+    norm = InstanceNorm(shape[1], affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = (torch.randn(shape) * 3 + 2).contiguous(memory_format=layout)     # a mean far from 0
+    ref = F.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+    y = x.clone()
+    with torch.inference_mode():
+        out = norm(y)
+    assert out.data_ptr() == y.data_ptr(), "inference path works in place"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
+    x.requires_grad_(True)                  # training: torch's op, differentiable, input untouched
+    out = norm(x)
+    out.square().sum().backward()
+    assert out.data_ptr() != x.data_ptr() and x.grad is not None
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_cpu_dropout_law_seed_and_threads():
+    p, x = 0.3, torch.ones(3, 16, 33, 47, 21)          # 1.56 M elements: six random blocks, the last one short
+    torch.manual_seed(5)
+    a = dropout_cpu_(x.clone(), p)
+    torch.manual_seed(5)
+    b = dropout_cpu_(x.clone(), p)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(5)
+        c = dropout_cpu_(x.clone(), p)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b) and torch.equal(a, c), "torch's seed fixes the mask, whatever the thread count"
+    kept = a != 0
+    assert torch.all(a[kept] == torch.tensor(1 / (1 - p)))
+    assert abs((~kept).float().mean().item() - p) < 0.002               # 5 standard deviations
+    flat = kept.view(-1)
+    assert not torch.equal(flat[:1000], flat[1 << 18:(1 << 18) + 1000]), "every block has its own stream"
+    torch.manual_seed(6)
+    assert not torch.equal(dropout_cpu_(x.clone(), p), a)
+
+
+def test_mc_dropout_copies_or_works_in_place_only_without_autograd():
+    drop = MCDropout(0.5)                               # a new module is in training mode: dropout on
+    x = torch.ones(2, 4, 8, 8, 8)
+    with torch.no_grad():
+        y = drop(x, inplace=False)
+        assert torch.equal(x, torch.ones_like(x)) and (y == 0).any() and (y == 2).any()
+        z = drop(x)
+        assert z.data_ptr() == x.data_ptr() and (x == 0).any()
+    w = torch.ones(2, 4, 8, 8, 8, requires_grad=True)    # autograd on: torch's dropout, input untouched
+    y = drop(w)
+    y.sum().backward()
+    assert torch.equal(w.detach(), torch.ones_like(w)) and torch.equal(w.grad, (y != 0).float() * 2)
+    drop.eval()
+    with torch.no_grad():
+        assert torch.equal(drop(torch.ones(3, 3)), torch.ones(3, 3))
 
 
 def test_head_replacement_keeps_backbone():
