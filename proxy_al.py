@@ -206,17 +206,17 @@ def _add_windows(model, x, a, corners, roi, passes, band):
 
 
 def default_batch(device):
-    """Windows per forward pass: 4 on CUDA; 1 on the CPU, where it was faster and needed half the memory
-    (bench.py, full-size case: 199 s and 1.0 GB extra against 238 s and 2.3 GB at batch 4)."""
+    """Windows per forward pass: 4 on CUDA; 1 on the CPU, where batching gains nothing and costs memory
+    (bench machine, one row of the full-size case's windows, m = 5: 36 / 35 / 35 s and 611 / 932 / 1496 MB
+    extra at batch 1 / 2 / 4)."""
     return 4 if device.type == "cuda" else 1
 
 
 def default_maps_mb(device):
     """Memory for the pass maps of one MC sweep: 2 GB on CUDA; 192 MB on the CPU, which lets the full-size
     bench case (273 x 273 x 120, 3 classes: a 38 MB band per pass) run 5 passes per sweep. Bench machine
-    (2-core CPU), after a training step: 1.24 s per window pass and 1117 MB of extra memory, against 1.38 s
-    and 1152 MB with whole-volume pass maps, one pass per sweep. Ten passes per sweep would save one more
-    stem per window (about 2 %) for 190 MB more."""
+    (2-core CPU), one row of its windows (96 x 273 x 120, m = 5) in a fresh process: 37 s and 607 MB of
+    extra memory, against 53 s and 497 MB with one pass per sweep (no shared stem)."""
     return 2048 if device.type == "cuda" else 192
 
 

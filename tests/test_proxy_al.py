@@ -316,6 +316,9 @@ def test_inference_leaves_weights_contiguous_and_trainable():
     net.train()
     net(torch.from_numpy(image)[None, None]).square().mean().backward()
     assert all(p.grad is not None for p in net.parameters())
+    net.to(memory_format=torch.channels_last_3d)          # a model the user keeps channels-last stays so
+    mc_scores(net, image, m=2, roi=ROI)
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in net.parameters() if p.dim() == 5)
 
 
 @pytest.mark.parametrize("training", [True, False])
