@@ -7,6 +7,7 @@ The forward pass is `skips = encoder(x); return decoder(skips)`. The first resid
 any dropout, so MC-dropout passes over the same input can share it (UNet.repeated_forward).
 With autograd off on the CPU, the norms and the dropout take faster in-place paths (see below).
 """
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,7 +30,8 @@ def _dense(x):
 
 
 def _cpu_inference(x):
-    return not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and _dense(x)
+    return (not torch.is_grad_enabled() and not x.requires_grad and x.device.type == "cpu"
+            and x.dtype == torch.float32 and _dense(x))
 
 
 class InstanceNorm(nn.InstanceNorm3d):
@@ -54,6 +56,8 @@ class InstanceNorm(nn.InstanceNorm3d):
 
 _BLOCK = 1 << 18                # elements per random block: its own numpy stream, so threads do not change results
 _pools, _buffers = {}, threading.local()
+if hasattr(os, "register_at_fork"):             # a forked child has none of the parent's pool threads
+    os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _drop_block(flat, seed, i, p):

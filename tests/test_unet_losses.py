@@ -1,3 +1,6 @@
+import multiprocessing
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +106,34 @@ def test_cpu_dropout_law_seed_and_threads():
     assert not torch.equal(flat[:1000], flat[1 << 18:(1 << 18) + 1000]), "every block has its own stream"
     torch.manual_seed(6)
     assert not torch.equal(dropout_cpu_(x.clone(), p), a)
+
+
+def _drop_in_child(queue):
+    # numpy in and out: torch's own parallel ops can hang in a forked child once the parent used its threads
+    x = torch.from_numpy(np.ones((4, 1 << 18), np.float32))
+    queue.put(float((dropout_cpu_(x, 0.5).numpy() == 0).mean()))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_cpu_dropout_works_in_a_forked_child():
+    """The thread pool made in the parent has no threads in a forked child: the child must make its own
+    instead of waiting forever."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dropout_cpu_(torch.ones(4, 1 << 18), 0.5)                       # the parent's pool exists now
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_drop_in_child, args=(queue,))
+        child.start()
+        child.join(30)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+    finally:
+        torch.set_num_threads(threads)
+    assert not alive and child.exitcode == 0
+    assert abs(queue.get(timeout=5) - 0.5) < 0.01
 
 
 def test_mc_dropout_copies_or_works_in_place_only_without_autograd():
