@@ -160,7 +160,8 @@ def _window_slabs(model, x, roi, overlap, batch_size, passes=1):
     window reaches below the next start, so that part is final. Only a band one window deep (C x roi x Y' x Z'
     per pass) is ever held, whatever X' is. Pass j of a window goes into map j; a window's passes follow each
     other (one stem); a forward batches up to batch_size windows of the same x start. The slab is a view
-    into the band: use it before asking for the next one.
+    into the band: use it before asking for the next one. On the CPU the sweep runs with channels-last
+    weights (cpu_channels_last).
     """
     size = x.shape[2:]
     starts = [window_starts(s, r, overlap) for s, r in zip(size, roi)]
