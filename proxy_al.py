@@ -152,16 +152,17 @@ def cpu_channels_last(model, device):
 
 
 @torch.inference_mode()
-def _window_slabs(model, x, roi, overlap, batch_size, passes=1):
-    """Sliding-window softmax of x (1, 1, X', Y', Z') `passes` times, yielded as final slabs along x.
+def _window_slabs(model, x, shape, roi, overlap, batch_size, passes=1):
+    """Sliding-window softmax of x (1, 1, X', Y', Z'), the image of `shape` (X, Y, Z) padded, `passes` times,
+    yielded as final slabs along x.
 
-    Yields (x0, slab): slab (passes, C, w, Y', Z') holds voxels x0 .. x0 + w - 1, overlaps averaged (uniform
-    weights). Windows run in order of their x start; once every window starting at one x is done, no later
-    window reaches below the next start, so that part is final. Only a band one window deep (C x roi x Y' x Z'
-    per pass) is ever held, whatever X' is. Pass j of a window goes into map j; a window's passes follow each
-    other (one stem); a forward batches up to batch_size windows of the same x start. The slab is a view
-    into the band: use it before asking for the next one. On the CPU the sweep runs with channels-last
-    weights (cpu_channels_last).
+    Yields (x0, slab): slab (passes, C, w, Y, Z) holds voxels x0 .. x0 + w - 1 of the image (the padding cut
+    off), overlaps averaged (uniform weights). Windows run in order of their x start; once every window
+    starting at one x is done, no later window reaches below the next start, so that part is final. Only a
+    band one window deep (C x roi x Y' x Z' per pass) is ever held, whatever X' is. Pass j of a window goes
+    into map j; a window's passes follow each other (one stem); a forward batches up to batch_size windows
+    of the same x start. The slab is a view into the band: use it before asking for the next one. On the
+    CPU the sweep runs with channels-last weights (cpu_channels_last).
     """
     size = x.shape[2:]
     starts = [window_starts(s, r, overlap) for s, r in zip(size, roi)]
@@ -182,9 +183,8 @@ def _window_slabs(model, x, roi, overlap, batch_size, passes=1):
             for i in range(0, len(corners), batch_size):
                 band = _add_windows(model, x, a, corners[i:i + batch_size], roi, passes, band)
             final = a_next - a                         # voxels a .. a_next - 1 see no later window
-            slab = band[:, :, :final]
-            slab.div_(counts[0][a:a + final, None, None] * yz_count)
-            yield a, slab
+            band[:, :, :final].div_(counts[0][a:a + final, None, None] * yz_count)
+            yield a, band[:, :, :min(final, shape[0] - a), :shape[1], :shape[2]]
             keep = depth - final                       # carry the overlap with the next row of windows,
             for i in range(0, keep, final):            # in pieces that do not overlap (no band-sized copy)
                 j = min(i + final, keep)
@@ -240,12 +240,11 @@ def sliding_window_predict(model, image, roi=(96, 96, 96), overlap=0.25, batch_s
     """
     device = next(model.parameters()).device
     x = _padded_input(image, roi, device)
-    (X, Y, Z), out = image.shape, None
-    for a, slab in _window_slabs(model, x, roi, overlap, batch_size or default_batch(device)):
+    out = None
+    for a, slab in _window_slabs(model, x, image.shape, roi, overlap, batch_size or default_batch(device)):
         if out is None:
-            out = np.empty((slab.shape[1], X, Y, Z), np.float32)
-        w = min(slab.shape[2], X - a)                  # the last slab may reach into the padding
-        out[:, a:a + w] = slab[0, :, :w, :Y, :Z].cpu().numpy()
+            out = np.empty((slab.shape[1],) + image.shape, np.float32)
+        out[:, a:a + slab.shape[2]] = slab[0].cpu().numpy()
     return out
 
 
@@ -275,12 +274,12 @@ def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=Non
     mean = m2 = None
     try:
         for k0 in range(0, m, per_sweep):
-            for a, slab in _window_slabs(model, x, roi, overlap, batch_size, min(per_sweep, m - k0)):
-                w = min(slab.shape[2], X - a)
+            for a, slab in _window_slabs(model, x, image.shape, roi, overlap, batch_size, min(per_sweep, m - k0)):
+                w = slab.shape[2]
                 if mean is None:
                     mean = torch.zeros((slab.shape[1], X, Y, Z), device=device)    # per class
                     m2 = torch.zeros((X, Y, Z), device=device)                      # summed over classes
-                for k, p in enumerate(slab[:, :, :w, :Y, :Z], start=k0 + 1):
+                for k, p in enumerate(slab, start=k0 + 1):
                     # Welford's update: sum(p^2)/m - mean^2 in float32 leaves ~1e-8 of cancellation noise even
                     # when every pass is identical; this form gives exactly 0 then and stays accurate. Only the
                     # class sum of the squared deviations is needed. Slabs of 8 keep the temporaries small.
