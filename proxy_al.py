@@ -152,17 +152,18 @@ def cpu_channels_last(model, device):
 
 
 @torch.inference_mode()
-def _window_slabs(model, x, shape, roi, overlap, batch_size, passes=1):
+def _window_slabs(model, x, shape, roi, overlap, batch_size, passes=1, drop_last_class=False):
     """Sliding-window softmax of x (1, 1, X', Y', Z'), the image of `shape` (X, Y, Z) padded, `passes` times,
     yielded as final slabs along x.
 
     Yields (x0, slab): slab (passes, C, w, Y, Z) holds voxels x0 .. x0 + w - 1 of the image (the padding cut
-    off), overlaps averaged (uniform weights). Windows run in order of their x start; once every window
+    off), overlaps averaged (uniform weights). drop_last_class: keep classes 0 .. C - 2 only (the last is one
+    minus their sum, and averaging keeps that true). Windows run in order of their x start; once every window
     starting at one x is done, no later window reaches below the next start, so that part is final. Only a
-    band one window deep (C x roi x Y' x Z' per pass) is ever held, whatever X' is. Pass j of a window goes
-    into map j; a window's passes follow each other (one stem); a forward batches up to batch_size windows
-    of the same x start. The slab is a view into the band: use it before asking for the next one. On the
-    CPU the sweep runs with channels-last weights (cpu_channels_last).
+    band one window deep (C, or C - 1, x roi x Y' x Z' per pass) is ever held, whatever X' is. Pass j of a
+    window goes into map j; a window's passes follow each other (one stem); a forward batches up to
+    batch_size windows of the same x start. The slab is a view into the band: use it before asking for the
+    next one. On the CPU the sweep runs with channels-last weights (cpu_channels_last).
     """
     size = x.shape[2:]
     starts = [window_starts(s, r, overlap) for s, r in zip(size, roi)]
@@ -181,7 +182,7 @@ def _window_slabs(model, x, shape, roi, overlap, batch_size, passes=1):
     with cpu_channels_last(model, x.device):          # for the whole sweep; restored when it ends
         for a, a_next in zip(x_starts, x_starts[1:]):
             for i in range(0, len(corners), batch_size):
-                band = _add_windows(model, x, a, corners[i:i + batch_size], roi, passes, band)
+                band = _add_windows(model, x, a, corners[i:i + batch_size], roi, passes, band, drop_last_class)
             final = a_next - a                         # voxels a .. a_next - 1 see no later window
             band[:, :, :final].div_(counts[0][a:a + final, None, None] * yz_count)
             yield a, band[:, :, :min(final, shape[0] - a), :shape[1], :shape[2]]
@@ -192,13 +193,16 @@ def _window_slabs(model, x, shape, roi, overlap, batch_size, passes=1):
             band[:, :, keep:] = 0
 
 
-def _add_windows(model, x, a, corners, roi, passes, band):
+def _add_windows(model, x, a, corners, roi, passes, band, drop_last_class=False):
     """Add the softmax of `passes` forward passes of the windows at x start a and (y, z) `corners`, batched,
-    into band (passes, C, roi[0], Y', Z'), pass j into map j. Creates the band on the first call; returns it."""
+    into band (passes, C, roi[0], Y', Z'), pass j into map j (C - 1 classes with drop_last_class). Creates the
+    band on the first call; returns it."""
     crops = torch.cat([x[..., a:a + roi[0], b:b + roi[1], c:c + roi[2]] for b, c in corners])  # (n, 1, *roi)
     with autocast(x.device):
         for j, logits in enumerate(_passes(model, crops, passes)):
             probs = logits.float().softmax(1)                                                  # (n, C, *roi)
+            if drop_last_class:
+                probs = probs[:, :-1]
             if band is None:
                 band = torch.zeros((passes, probs.shape[1], roi[0]) + tuple(x.shape[3:]), device=x.device)
             for p, (b, c) in zip(probs, corners):
@@ -214,22 +218,25 @@ def default_batch(device):
 
 
 def default_maps_mb(device):
-    """Memory for the pass maps of one MC sweep: 2 GB on CUDA; 192 MB on the CPU, which lets the full-size
-    bench case (273 x 273 x 120, 3 classes: a 38 MB band per pass) run 5 passes per sweep. Bench machine
-    (2-core CPU), one row of its windows (96 x 273 x 120, m = 5) in a fresh process: 37 s and 607 MB of
-    extra memory, against 53 s and 497 MB with one pass per sweep (no shared stem)."""
-    return 2048 if device.type == "cuda" else 192
+    """Memory for the pass maps of one MC sweep: 2 GB on CUDA; 128 MB on the CPU, which lets the full-size
+    bench case (273 x 273 x 120, 3 classes, 2 of them kept: a 25 MB band per pass) run 5 passes per sweep:
+    751 MB of extra memory for m = 10 in a fresh process on the bench machine (2-core CPU). Earlier, one row
+    of its windows (96 x 273 x 120, m = 5, all 3 classes kept): 37 s and 607 MB with 5 passes per sweep,
+    against 53 s and 497 MB with one (no shared stem)."""
+    return 2048 if device.type == "cuda" else 128
 
 
 def passes_per_sweep(model, padded_shape, m, maps_mb=None, roi=(96, 96, 96)):
     """MC passes each window runs in a row: as many pass maps as fit in maps_mb (None -> default_maps_mb),
     at least 1, at most m; 1 for a model without repeated_forward. A pass map is one band of the sliding
-    window (_window_slabs): C x min(roi, X') x Y' x Z' float32 for the padded volume (X', Y', Z')."""
+    window (_window_slabs): C - 1 classes (mc_scores derives the last) x min(roi, X') x Y' x Z' float32 for
+    the padded volume (X', Y', Z')."""
     if not hasattr(model, "repeated_forward"):
         return 1
     maps_mb = default_maps_mb(next(model.parameters()).device) if maps_mb is None else maps_mb
     band = (min(roi[0], padded_shape[0]),) + tuple(padded_shape[1:])
-    map_mb = getattr(model, "out_channels", 1) * math.prod(band) * 4 / 2**20
+    kept = max(getattr(model, "out_channels", 2) - 1, 1)
+    map_mb = kept * math.prod(band) * 4 / 2**20
     return max(1, min(m, int(maps_mb // map_mb)))
 
 
@@ -259,9 +266,10 @@ def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=Non
     The passes run in sweeps over the windows; in one sweep each window runs as many passes in a row as
     pass maps fit in `maps_mb` megabytes (passes_per_sweep), all sharing its first block
     (UNet.repeated_forward). Each sweep hands over its passes slab by slab along x (_window_slabs), and a
-    running mean and sum of squared deviations per voxel (Welford) take them in pass order; so memory is
-    one window-deep band per pass plus the mean (C volumes) and one volume of squared deviations,
-    whatever m is.
+    running mean and sum of squared deviations per voxel (Welford) take them in pass order. The softmax sums
+    to one, so the last class is never stored: its deviations are minus the sum of the others'. Memory is
+    one window-deep band of C - 1 classes per pass, plus the mean (C - 1 volumes) and one volume of squared
+    deviations, whatever m is.
     Returns {"variance": float, "entropy": float} (+ "variance_map" (X, Y, Z) float32 with return_map).
     """
     was_training = model.training
@@ -274,25 +282,29 @@ def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=Non
     mean = m2 = None
     try:
         for k0 in range(0, m, per_sweep):
-            for a, slab in _window_slabs(model, x, image.shape, roi, overlap, batch_size, min(per_sweep, m - k0)):
+            for a, slab in _window_slabs(model, x, image.shape, roi, overlap, batch_size, min(per_sweep, m - k0),
+                                         drop_last_class=True):
                 w = slab.shape[2]
                 if mean is None:
-                    mean = torch.zeros((slab.shape[1], X, Y, Z), device=device)    # per class
-                    m2 = torch.zeros((X, Y, Z), device=device)                      # summed over classes
+                    mean = torch.zeros((slab.shape[1], X, Y, Z), device=device)    # classes 0 .. C - 2
+                    m2 = torch.zeros((X, Y, Z), device=device)                      # summed over all classes
                 for k, p in enumerate(slab, start=k0 + 1):
                     # Welford's update: sum(p^2)/m - mean^2 in float32 leaves ~1e-8 of cancellation noise even
                     # when every pass is identical; this form gives exactly 0 then and stays accurate. Only the
                     # class sum of the squared deviations is needed. Slabs of 8 keep the temporaries small.
                     for s in _slabs(w):
                         mu = mean[:, a:a + w][:, s]
-                        delta = p[:, s] - mu
+                        delta = p[:, s] - mu                                        # p - old mean
                         mu.add_(delta, alpha=1.0 / k)
-                        m2[a:a + w][s].add_(delta.mul_(p[:, s].sub_(mu)).sum(0))
+                        after = p[:, s].sub_(mu)                                    # p - new mean
+                        # the last class: both differences are minus the sums of the other classes'
+                        m2[a:a + w][s].add_(delta.sum(0).mul_(after.sum(0)))
+                        m2[a:a + w][s].add_(delta.mul_(after).sum(0))
     finally:
         model.train(was_training)
     var_map = m2.div_(m)                                                   # (X, Y, Z), population variance
-    entropy = sum(-(mean[:, s] * mean[:, s].clamp(min=1e-12).log()).sum(dtype=torch.float64).item()
-                  for s in _slabs(mean.shape[1]))
+    entropy = -sum(_sum_plogp(mean[:, s]) + _sum_plogp((1 - mean[:, s].sum(0)).clamp_(min=0))   # last class
+                   for s in _slabs(X))
     out = {"variance": var_map.mean().item(), "entropy": entropy / var_map.numel()}
     if return_map:
         out["variance_map"] = var_map.cpu().numpy()
@@ -301,6 +313,11 @@ def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=Non
 
 def _slabs(n, width=8):
     return [slice(i, i + width) for i in range(0, n, width)]
+
+
+def _sum_plogp(q):
+    """Sum of q log q over a probability tensor (0 log 0 = 0), in float64."""
+    return (q * q.clamp(min=1e-12).log()).sum(dtype=torch.float64).item()
 
 
 def noisy_label(probs, tau=0.9):

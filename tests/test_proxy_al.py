@@ -195,13 +195,14 @@ def test_sliding_window_stitches_each_voxel_in_place(shape, roi, overlap, batch_
 # ----------------------------------------------------------------------------- MC-dropout scores
 
 
-def test_mc_scores_zero_variance_without_dropout():
-    net = tiny_unet(dropout=0.0)
+@pytest.mark.parametrize("classes", [2, 3])
+def test_mc_scores_zero_variance_without_dropout(classes):
+    net = tiny_unet(dropout=0.0, out_channels=classes)
     image = np.random.default_rng(0).random((17, 15, 30), dtype=np.float32)
-    scores = mc_scores(net, image, m=5, roi=ROI)
+    scores = mc_scores(net, image, m=5, roi=ROI, maps_mb=0.1)     # 2 sweeps: the running mean carries over
     assert set(scores) == {"variance", "entropy"}
-    assert 0.0 <= scores["variance"] < 1e-10
-    assert 0.0 < scores["entropy"] <= math.log(2) + 1e-6
+    assert scores["variance"] == 0.0                              # identical passes: Welford gives exact zeros
+    assert 0.0 < scores["entropy"] <= math.log(classes) + 1e-6
 
 
 def test_mc_variance_grows_with_dropout_rate():
@@ -238,10 +239,12 @@ def check_scores(scores, passes, image):
     assert float(scores["variance_map"].mean()) == pytest.approx(scores["variance"], rel=1e-5)
 
 
-def test_mc_scores_match_stored_passes():
+@pytest.mark.parametrize("classes", [2, 4])
+def test_mc_scores_match_stored_passes(classes):
     """With room for one pass map (maps_mb=0) mc_scores makes m sequential padded sliding-window
-    predictions with dropout on: redo them by hand from the same torch seed and compute both scores directly."""
-    net = tiny_unet(dropout=0.3)
+    predictions with dropout on: redo them by hand from the same torch seed and compute both scores directly
+    from every class (mc_scores stores all but the last)."""
+    net = tiny_unet(dropout=0.3, out_channels=classes)
     image = np.random.default_rng(2).random((20, 13, 30), dtype=np.float32)   # 2 windows along x, padded y, z
     m, kw = 5, dict(roi=ROI, overlap=0.5, batch_size=1)
     torch.manual_seed(7)
@@ -249,18 +252,18 @@ def test_mc_scores_match_stored_passes():
     torch.manual_seed(7)
     enable_mc_dropout(net)
     passes = np.stack([sliding_window_predict(net, image, **kw) for _ in range(m)])
-    assert passes.shape == (m, 2, 20, 13, 30)
+    assert passes.shape == (m, classes, 20, 13, 30)
     assert not np.allclose(passes[0], passes[1]), "dropout must make the passes differ"
     check_scores(scores, passes, image)
 
 
 @pytest.mark.parametrize("batch_size, maps_mb, sweeps", [(1, 512, [4]), (2, 512, [4]), (3, 512, [3]),
-                                                         (1, 0.17, [2, 2]), (2, 0.25, [3, 1])])
+                                                         (1, 0.085, [2, 2]), (2, 0.125, [3, 1])])
 def test_mc_scores_sweep_stitches_pass_j_of_every_window_into_map_j(batch_size, maps_mb, sweeps):
     """Each sweep over the windows runs as many passes per window as pass maps fit in maps_mb (a pass map is
-    one window-deep band: 2 classes x 16 x 20 x 32 float32 = 0.078 MB here), a window's passes in a row with
-    one shared stem; windows go by x start, a forward batching those of one x start. Rebuild the pass maps by
-    hand in that random order (pass j of each window into map j) and compare."""
+    one window-deep band of all classes but the last: 1 x 16 x 20 x 32 float32 = 0.039 MB here), a window's
+    passes in a row with one shared stem; windows go by x start, a forward batching those of one x start.
+    Rebuild the pass maps by hand in that random order (pass j of each window into map j) and compare."""
     net = tiny_unet(dropout=0.3)
     image = np.random.default_rng(3).random((20, 20, 30), dtype=np.float32)
     m = sum(sweeps)
@@ -292,13 +295,13 @@ def test_mc_scores_sweep_stitches_pass_j_of_every_window_into_map_j(batch_size, 
 
 
 def test_passes_per_sweep_follows_the_memory_budget():
-    net = tiny_unet(out_channels=3)                          # a pass map of 64^3: 3 x 1 MB
-    assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10, maps_mb=7) == 2
+    net = tiny_unet(out_channels=3)                          # a pass map of 64^3: 2 classes (of 3) x 1 MB
+    assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10, maps_mb=7) == 3
     assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10, maps_mb=1) == 1
     assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10, maps_mb=1e6) == 10
-    assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10) == 10    # CPU default: 192 MB
-    # a pass map is one window-deep band along x (3 x 32 x 64 x 64 floats = 1.5 MB), not the volume (9.4 MB)
-    assert proxy_al.passes_per_sweep(net, (200, 64, 64), 10, maps_mb=7, roi=(32, 32, 32)) == 4
+    assert proxy_al.passes_per_sweep(net, (64, 64, 64), 10) == 10    # CPU default: 128 MB
+    # a pass map is one window-deep band along x (2 x 32 x 64 x 64 floats = 1 MB), not the volume (6.25 MB)
+    assert proxy_al.passes_per_sweep(net, (200, 64, 64), 10, maps_mb=7, roi=(32, 32, 32)) == 7
     assert proxy_al.passes_per_sweep(nn.Conv3d(1, 2, 1), (64, 64, 64), 10, maps_mb=1e6) == 1   # no stem to share
 
 
