@@ -297,9 +297,10 @@ def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=Non
                         delta = p[:, s] - mu                                        # p - old mean
                         mu.add_(delta, alpha=1.0 / k)
                         after = p[:, s].sub_(mu)                                    # p - new mean
+                        acc = m2[a:a + w][s]
                         # the last class: both differences are minus the sums of the other classes'
-                        m2[a:a + w][s].add_(delta.sum(0).mul_(after.sum(0)))
-                        m2[a:a + w][s].add_(delta.mul_(after).sum(0))
+                        acc.add_(delta.sum(0).mul_(after.sum(0)))
+                        acc.add_(delta.mul_(after).sum(0))
     finally:
         model.train(was_training)
     var_map = m2.div_(m)                                                   # (X, Y, Z), population variance
