@@ -20,7 +20,6 @@ The MC agreement check reruns both on the largest crop where both place the same
 MONAI is optional: it is imported only under --compare-monai.
 """
 import argparse
-import ctypes
 import dataclasses
 import gc
 import math
@@ -135,10 +134,9 @@ def log(message):
 def release_free_heap():
     """Hand freed heap pages back to the OS (glibc malloc_trim), so that a section's baseline RSS holds no free
     memory a later stage could reuse unseen. A no-op where glibc is missing."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = proxy_al._glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def rss_mb():

@@ -3,7 +3,10 @@ noisy labels, and the training steps (proxy, supervised, semi-supervised).
 
 Arrays called `image` are windowed to [0, 1] (data.window); `image_hu` are Hounsfield units.
 """
+import ctypes
+import functools
 import math
+import os
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -101,6 +104,59 @@ def pseudo_label(image_hu, hu_band=(100, 150), case_id="case"):
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     return (components == sizes.argmax()).astype(np.uint8)
+
+# ----------------------------------------------------------------------------- the C heap (CPU, glibc)
+# On the CPU torch takes its buffers from the C library's malloc. glibc maps fresh pages from the OS for a
+# request above its mmap threshold (which climbs by itself to 32 MB) and returns them on free, so the next such
+# request faults them in again; smaller requests come from a heap that keeps what it is given, holes and all.
+# Left alone, a CPU training step (gigabytes of activations) grows the heap to about 1 GB that is free but
+# fragmented afterwards, and later inference wanders through its holes: MC scoring of the full-size bench case
+# peaked at 1.2 GB of extra memory after training against 0.75 GB in a fresh process. So, for the duration of a
+# call, with mallopt (Linux with glibc; a no-op elsewhere and on CUDA):
+#   "train": threshold 1 MB, so a step's activations are mapped and handed back and the heap stays small;
+#   "reuse": threshold 256 MB, trim threshold 2 GB, so an inference sweep's buffers, the 56 MB activations of a
+#            96^3 window included, stay resident and the next window reuses them without page faults.
+# Each call ends by restoring the policy it found (glibc's own 32 MB / 64 MB values at the outermost level,
+# which also ends glibc's automatic threshold) and handing free heap pages back (malloc_trim).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # mallopt parameters, <malloc.h>
+HEAP_POLICIES = {"train": (1 << 20, 2 << 20), "reuse": (256 << 20, 2 << 30)}   # (mmap, trim threshold), bytes
+GLIBC_STEADY = (32 << 20, 64 << 20)                    # glibc's thresholds once the automatic one has climbed
+_heap_policies = []                                    # the policies in force, innermost last
+
+
+@functools.lru_cache(maxsize=None)
+def _glibc():
+    """The C library when it is glibc (it has mallopt and malloc_trim), else None."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return None
+        return ctypes.CDLL("libc.so.6")
+    except (AttributeError, ValueError, OSError):   # no confstr (Windows), unknown name, no libc.so.6
+        return None
+
+
+@contextmanager
+def c_heap(device, policy):
+    """Run a block under one of HEAP_POLICIES on the CPU with glibc (see above); nestable, single-threaded."""
+    libc = _glibc() if torch.device(device).type == "cpu" else None
+    if libc is None:
+        yield
+        return
+    before = _heap_policies[-1] if _heap_policies else GLIBC_STEADY
+    _heap_policies.append(HEAP_POLICIES[policy])
+    _set_heap(libc, HEAP_POLICIES[policy])
+    try:
+        yield
+    finally:
+        _heap_policies.pop()
+        _set_heap(libc, before)
+        libc.malloc_trim(0)
+
+
+def _set_heap(libc, thresholds):
+    mmap, trim = thresholds
+    libc.mallopt(_M_MMAP_THRESHOLD, mmap)
+    libc.mallopt(_M_TRIM_THRESHOLD, trim)
 
 # ----------------------------------------------------------------------------- inference
 
@@ -246,12 +302,13 @@ def sliding_window_predict(model, image, roi=(96, 96, 96), overlap=0.25, batch_s
     Uses the model in whatever mode it is in (call model.eval() for a deterministic result).
     """
     device = next(model.parameters()).device
-    x = _padded_input(image, roi, device)
     out = None
-    for a, slab in _window_slabs(model, x, image.shape, roi, overlap, batch_size or default_batch(device)):
-        if out is None:
-            out = np.empty((slab.shape[1],) + image.shape, np.float32)
-        out[:, a:a + slab.shape[2]] = slab[0].cpu().numpy()
+    with c_heap(device, "reuse"):
+        x = _padded_input(image, roi, device)
+        for a, slab in _window_slabs(model, x, image.shape, roi, overlap, batch_size or default_batch(device)):
+            if out is None:
+                out = np.empty((slab.shape[1],) + image.shape, np.float32)
+            out[:, a:a + slab.shape[2]] = slab[0].cpu().numpy()
     return out
 
 
@@ -272,9 +329,14 @@ def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=Non
     deviations, whatever m is.
     Returns {"variance": float, "entropy": float} (+ "variance_map" (X, Y, Z) float32 with return_map).
     """
+    device = next(model.parameters()).device
+    with c_heap(device, "reuse"):               # the sweep's buffers stay resident between windows
+        return _mc_scores(model, image, m, roi, overlap, batch_size, return_map, maps_mb, device)
+
+
+def _mc_scores(model, image, m, roi, overlap, batch_size, return_map, maps_mb, device):
     was_training = model.training
     enable_mc_dropout(model)
-    device = next(model.parameters()).device
     x = _padded_input(image, roi, device)
     X, Y, Z = image.shape
     batch_size = batch_size or default_batch(device)
@@ -395,18 +457,19 @@ def train_steps(model, optimizer, scaler, step_loss, data, steps, device, tag="t
     model.train()
     progress = Progress(tag, steps, log_every_s)
     total, wait, t0 = 0.0, 0.0, time.time()
-    for step in range(1, steps + 1):
-        t = time.time()
-        batch = next(data)
-        wait += time.time() - t
-        with autocast(device):
-            loss = step_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        total += loss.item()
-        progress.update(step, f"loss {total / step:.4f}")
+    with c_heap(device, "train"):               # keeps the activations out of the C heap
+        for step in range(1, steps + 1):
+            t = time.time()
+            batch = next(data)
+            wait += time.time() - t
+            with autocast(device):
+                loss = step_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.item()
+            progress.update(step, f"loss {total / step:.4f}")
     elapsed = max(time.time() - t0, 1e-9)
     return {"loss": total / max(steps, 1), "step_s": elapsed / max(steps, 1), "data_wait": wait / elapsed}
 

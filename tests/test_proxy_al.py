@@ -579,6 +579,97 @@ def test_train_proxy_real_validation_history():
                           seed=0, **kw)
     assert len(history) == 1 and history[0][0] == 1 and 0.0 <= history[0][1] <= 1.0
 
+# ----------------------------------------------------------------------------- the C heap
+
+
+class FakeLibc:
+    """Records mallopt and malloc_trim calls and keeps the thresholds they set."""
+
+    def __init__(self):
+        self.calls, self.thresholds = [], {}
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        self.thresholds[param] = value
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("trim", pad))
+        return 1
+
+    def now(self):
+        return self.thresholds.get(proxy_al._M_MMAP_THRESHOLD), self.thresholds.get(proxy_al._M_TRIM_THRESHOLD)
+
+
+def test_c_heap_sets_its_policy_and_restores_the_one_it_found(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(proxy_al, "_glibc", lambda: libc)
+    train, reuse = proxy_al.HEAP_POLICIES["train"], proxy_al.HEAP_POLICIES["reuse"]
+    assert train[0] <= 1 << 20 < 32 << 20 < reuse[0]        # small heap in training, everything kept in inference
+    with proxy_al.c_heap(CPU, "train"):
+        assert libc.now() == train
+        with pytest.raises(RuntimeError):
+            with proxy_al.c_heap("cpu", "reuse"):
+                assert libc.now() == reuse
+                raise RuntimeError("a failing sweep still restores the heap")
+        assert libc.now() == train and libc.calls[-1] == ("trim", 0)
+    assert libc.now() == proxy_al.GLIBC_STEADY == (32 << 20, 64 << 20)
+    assert libc.calls[-1] == ("trim", 0) and proxy_al._heap_policies == []
+
+
+def test_c_heap_leaves_cuda_and_other_c_libraries_alone(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(proxy_al, "_glibc", lambda: libc)
+    with proxy_al.c_heap(torch.device("cuda"), "reuse"):
+        assert proxy_al._heap_policies == []
+    monkeypatch.setattr(proxy_al, "_glibc", lambda: None)
+    with proxy_al.c_heap(CPU, "train"):
+        assert proxy_al._heap_policies == []
+    assert libc.calls == []
+
+
+def test_training_and_inference_run_under_their_heap_policies(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(proxy_al, "_glibc", lambda: libc)
+    net = tiny_unet(dropout=0.2)
+    seen = []
+    # on the decoder, which every pass calls (MC passes go through UNet.repeated_forward, not UNet.forward)
+    net.decoder.register_forward_pre_hook(lambda module, args: seen.append(libc.now()))
+    optimizer, scaler = make_optimizer(net, 1e-3, CPU)
+    train_steps(net, optimizer, scaler, supervised_loss, itertools.repeat(fixed_batch(batch_size=1)), 2, CPU)
+    assert seen == [proxy_al.HEAP_POLICIES["train"]] * 2
+    image = np.random.default_rng(0).random((20, 17, 33), dtype=np.float32)
+    seen.clear()
+    mc_scores(net, image, m=3, roi=ROI)
+    assert len(seen) > 3 and set(seen) == {proxy_al.HEAP_POLICIES["reuse"]}
+    seen.clear()
+    sliding_window_predict(net.eval(), image, ROI)
+    assert len(seen) > 1 and set(seen) == {proxy_al.HEAP_POLICIES["reuse"]}
+    assert libc.now() == proxy_al.GLIBC_STEADY and proxy_al._heap_policies == []
+
+
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(proxy_al._glibc() is None or not Path("/proc/self/status").exists(),
+                    reason="needs glibc and /proc")
+def test_c_heap_reuse_keeps_freed_buffers_resident_until_it_ends():
+    """With the real C library: a freed 96 MB buffer stays resident under "reuse" (glibc would otherwise map
+    and unmap it), and leaving the block hands it back."""
+    with proxy_al.c_heap(CPU, "reuse"):
+        base = _rss_mb()
+        buffer = torch.ones(24 << 20)                   # 96 MB, touched
+        held = _rss_mb()
+        del buffer
+        kept = _rss_mb()
+    after = _rss_mb()
+    assert held - base > 80
+    assert kept > held - 10                             # still resident after the free
+    assert kept - after > 80                            # malloc_trim handed it back
+
+
 # ----------------------------------------------------------------------------- devices and progress
 
 
