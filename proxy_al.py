@@ -113,13 +113,15 @@ def pseudo_label(image_hu, hu_band=(100, 150), case_id="case"):
 # fragmented afterwards, and later inference wanders through its holes: MC scoring of the full-size bench case
 # peaked at 1.2 GB of extra memory after training against 0.75 GB in a fresh process. So, for the duration of a
 # call, with mallopt (Linux with glibc; a no-op elsewhere and on CUDA):
-#   "train": threshold 1 MB, so a step's activations are mapped and handed back and the heap stays small;
+#   "train": threshold 4 MB, so a step's large activations (a 96^3 batch of 2 has them down to 7 MB) are mapped
+#            and handed back and the heap stays small. Not lower: at 1 MB the small-patch demo trained 20-60 %
+#            slower, faulting in its 2 MB activations afresh at every step;
 #   "reuse": threshold 256 MB, trim threshold 2 GB, so an inference sweep's buffers, the 56 MB activations of a
 #            96^3 window included, stay resident and the next window reuses them without page faults.
 # Each call ends by restoring the policy it found (glibc's own 32 MB / 64 MB values at the outermost level,
 # which also ends glibc's automatic threshold) and handing free heap pages back (malloc_trim).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # mallopt parameters, <malloc.h>
-HEAP_POLICIES = {"train": (1 << 20, 2 << 20), "reuse": (256 << 20, 2 << 30)}   # (mmap, trim threshold), bytes
+HEAP_POLICIES = {"train": (4 << 20, 64 << 20), "reuse": (256 << 20, 2 << 30)}   # (mmap, trim threshold), bytes
 GLIBC_STEADY = (32 << 20, 64 << 20)                    # glibc's thresholds once the automatic one has climbed
 _heap_policies = []                                    # the policies in force, innermost last
 
