@@ -659,6 +659,7 @@ def test_c_heap_reuse_keeps_freed_buffers_resident_until_it_ends():
     """With the real C library: a freed 96 MB buffer stays resident under "reuse" (glibc would otherwise map
     and unmap it), and leaving the block hands it back."""
     with proxy_al.c_heap(CPU, "reuse"):
+        proxy_al._glibc().malloc_trim(0)                # earlier tests may have left free, resident heap pages
         base = _rss_mb()
         buffer = torch.ones(24 << 20)                   # 96 MB, touched
         held = _rss_mb()
