@@ -3,13 +3,11 @@ noisy labels, and the training steps (proxy, supervised, semi-supervised).
 
 Arrays called `image` are windowed to [0, 1] (data.window); `image_hu` are Hounsfield units.
 """
-import ctypes
-import functools
+import itertools
 import math
-import os
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -75,9 +73,8 @@ def auto_hu_band(image_hu, width_hu=50.0):
     Rule: the centre is the 75th percentile of the voxels in [0, 200] HU (soft tissue and contrast-
     enhanced organs; fat, air and most bone excluded). The liver is the largest solid organ and among the
     brightest soft tissues in every phase, so it sits in the upper part of that distribution, while the
-    plain histogram peak is usually muscle and bowel (on the unenhanced real case in shared/data the peak
-    is near 20 HU and the liver near 46). Measured Dice of the resulting pseudo label against the liver:
-    0.38 and 0.75 on the two real cases (paper band: 0.00 and 0.48), 0.80-0.88 on phantoms.
+    plain histogram peak is usually muscle and bowel (on an unenhanced scan the peak can sit near 20 HU
+    with the liver near 46). docs/method.md lists its pseudo-label Dice on real scans.
     """
     values = np.asarray(image_hu)[::2, ::2, ::2]
     values = values[(values >= 0) & (values <= 200)]
@@ -105,61 +102,6 @@ def pseudo_label(image_hu, hu_band=(100, 150), case_id="case"):
     sizes[0] = 0
     return (components == sizes.argmax()).astype(np.uint8)
 
-# ----------------------------------------------------------------------------- the C heap (CPU, glibc)
-# On the CPU torch takes its buffers from the C library's malloc. glibc maps fresh pages from the OS for a
-# request above its mmap threshold (which climbs by itself to 32 MB) and returns them on free, so the next such
-# request faults them in again; smaller requests come from a heap that keeps what it is given, holes and all.
-# Left alone, a CPU training step (gigabytes of activations) grows the heap to about 1 GB that is free but
-# fragmented afterwards, and later inference wanders through its holes: MC scoring of the full-size bench case
-# peaked at 1.2 GB of extra memory after training against 0.75 GB in a fresh process. So, for the duration of a
-# call, with mallopt (Linux with glibc; a no-op elsewhere and on CUDA):
-#   "train": threshold 4 MB, so a step's large activations (a 96^3 batch of 2 has them down to 7 MB) are mapped
-#            and handed back and the heap stays small. Not lower: at 1 MB the small-patch demo trained 20-60 %
-#            slower, faulting in its 2 MB activations afresh at every step;
-#   "reuse": threshold 256 MB, trim threshold 2 GB, so an inference sweep's buffers, the 56 MB activations of a
-#            96^3 window included, stay resident and the next window reuses them without page faults.
-# Each call ends by restoring the policy it found (glibc's own 32 MB / 64 MB values at the outermost level,
-# which also ends glibc's automatic threshold) and handing free heap pages back (malloc_trim).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # mallopt parameters, <malloc.h>
-HEAP_POLICIES = {"train": (4 << 20, 64 << 20), "reuse": (256 << 20, 2 << 30)}   # (mmap, trim threshold), bytes
-GLIBC_STEADY = (32 << 20, 64 << 20)                    # glibc's thresholds once the automatic one has climbed
-_heap_policies = []                                    # the policies in force, innermost last
-
-
-@functools.lru_cache(maxsize=None)
-def _glibc():
-    """The C library when it is glibc (it has mallopt and malloc_trim), else None."""
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return None
-        return ctypes.CDLL("libc.so.6")
-    except (AttributeError, ValueError, OSError):   # no confstr (Windows), unknown name, no libc.so.6
-        return None
-
-
-@contextmanager
-def c_heap(device, policy):
-    """Run a block under one of HEAP_POLICIES on the CPU with glibc (see above); nestable, single-threaded."""
-    libc = _glibc() if torch.device(device).type == "cpu" else None
-    if libc is None:
-        yield
-        return
-    before = _heap_policies[-1] if _heap_policies else GLIBC_STEADY
-    _heap_policies.append(HEAP_POLICIES[policy])
-    _set_heap(libc, HEAP_POLICIES[policy])
-    try:
-        yield
-    finally:
-        _heap_policies.pop()
-        _set_heap(libc, before)
-        libc.malloc_trim(0)
-
-
-def _set_heap(libc, thresholds):
-    mmap, trim = thresholds
-    libc.mallopt(_M_MMAP_THRESHOLD, mmap)
-    libc.mallopt(_M_TRIM_THRESHOLD, trim)
-
 # ----------------------------------------------------------------------------- inference
 
 
@@ -173,129 +115,42 @@ def window_starts(size, roi, overlap):
     return sorted(set(np.linspace(0, size - roi, n).round().astype(int).tolist()))
 
 
-def _padded_input(image, roi, device):
-    """(X, Y, Z) float32 -> (1, 1, X', Y', Z') tensor padded at the far end to at least `roi`."""
-    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32), device=device)
-    pad = [max(0, r - s) for s, r in zip(x.shape, roi)]
-    return F.pad(x[None, None], (0, pad[2], 0, pad[1], 0, pad[0])) if any(pad) else x[None, None]
-
-
-def _passes(model, crops, n):
-    """n forward passes of the same crops: UNet.repeated_forward shares the first block; any other model
-    is simply called n times."""
-    repeated = getattr(model, "repeated_forward", None)
-    return repeated(crops, n) if repeated is not None else (model(crops) for _ in range(n))
-
-
-@contextmanager
-def cpu_channels_last(model, device):
-    """Channels-last weights (stored N, D, H, W, C) for CPU inference, restored afterwards.
-
-    oneDNN's 3D convolutions run faster on that layout and the activations follow the weights' layout: one
-    MC pass of a 96^3 window went from 1.06 to 0.87 s (2-core EPYC, torch 2.13). Results are the same up to
-    float rounding. CUDA and CPU builds without oneDNN keep the model as it is.
-    """
-    convs = [p for p in model.parameters() if p.dim() == 5]
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available() or not convs \
-            or all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in convs):
-        yield
-        return
-    with torch.inference_mode(False):       # weights made under inference mode could not be trained later
-        model.to(memory_format=torch.channels_last_3d)
-    try:
-        yield
-    finally:
-        with torch.inference_mode(False):
-            model.to(memory_format=torch.contiguous_format)
-
-
-@torch.inference_mode()
-def _window_slabs(model, x, shape, roi, overlap, batch_size, passes=1, drop_last_class=False):
-    """Sliding-window softmax of x (1, 1, X', Y', Z'), the image of `shape` (X, Y, Z) padded, `passes` times,
-    yielded as final slabs along x.
-
-    Yields (x0, slab): slab (passes, C, w, Y, Z) holds voxels x0 .. x0 + w - 1 of the image (the padding cut
-    off), overlaps averaged (uniform weights). drop_last_class: keep classes 0 .. C - 2 only (the last is one
-    minus their sum, and averaging keeps that true). Windows run in order of their x start; once every window
-    starting at one x is done, no later window reaches below the next start, so that part is final. Only a
-    band one window deep (C, or C - 1, x roi x Y' x Z' per pass) is ever held, whatever X' is. Pass j of a
-    window goes into map j; a window's passes follow each other (one stem); a forward batches up to
-    batch_size windows of the same x start. The slab is a view into the band: use it before asking for the
-    next one. On the CPU the sweep runs with channels-last weights (cpu_channels_last).
-    """
-    size = x.shape[2:]
-    starts = [window_starts(s, r, overlap) for s, r in zip(size, roi)]
-    # the windows form a grid, so a voxel's window count is the product of its counts along each axis
-    counts = []
-    for axis_starts, n, r in zip(starts, size, roi):
-        count = torch.zeros(n, device=x.device)
-        for a in axis_starts:
-            count[a:a + r] += 1
-        counts.append(count)
-    yz_count = counts[1][:, None] * counts[2][None, :]
-    depth = roi[0]                                     # _padded_input makes X' >= roi
-    corners = [(b, c) for b in starts[1] for c in starts[2]]          # one row of windows, any x start
-    band = None
-    x_starts = starts[0] + [size[0]]
-    with cpu_channels_last(model, x.device):          # for the whole sweep; restored when it ends
-        for a, a_next in zip(x_starts, x_starts[1:]):
-            for i in range(0, len(corners), batch_size):
-                band = _add_windows(model, x, a, corners[i:i + batch_size], roi, passes, band, drop_last_class)
-            final = a_next - a                         # voxels a .. a_next - 1 see no later window
-            band[:, :, :final].div_(counts[0][a:a + final, None, None] * yz_count)
-            yield a, band[:, :, :min(final, shape[0] - a), :shape[1], :shape[2]]
-            keep = depth - final                       # carry the overlap with the next row of windows,
-            for i in range(0, keep, final):            # in pieces that do not overlap (no band-sized copy)
-                j = min(i + final, keep)
-                band[:, :, i:j] = band[:, :, i + final:j + final]
-            band[:, :, keep:] = 0
-
-
-def _add_windows(model, x, a, corners, roi, passes, band, drop_last_class=False):
-    """Add the softmax of `passes` forward passes of the windows at x start a and (y, z) `corners`, batched,
-    into band (passes, C, roi[0], Y', Z'), pass j into map j (C - 1 classes with drop_last_class). Creates the
-    band on the first call; returns it."""
-    crops = torch.cat([x[..., a:a + roi[0], b:b + roi[1], c:c + roi[2]] for b, c in corners])  # (n, 1, *roi)
-    with autocast(x.device):
-        for j, logits in enumerate(_passes(model, crops, passes)):
-            probs = logits.float().softmax(1)                                                  # (n, C, *roi)
-            if drop_last_class:
-                probs = probs[:, :-1]
-            if band is None:
-                band = torch.zeros((passes, probs.shape[1], roi[0]) + tuple(x.shape[3:]), device=x.device)
-            for p, (b, c) in zip(probs, corners):
-                band[j, :, :, b:b + roi[1], c:c + roi[2]] += p
-    return band
-
-
 def default_batch(device):
-    """Windows per forward pass: 4 on CUDA; 1 on the CPU, where batching gains nothing and costs memory
-    (bench machine, one row of the full-size case's windows, m = 5: 36 / 35 / 35 s and 611 / 932 / 1496 MB
-    extra at batch 1 / 2 / 4)."""
+    """Forward passes per batch: 4 on CUDA; 1 on the CPU, where a bigger batch is no faster and costs memory."""
     return 4 if device.type == "cuda" else 1
 
 
-def default_maps_mb(device):
-    """Memory for the pass maps of one MC sweep: 2 GB on CUDA; 128 MB on the CPU, which lets the full-size
-    bench case (273 x 273 x 120, 3 classes, 2 of them kept: a 25 MB band per pass) run 5 passes per sweep:
-    751 MB of extra memory for m = 10 in a fresh process on the bench machine (2-core CPU). Earlier, one row
-    of its windows (96 x 273 x 120, m = 5, all 3 classes kept): 37 s and 607 MB with 5 passes per sweep,
-    against 53 s and 497 MB with one (no shared stem)."""
-    return 2048 if device.type == "cuda" else 128
-
-
-def passes_per_sweep(model, padded_shape, m, maps_mb=None, roi=(96, 96, 96)):
-    """MC passes each window runs in a row: as many pass maps as fit in maps_mb (None -> default_maps_mb),
-    at least 1, at most m; 1 for a model without repeated_forward. A pass map is one band of the sliding
-    window (_window_slabs): C - 1 classes (mc_scores derives the last) x min(roi, X') x Y' x Z' float32 for
-    the padded volume (X', Y', Z')."""
-    if not hasattr(model, "repeated_forward"):
-        return 1
-    maps_mb = default_maps_mb(next(model.parameters()).device) if maps_mb is None else maps_mb
-    band = (min(roi[0], padded_shape[0]),) + tuple(padded_shape[1:])
-    kept = max(getattr(model, "out_channels", 2) - 1, 1)
-    map_mb = kept * math.prod(band) * 4 / 2**20
-    return max(1, min(m, int(maps_mb // map_mb)))
+@torch.inference_mode()
+def sliding_window(model, image, roi=(96, 96, 96), overlap=0.25, passes=1, batch_size=None):
+    """Softmax of `passes` forward passes over evenly spaced windows, overlaps averaged (uniform weights).
+    image: (X, Y, Z) float32 in [0, 1]. The model runs in whatever mode it is in (eval: deterministic;
+    enable_mc_dropout: each pass draws its own dropout masks). A batch holds up to batch_size (window, pass)
+    pairs, the passes of a window next to each other; on CUDA it runs under autocast.
+    Returns probs (passes, C, X, Y, Z) float32 on the model's device. Memory: passes x C full-volume maps
+    of the padded image plus one count volume.
+    """
+    device = next(model.parameters()).device
+    batch_size = batch_size or default_batch(device)
+    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32), device=device)
+    pad = [max(0, r - s) for s, r in zip(x.shape, roi)]                     # at least one window per axis
+    x = F.pad(x[None, None], (0, pad[2], 0, pad[1], 0, pad[0]))             # (1, 1, X', Y', Z')
+    boxes = [tuple(slice(a, a + r) for a, r in zip(corner, roi))
+             for corner in itertools.product(*(window_starts(s, r, overlap) for s, r in zip(x.shape[2:], roi)))]
+    todo = [(box, j) for box in boxes for j in range(passes)]
+    out, count = None, torch.zeros(x.shape[2:], device=device)
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        crops = torch.cat([x[(..., *box)] for box, _ in chunk])            # (n, 1, *roi)
+        with autocast(device):
+            probs = model(crops).float().softmax(1)                         # (n, C, *roi)
+        if out is None:
+            out = torch.zeros((passes, probs.shape[1]) + x.shape[2:], device=device)
+        for p, (box, j) in zip(probs, chunk):
+            out[(j, slice(None), *box)] += p
+    for box in boxes:
+        count[box] += 1
+    X, Y, Z = image.shape
+    return out.div_(count)[..., :X, :Y, :Z]
 
 
 def sliding_window_predict(model, image, roi=(96, 96, 96), overlap=0.25, batch_size=None):
@@ -303,86 +158,67 @@ def sliding_window_predict(model, image, roi=(96, 96, 96), overlap=0.25, batch_s
 
     Uses the model in whatever mode it is in (call model.eval() for a deterministic result).
     """
-    device = next(model.parameters()).device
-    out = None
-    with c_heap(device, "reuse"):
-        x = _padded_input(image, roi, device)
-        for a, slab in _window_slabs(model, x, image.shape, roi, overlap, batch_size or default_batch(device)):
-            if out is None:
-                out = np.empty((slab.shape[1],) + image.shape, np.float32)
-            out[:, a:a + slab.shape[2]] = slab[0].cpu().numpy()
-    return out
+    return sliding_window(model, image, roi, overlap, 1, batch_size)[0].cpu().numpy()
+
+
+def n_windows(shape, roi=(96, 96, 96), overlap=0.25):
+    """Number of sliding windows over a volume of `shape` (after padding to at least `roi`)."""
+    return math.prod(len(window_starts(max(s, r), r, overlap)) for s, r in zip(shape, roi))
 
 
 @torch.inference_mode()
-def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=None, return_map=False, maps_mb=None):
-    """MC-dropout uncertainty of one volume under `model` (DESIGN.md "scores").
-
-    m stochastic passes (dropout on, norms in eval mode), each a full sliding-window prediction.
+def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=None, return_map=False):
+    """MC-dropout uncertainty of one volume under `model` (paper sec. 3.1).
+    m stochastic passes (dropout on, norms in eval mode), each a full sliding-window prediction p_k.
     variance: per-voxel variance over the passes of the softmax (population variance, ddof 0),
               summed over classes, mean over voxels.
     entropy:  entropy (nats) of the mean softmax, summed over classes, mean over voxels.
-    The passes run in sweeps over the windows; in one sweep each window runs as many passes in a row as
-    pass maps fit in `maps_mb` megabytes (passes_per_sweep), all sharing its first block
-    (UNet.repeated_forward). Each sweep hands over its passes slab by slab along x (_window_slabs), and a
-    running mean and sum of squared deviations per voxel (Welford) take them in pass order. The softmax sums
-    to one, so the last class is never stored: its deviations are minus the sum of the others'. Memory is
-    one window-deep band of C - 1 classes per pass, plus the mean (C - 1 volumes) and one volume of squared
-    deviations, whatever m is.
-    Returns {"variance": float, "entropy": float} (+ "variance_map" (X, Y, Z) float32 with return_map).
+    bald:     mutual information: entropy of the mean softmax minus the mean over passes of each pass's
+              entropy, mean over voxels (Houlsby et al. 2011; not in the paper).
+    A running mean and sum of squared deviations per voxel (Welford) take the passes one by one (no
+    cancellation; m does not change the memory). A sweep over the windows runs as many passes as fill one
+    batch (batch_size // windows, at least 1: one on the CPU, where the batch is one window).
+    Memory on the model's device, in float32 volumes of the image's size: the sweep's pass maps (C each),
+    the mean and one delta (C each), the variance and entropy sums and the window counts (1 each). For a
+    340 x 340 x 740 volume (342 MB each) with 2 classes and one pass per sweep that is about 3.4 GB.
+    Returns {"variance", "entropy", "bald"} floats (+ "variance_map" (X, Y, Z) float32 numpy with return_map).
     """
+    if m < 1:
+        raise ValueError(f"mc_scores: m = {m} passes; MC dropout needs at least 1 (paper: 10)")
     device = next(model.parameters()).device
-    with c_heap(device, "reuse"):               # the sweep's buffers stay resident between windows
-        return _mc_scores(model, image, m, roi, overlap, batch_size, return_map, maps_mb, device)
-
-
-def _mc_scores(model, image, m, roi, overlap, batch_size, return_map, maps_mb, device):
-    was_training = model.training
-    enable_mc_dropout(model)
-    x = _padded_input(image, roi, device)
-    X, Y, Z = image.shape
     batch_size = batch_size or default_batch(device)
-    per_sweep = passes_per_sweep(model, x.shape[2:], m, maps_mb, roi)
-    mean = m2 = None
+    per_sweep = max(1, batch_size // n_windows(image.shape, roi, overlap))
+    modes = [(module, module.training) for module in model.modules()]
+    enable_mc_dropout(model)
+    mean = m2 = pass_entropy = None
+    k = 0
     try:
-        for k0 in range(0, m, per_sweep):
-            for a, slab in _window_slabs(model, x, image.shape, roi, overlap, batch_size, min(per_sweep, m - k0),
-                                         drop_last_class=True):
-                w = slab.shape[2]
+        for first in range(0, m, per_sweep):
+            for p in sliding_window(model, image, roi, overlap, min(per_sweep, m - first), batch_size):
+                k += 1                                                      # p: (C, X, Y, Z), pass k
                 if mean is None:
-                    mean = torch.zeros((slab.shape[1], X, Y, Z), device=device)    # classes 0 .. C - 2
-                    m2 = torch.zeros((X, Y, Z), device=device)                      # summed over all classes
-                for k, p in enumerate(slab, start=k0 + 1):
-                    # Welford's update: sum(p^2)/m - mean^2 in float32 leaves ~1e-8 of cancellation noise even
-                    # when every pass is identical; this form gives exactly 0 then and stays accurate. Only the
-                    # class sum of the squared deviations is needed. Slabs of 8 keep the temporaries small.
-                    for s in _slabs(w):
-                        mu = mean[:, a:a + w][:, s]
-                        delta = p[:, s] - mu                                        # p - old mean
-                        mu.add_(delta, alpha=1.0 / k)
-                        after = p[:, s].sub_(mu)                                    # p - new mean
-                        acc = m2[a:a + w][s]
-                        # the last class: both differences are minus the sums of the other classes'
-                        acc.add_(delta.sum(0).mul_(after.sum(0)))
-                        acc.add_(delta.mul_(after).sum(0))
+                    mean, m2, pass_entropy = torch.zeros_like(p), torch.zeros_like(p[0]), torch.zeros_like(p[0])
+                pass_entropy += _entropy(p)
+                delta = p - mean                                            # p - old mean
+                mean.add_(delta, alpha=1.0 / k)
+                m2 += delta.mul_(p.sub_(mean)).sum(0)                       # (p - old mean)(p - new mean)
     finally:
-        model.train(was_training)
-    var_map = m2.div_(m)                                                   # (X, Y, Z), population variance
-    entropy = -sum(_sum_plogp(mean[:, s]) + _sum_plogp((1 - mean[:, s].sum(0)).clamp_(min=0))   # last class
-                   for s in _slabs(X))
-    out = {"variance": var_map.mean().item(), "entropy": entropy / var_map.numel()}
+        for module, training in modes:                                      # the caller's modes, layer by layer
+            module.training = training
+    var_map = m2.div_(m)                                                    # (X, Y, Z), summed over classes
+    entropy_map = _entropy(mean)
+    out = {"variance": var_map.mean(dtype=torch.float64).item(),
+           "entropy": entropy_map.mean(dtype=torch.float64).item(),
+           "bald": entropy_map.sub_(pass_entropy.div_(m)).mean(dtype=torch.float64).item()}
     if return_map:
         out["variance_map"] = var_map.cpu().numpy()
     return out
 
 
-def _slabs(n, width=8):
-    return [slice(i, i + width) for i in range(0, n, width)]
-
-
-def _sum_plogp(q):
-    """Sum of q log q over a probability tensor (0 log 0 = 0), in float64."""
-    return (q * q.clamp(min=1e-12).log()).sum(dtype=torch.float64).item()
+def _entropy(probs):
+    """Entropy in nats over the class axis of probs (C, *S), 0 log 0 = 0. Returns (*S).
+    Class by class, so the temporaries are single volumes."""
+    return -sum(q * q.clamp(min=1e-12).log() for q in probs)
 
 
 def noisy_label(probs, tau=0.9):
@@ -398,11 +234,9 @@ def noisy_label(probs, tau=0.9):
 
 class PatchStream(torch.utils.data.IterableDataset):
     """Endless foreground-balanced training patches, made in DataLoader workers off the training thread.
-
-    volumes: list of (image_hu (X, Y, Z), label (X, Y, Z) uint8, fg_index) from data.cached_case /
-    data.foreground_index. two_views=False yields (image (1, *P) float32, label (1, *P) int64), intensity-
-    augmented; two_views=True yields (view1 clean, view2 intensity-augmented) of the same patch (the
-    semi-supervised consistency pair; the label only steers where patches are centred).
+    volumes: list of (image_hu (X, Y, Z), label (X, Y, Z) uint8, data.foreground_index of the label).
+    Yields (image (1, *P) float32 intensity-augmented, label (1, *P) int64), or with two_views (view 1 clean,
+    view 2 intensity-augmented) of one patch: the semi-supervised pair (the label only steers the centre).
     """
 
     def __init__(self, volumes, patch_vox, fg_fraction, window_hu, seed, two_views=False):
@@ -438,6 +272,17 @@ def make_optimizer(model, lr, device):
     return torch.optim.Adam(model.parameters(), lr=lr), torch.amp.GradScaler(device.type, enabled=needs_scaler(device))
 
 
+def lr_schedule(optimizer, steps, warmup_steps=0, cosine=False):
+    """Learning-rate factor per step: a linear warm-up over warmup_steps, then constant (the paper) or a
+    cosine decay that reaches 0 after `steps` (a short run then ends converged, not mid-training)."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = min(1.0, (step - warmup_steps + 1) / max(1, steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * done)) if cosine else 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def supervised_loss(model, batch):
     image, label = batch                                                  # (B, 1, *P), (B, 1, *P)
     return dice_ce_loss(model(image), label)
@@ -451,27 +296,29 @@ def semi_loss(model, batch, alpha=1.0, beta=1e-3):
     return alpha * supervised_loss(model, sup_batch) + beta * dice_ce_loss(model(view2), target)
 
 
-def train_steps(model, optimizer, scaler, step_loss, data, steps, device, tag="train", log_every_s=10.0):
-    """Run `steps` optimiser steps of `step_loss(model, next(data))`.
+def train_steps(model, optimizer, scaler, step_loss, data, steps, device, tag="train", log_every_s=10.0,
+                schedule=None):
+    """Run `steps` optimiser steps of `step_loss(model, next(data))`, stepping the lr `schedule` if given.
 
     Returns {"loss": mean loss, "step_s": seconds per step, "data_wait": share of time spent waiting for data}.
     """
     model.train()
     progress = Progress(tag, steps, log_every_s)
     total, wait, t0 = 0.0, 0.0, time.time()
-    with c_heap(device, "train"):               # keeps the activations out of the C heap
-        for step in range(1, steps + 1):
-            t = time.time()
-            batch = next(data)
-            wait += time.time() - t
-            with autocast(device):
-                loss = step_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += loss.item()
-            progress.update(step, f"loss {total / step:.4f}")
+    for step in range(1, steps + 1):
+        t = time.time()
+        batch = next(data)
+        wait += time.time() - t
+        with autocast(device):
+            loss = step_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if schedule is not None:
+            schedule.step()
+        total += loss.item()
+        progress.update(step, f"loss {total / step:.4f}")
     elapsed = max(time.time() - t0, 1e-9)
     return {"loss": total / max(steps, 1), "step_s": elapsed / max(steps, 1), "data_wait": wait / elapsed}
 
@@ -490,20 +337,20 @@ def evaluate(model, cases, num_classes, roi, overlap=0.25, batch_size=None):
 
 
 def train_proxy(model, volumes, val_cases, epochs, val_every, steps_per_epoch, device, seed, *,
-                patch_vox, batch_size, window_hu, lr, workers, roi, fg_fraction=0.5):
+                patch_vox, batch_size, window_hu, lr, workers, roi, fg_fraction=0.5, warmup_steps=0, cosine=False):
     """Proxy model on pseudo labels (Algorithm 1 line 2): `epochs` epochs, validation Dice on the validation
     cases' pseudo labels every `val_every` epochs, the best weights kept (paper: 100 epochs, every 5).
-
-    val_cases: a function returning an iterable of (image, pseudo label) pairs, or None.
-    Returns the validation history [(epoch, dice)]; the model ends with its best weights.
+    val_cases: a function returning an iterable of (image, pseudo label) pairs, or None. warmup_steps,
+    cosine: the lr schedule over all epochs. Returns [(epoch, dice)]; the model ends with its best weights.
     """
     optimizer, scaler = make_optimizer(model, lr, device)
+    schedule = lr_schedule(optimizer, epochs * steps_per_epoch, warmup_steps, cosine)
     data = batches(PatchStream(volumes, patch_vox, fg_fraction, window_hu, seed), batch_size, workers, device)
     best, best_state, history = -1.0, None, []
     for epoch in range(0, epochs, val_every):
         chunk = min(val_every, epochs - epoch)
         train_steps(model, optimizer, scaler, supervised_loss, data, chunk * steps_per_epoch, device,
-                    tag=f"proxy epochs {epoch + 1}-{epoch + chunk}/{epochs}")
+                    tag=f"proxy epochs {epoch + 1}-{epoch + chunk}/{epochs}", schedule=schedule)
         if val_cases is None:  # nothing to validate on: keep the last weights
             best_state = model.state_dict()
             continue

@@ -1,28 +1,48 @@
-import multiprocessing
-import os
+"""Tests for unet.py (shapes, MC dropout, backbone loading) and losses.py (DiceCE, hard Dice)."""
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
 from losses import dice_ce_loss, dice_per_class
-from unet import InstanceNorm, MCDropout, UNet, dropout_cpu_, enable_mc_dropout, load_backbone
+from unet import UNet, enable_mc_dropout, load_backbone
 
 SMALL = (4, 8, 8, 8, 8)  # five levels, tiny widths: fast on the CPU
 
 
-def test_unet_output_shape_odd_multiple_of_16():
+@pytest.mark.parametrize("shape", [(16, 32, 48), (48, 16, 16), (16, 48, 32)])
+def test_unet_output_shape_odd_multiple_of_16(shape):
     net = UNet(channels=SMALL, out_channels=3)
-    x = torch.randn(2, 1, 16, 32, 48)
-    assert net(x).shape == (2, 3, 16, 32, 48)
+    x = torch.randn((2, 1) + shape)
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == (2, 3) + shape and y.dtype == torch.float32 and torch.isfinite(y).all()
 
 
-def test_unet_rejects_sides_not_multiple_of_16():
+def test_unet_divisor_follows_the_number_of_levels():
+    assert UNet(channels=SMALL).divisor == 16
+    three = UNet(channels=(4, 8, 8), out_channels=2)
+    assert three.divisor == 4
+    with torch.no_grad():
+        assert three(torch.randn(1, 1, 4, 8, 12)).shape == (1, 2, 4, 8, 12)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        three(torch.randn(1, 1, 6, 8, 8))
+
+
+@pytest.mark.parametrize("shape", [(17, 16, 32), (16, 24, 32), (32, 32, 33)])
+def test_unet_rejects_sides_not_multiple_of_16(shape):
     with pytest.raises(ValueError, match="multiples of 16"):
-        UNet(channels=SMALL)(torch.randn(1, 1, 17, 16, 16))
+        UNet(channels=SMALL)(torch.randn((1, 1) + shape))
+
+
+def test_unet_rejects_the_too_small_input():
+    net = UNet(channels=SMALL)
     with pytest.raises(ValueError, match="too small"):
-        UNet(channels=SMALL)(torch.randn(1, 1, 16, 16, 16))
+        net(torch.randn(1, 1, 16, 16, 16))
+    with torch.no_grad():                               # one side above 16 is enough
+        assert net(torch.randn(1, 1, 16, 16, 32)).shape == (1, 2, 16, 16, 32)
 
 
 def test_mc_dropout_varies_eval_does_not():
@@ -33,140 +53,105 @@ def test_mc_dropout_varies_eval_does_not():
         net.eval()
         a, b = net(x), net(x)
         assert torch.equal(a, b)
-        enable_mc_dropout(net)
+        assert enable_mc_dropout(net) is net
         c, d = net(x), net(x)
     assert not torch.allclose(c, d)
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
-    drops = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    norms = [m for m in net.modules() if isinstance(m, nn.InstanceNorm3d)]
+    drops = [m for m in net.modules() if isinstance(m, nn.Dropout)]
     assert len(drops) == 9  # end of every level: 5 encoder + 4 decoder
+    assert all(m.p == 0.2 for m in drops)
+    assert len(norms) > 0 and all(m.affine for m in norms)
     assert all(not m.training for m in norms) and all(m.training for m in drops)
+    assert not net.training
+    assert all(not m.training for m in net.modules() if not isinstance(m, nn.Dropout))
+    net.eval()                                          # eval again: deterministic again
+    with torch.no_grad():
+        assert torch.equal(net(x), a)
 
 
-def test_repeated_forward_equals_repeated_calls_random_stream_included():
-    """MC passes share the first block: same logits as n plain calls from the same seed, pass by pass."""
+def test_mc_dropout_seeded_passes_repeat():
     torch.manual_seed(0)
     net = enable_mc_dropout(UNet(channels=SMALL, dropout=0.3))
-    x = torch.randn(2, 1, 16, 16, 32)
+    x = torch.randn(1, 1, 16, 32, 16)
     with torch.no_grad():
         torch.manual_seed(5)
-        shared = list(net.repeated_forward(x, 3))
+        a = net(x)
         torch.manual_seed(5)
-        plain = [net(x) for _ in range(3)]
-    assert len(shared) == 3 and not torch.allclose(shared[0], shared[1])
-    for a, b in zip(shared, plain):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="multiples of 16"):
-        next(net.repeated_forward(torch.randn(1, 1, 17, 16, 16), 2))
+        b = net(x)
+    assert torch.equal(a, b), "torch's seed fixes the dropout masks"
 
 
-# ----------------------------------------------------------------------------- CPU inference paths
-
-
-@pytest.mark.parametrize("shape", [(2, 5, 9, 7, 11), (1, 16, 17, 16, 18)])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
-def test_instance_norm_inference_path_matches_torch(shape, layout):
-    """With autograd off, InstanceNorm normalises in place; the result must be torch's instance norm."""
+def test_dropout_zero_mc_mode_is_deterministic():
     torch.manual_seed(0)
-    norm = InstanceNorm(shape[1], affine=True)
+    net = UNet(channels=SMALL, dropout=0.0)
+    x = torch.randn(1, 1, 32, 16, 16)
     with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.normal_()
-    x = (torch.randn(shape) * 3 + 2).contiguous(memory_format=layout)     # a mean far from 0
-    ref = F.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=norm.eps)
-    y = x.clone()
-    with torch.inference_mode():
-        out = norm(y)
-    assert out.data_ptr() == y.data_ptr(), "inference path works in place"
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
-    x.requires_grad_(True)                  # training: torch's op, differentiable, input untouched
-    out = norm(x)
-    out.square().sum().backward()
-    assert out.data_ptr() != x.data_ptr() and x.grad is not None
-    torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=2e-5)
+        a = net.eval()(x)
+        b = enable_mc_dropout(net)(x)
+    assert torch.equal(a, b)
 
 
-def test_cpu_dropout_law_seed_and_threads():
-    p, x = 0.3, torch.ones(3, 16, 33, 47, 21)          # 1.56 M elements: six random blocks, the last one short
-    torch.manual_seed(5)
-    a = dropout_cpu_(x.clone(), p)
-    torch.manual_seed(5)
-    b = dropout_cpu_(x.clone(), p)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(5)
-        c = dropout_cpu_(x.clone(), p)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(a, b) and torch.equal(a, c), "torch's seed fixes the mask, whatever the thread count"
-    kept = a != 0
-    assert torch.all(a[kept] == torch.tensor(1 / (1 - p)))
-    assert abs((~kept).float().mean().item() - p) < 0.002               # 5 standard deviations
-    flat = kept.view(-1)
-    assert not torch.equal(flat[:1000], flat[1 << 18:(1 << 18) + 1000]), "every block has its own stream"
-    torch.manual_seed(6)
-    assert not torch.equal(dropout_cpu_(x.clone(), p), a)
+def test_unet_trains_and_state_dict_names_are_stable():
+    torch.manual_seed(0)
+    net = UNet(channels=SMALL, dropout=0.1)
+    keys = set(net.state_dict())
+    for k in ("encoder.stages.0.0.conv1.weight", "encoder.stages.0.0.norm1.weight", "encoder.stages.1.0.skip.0.weight",
+              "decoder.ups.0.weight", "decoder.stages.3.0.conv2.weight", "decoder.head.weight", "decoder.head.bias"):
+        assert k in keys, k
+    assert not any("running_mean" in k for k in keys), "instance norms keep no running statistics"
+    x = torch.randn(2, 1, 16, 16, 32)
+    net(x).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
 
 
-def _drop_in_child(queue):
-    # numpy in and out: torch's own parallel ops can hang in a forked child once the parent used its threads
-    x = torch.from_numpy(np.ones((4, 1 << 18), np.float32))
-    queue.put(float((dropout_cpu_(x, 0.5).numpy() == 0).mean()))
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_cpu_dropout_works_in_a_forked_child():
-    """The thread pool made in the parent has no threads in a forked child: the child must make its own
-    instead of waiting forever."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        dropout_cpu_(torch.ones(4, 1 << 18), 0.5)                       # the parent's pool exists now
-        ctx = multiprocessing.get_context("fork")
-        queue = ctx.Queue()
-        child = ctx.Process(target=_drop_in_child, args=(queue,))
-        child.start()
-        child.join(30)
-        alive = child.is_alive()
-        if alive:
-            child.kill()
-    finally:
-        torch.set_num_threads(threads)
-    assert not alive and child.exitcode == 0
-    assert abs(queue.get(timeout=5) - 0.5) < 0.01
-
-
-def test_mc_dropout_copies_or_works_in_place_only_without_autograd():
-    drop = MCDropout(0.5)                               # a new module is in training mode: dropout on
-    x = torch.ones(2, 4, 8, 8, 8)
-    with torch.no_grad():
-        y = drop(x, inplace=False)
-        assert torch.equal(x, torch.ones_like(x)) and (y == 0).any() and (y == 2).any()
-        z = drop(x)
-        assert z.data_ptr() == x.data_ptr() and (x == 0).any()
-    w = torch.ones(2, 4, 8, 8, 8, requires_grad=True)    # autograd on: torch's dropout, input untouched
-    y = drop(w)
-    y.sum().backward()
-    assert torch.equal(w.detach(), torch.ones_like(w)) and torch.equal(w.grad, (y != 0).float() * 2)
-    drop.eval()
-    with torch.no_grad():
-        assert torch.equal(drop(torch.ones(3, 3)), torch.ones(3, 3))
+def test_unet_imports_no_numpy():
+    source = (Path(__file__).resolve().parents[1] / "unet.py").read_text()
+    assert "import numpy" not in source and "from numpy" not in source
 
 
 def test_head_replacement_keeps_backbone():
+    torch.manual_seed(0)
     proxy = UNet(channels=SMALL, out_channels=2)
+    torch.manual_seed(1)
     target = UNet(channels=SMALL, out_channels=3)
+    head_before = target.decoder.head.weight.detach().clone()
     skipped = load_backbone(target, proxy.state_dict())
     assert sorted(skipped) == ["decoder.head.bias", "decoder.head.weight"]
     for k, v in proxy.state_dict().items():
         if not k.startswith("decoder.head."):
             assert torch.equal(target.state_dict()[k], v), k
     assert target.decoder.head.weight.shape[0] == 3
+    assert torch.equal(target.decoder.head.weight, head_before), "the new head keeps its own weights"
+
+
+def test_head_from_proxy_starts_every_foreground_class_as_the_proxy_foreground():
+    torch.manual_seed(0)
+    proxy = UNet(channels=SMALL, out_channels=2).eval()
+    target = UNet(channels=SMALL, out_channels=3).eval()
+    load_backbone(target, proxy.state_dict(), head_from_proxy=True)
+    x = torch.randn(1, 1, 16, 16, 32)
+    with torch.no_grad():
+        p, t = proxy(x), target(x)
+    assert torch.allclose(t[:, 0], p[:, 0]) and torch.allclose(t[:, 1], p[:, 1]) and torch.allclose(t[:, 2], p[:, 1])
+    same = UNet(channels=SMALL, out_channels=2)
+    assert load_backbone(same, proxy.state_dict(), head_from_proxy=True) == []      # nothing to replace
+    assert torch.equal(same.decoder.head.weight, proxy.decoder.head.weight)
+
+
+def test_load_backbone_same_classes_loads_everything():
+    torch.manual_seed(0)
+    a = UNet(channels=SMALL, out_channels=2)
+    torch.manual_seed(1)
+    b = UNet(channels=SMALL, out_channels=2)
+    assert load_backbone(b, a.state_dict()) == []
+    assert all(torch.equal(b.state_dict()[k], v) for k, v in a.state_dict().items())
 
 
 def test_load_backbone_refuses_other_architecture():
     with pytest.raises(ValueError, match="beyond its head"):
         load_backbone(UNet(channels=SMALL), UNet(channels=(4, 8, 8, 8, 16)).state_dict())
+    with pytest.raises(ValueError, match="beyond its head"):            # a level fewer: missing keys
+        load_backbone(UNet(channels=SMALL), UNet(channels=(4, 8, 8, 8)).state_dict())
 
 
 def test_dice_ce_by_hand():
