@@ -1,17 +1,11 @@
-"""Data for proxy-ranked active learning on 3D CT: MSD folders, NIfTI I/O, resampling, cache, patches, phantom.
-
-Read top to bottom:
-  1. atomic file writes (used by every module that saves state)
-  2. the Medical Segmentation Decathlon (MSD) layout: dataset.json, imagesTr/, labelsTr/
-  3. NIfTI reading in RAS orientation (nibabel only here and in write_nifti)
-  4. resampling to the paper's 1.5 x 1.5 x 2.0 mm grid and HU windowing (pure numpy)
-  5. the preprocessed cache: int16 HU / uint8 labels as .npy, memory-mapped
-  6. foreground-balanced patch sampling and intensity augmentation
-  7. pool / validation split
-  8. the built-in phantom data set (synthetic contrast-enhanced abdominal CT in MSD layout)
+"""Data for proxy-ranked active learning on 3D CT, top to bottom: 1. atomic file writes, 2. the Medical
+Segmentation Decathlon (MSD) layout, 3. NIfTI reading in RAS (nibabel only there and in write_nifti),
+4. resampling and HU windowing (pure numpy), 5. the memory-mapped preprocessed cache, 6. foreground-balanced
+patches and intensity augmentation, 7. the pool / validation split.
 
 Arrays are (X, Y, Z) in RAS order: index X grows toward the patient's Right, Y toward Anterior, Z toward Superior.
 """
+import gzip
 import hashlib
 import json
 import os
@@ -22,33 +16,34 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
-# DESIGN.md "Paper settings": clip HU to these windows, then scale to [0, 1].
+# Paper settings: clip HU to these windows, then scale to [0, 1].
 TASK_WINDOWS_HU = {"Task03_Liver": (-21, 189), "Task08_HepaticVessel": (-3, 243)}
-# Other data sets: the paper's liver window, a soft-tissue abdominal window (DESIGN.md, Task03 row).
+# Other data sets: the paper's liver window, a soft-tissue abdominal window.
 DEFAULT_WINDOW_HU = (-21, 189)
-# DESIGN.md "splits": Task03 105 pool / 26 validation; Task08 242 pool / 61 validation.
+# Paper splits: Task03 105 pool / 26 validation; Task08 242 pool / 61 validation.
 PAPER_N_VAL = {"Task03_Liver": 26, "Task08_HepaticVessel": 61}
 # Names a task may go by: MSD folder name, or the "name" field of its dataset.json.
 _TASK_ALIASES = {"Task03_Liver": ("task03", "liver"), "Task08_HepaticVessel": ("task08", "hepaticvessel")}
 CACHE_VERSION = 1  # bump when the cached arrays change meaning; old entries then miss and are rebuilt
-PHANTOM_VERSION = 1  # bump when the phantom generator changes; existing phantom folders are then rewritten
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Atomic writes: write a temporary file in the same folder, then os.replace (atomic on POSIX and Windows).
 
 
-def _atomic_write(path, write_fn, suffix=""):
-    """Call write_fn(tmp_path) on a temporary file next to `path`, then move it onto `path` in one step."""
+def atomic_write(path, write_fn):
+    """Call write_fn(f) on an open binary file next to `path`, flush it to disk, then move it onto `path`
+    in one step: a reader sees the old file or the new one, never half of one. Returns the Path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; others sharing a data or cache folder must read them
     try:
-        write_fn(tmp)
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -59,12 +54,7 @@ def _atomic_write(path, write_fn, suffix=""):
 
 def atomic_write_bytes(path, data):
     """Write `data` (bytes) to `path` atomically. Returns the Path."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    return _atomic_write(path, write)
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path, obj):
@@ -73,27 +63,22 @@ def atomic_write_json(path, obj):
 
 
 def atomic_save_npy(path, array):
-    """Save `array` as .npy to `path` atomically (np.save to an open handle, so no '.npy' is appended)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-    return _atomic_write(path, write)
+    """Save `array` as .npy to `path` atomically."""
+    return atomic_write(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
 
 
 def write_nifti(path, array, affine):
     """Write array (X, Y, Z) with its 4x4 voxel-to-world affine (mm) as NIfTI atomically.
 
-    The temporary name keeps the '.nii.gz' ending so nibabel gzips it. qform and sform are both set
+    Gzipped when the name ends in .gz. qform and sform are both set
     (code 1, scanner), as most CT converters do. The array's dtype is stored as is (int16 HU, uint8 labels).
     """
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    ending = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
-    return _atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=ending)
+    raw = img.to_bytes()
+    return atomic_write_bytes(path, gzip.compress(raw, 6) if str(path).endswith(".gz") else raw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,18 +92,13 @@ def _natural_key(text):
 
 def _case_id(path):
     """Case id = file name without .nii.gz / .nii."""
-    name = Path(path).name
-    for ending in (".nii.gz", ".nii"):
-        if name.endswith(ending):
-            return name[: -len(ending)]
-    return name
+    return re.sub(r"\.nii(\.gz)?$", "", Path(path).name)
 
 
 def _load_dataset_json(json_path):
     """Parse dataset.json; errors name the file and the fix. Returns the dict."""
     try:
-        with open(json_path, encoding="utf-8") as f:
-            info = json.load(f)
+        info = json.loads(Path(json_path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{json_path}: not valid JSON ({e}); fix or delete the file "
                          "(without dataset.json, imagesTr/ and labelsTr/ are paired by file name)") from e
@@ -134,9 +114,8 @@ def _training_entries(info, json_path):
         raise ValueError(f"{json_path}: missing or malformed 'training' list; an MSD dataset.json has "
                          '"training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]')
     for i, entry in enumerate(entries):
-        ok = isinstance(entry, dict) and isinstance(entry.get("image"), str)
-        ok = ok and isinstance(entry.get("label", ""), (str, type(None)))
-        if not ok:
+        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str)
+                and isinstance(entry.get("label", ""), (str, type(None)))):
             raise ValueError(f"{json_path}: training entry {i} is {entry!r}; expected an object "
                              '{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}')
     if info.get("numTraining") not in (None, len(entries)):
@@ -168,18 +147,15 @@ def _cases_from_folders(root):
     images_dir = root / "imagesTr"
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir}: not found; expected an MSD folder with imagesTr/ "
-                                "(and labelsTr/ or dataset.json); make one with make_phantom_dataset(root, n)")
+                                "(and labelsTr/ or dataset.json); or make a demo one with phantom.make_phantom_dataset(root, n)")
     # Names starting with '.' are AppleDouble '._x' files (macOS tar) or our own unfinished temporary files.
     images = [p for p in images_dir.iterdir()
               if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith(".") and p.is_file()]
     if not images:
         raise ValueError(f"{images_dir}: no .nii.gz or .nii images; put the CT volumes there")
-    cases = []
-    for image in images:
-        label = root / "labelsTr" / image.name
-        cases.append({"id": _case_id(image), "image": str(image),
-                      "label": str(label) if label.is_file() else None})
-    return cases
+    labels = [root / "labelsTr" / image.name for image in images]
+    return [{"id": _case_id(image), "image": str(image), "label": str(label) if label.is_file() else None}
+            for image, label in zip(images, labels)]
 
 
 def read_msd(root):
@@ -192,7 +168,7 @@ def read_msd(root):
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data folder not found; pass an MSD task folder "
-                                "(with imagesTr/) or create one with make_phantom_dataset")
+                                "(with imagesTr/) or create a demo one with phantom.make_phantom_dataset")
     json_path = root / "dataset.json"
     cases = _cases_from_json(root, json_path) if json_path.is_file() else _cases_from_folders(root)
     ids = [c["id"] for c in cases]
@@ -227,10 +203,7 @@ def read_task_info(root):
 def _match_task(task_name):
     """'Task03_Liver' / 'Task08_HepaticVessel' if task_name names one of them, else None."""
     name = str(task_name).lower().replace(" ", "").replace("_", "")
-    for task, aliases in _TASK_ALIASES.items():
-        if any(alias in name for alias in aliases):
-            return task
-    return None
+    return next((task for task, aliases in _TASK_ALIASES.items() if any(a in name for a in aliases)), None)
 
 
 def task_window(task_name, override=None):
@@ -240,8 +213,7 @@ def task_window(task_name, override=None):
         if not hi_hu > lo_hu:
             raise ValueError(f"window override {override}: need lo_hu < hi_hu")
         return lo_hu, hi_hu
-    task = _match_task(task_name)
-    lo_hu, hi_hu = TASK_WINDOWS_HU[task] if task else DEFAULT_WINDOW_HU
+    lo_hu, hi_hu = TASK_WINDOWS_HU.get(_match_task(task_name), DEFAULT_WINDOW_HU)
     return float(lo_hu), float(hi_hu)
 
 
@@ -272,11 +244,8 @@ def _ras_geometry(img, path):
     if np.isnan(ornt).any():
         raise ValueError(f"{path}: degenerate affine (a zero-length voxel axis):\n{img.affine}")
     shape = tuple(int(s) for s in img.shape[:3])
-    ras_shape = [0, 0, 0]
-    for axis, (new_axis, _flip) in enumerate(ornt):
-        ras_shape[int(new_axis)] = shape[axis]
-    ras_affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, shape)
-    return ornt, tuple(ras_shape), ras_affine
+    ras_shape = tuple(shape[i] for i in np.argsort(ornt[:, 0]))       # file axis i becomes RAS axis ornt[i, 0]
+    return ornt, ras_shape, img.affine @ nib.orientations.inv_ornt_aff(ornt, shape)
 
 
 def _spacing_from_affine(affine):
@@ -307,10 +276,8 @@ def _read_nifti_ras(path):
 
 def _apply_scaling(volume, slope, inter):
     """volume * slope + inter in place (float32 volume); returns it."""
-    if slope != 1.0:
-        volume *= np.float32(slope)
-    if inter != 0.0:
-        volume += np.float32(inter)
+    volume *= np.float32(slope)
+    volume += np.float32(inter)
     return volume
 
 
@@ -340,11 +307,8 @@ def _read_label(path):
 
 
 def _read_image_resampled(path, spacing_mm):
-    """HU float32 (X, Y, Z) of an image file on the spacing_mm grid.
-
-    Resamples the raw voxels in their file order and applies slope / inter to the (smaller) result:
-    interpolation is linear, so this equals resampling the scaled volume.
-    """
+    """HU float32 (X, Y, Z) of an image file on the spacing_mm grid. Slope and inter are applied to the
+    (smaller) resampled volume: interpolation is linear, so this equals resampling the scaled one."""
     raw, slope, inter, native_mm = _read_nifti_ras(path)
     return _apply_scaling(resample_image(raw, native_mm, spacing_mm), slope, inter)
 
@@ -391,12 +355,9 @@ def _linear_axis(volume, axis, n_dst):
 
 
 def _in_memory_order(volume, spacing_mm, target_spacing_mm):
-    """View whose last axis is the fastest in memory, and the new shape in that axis order.
-
-    NIfTI stores X fastest (Fortran order); gathering whole rows of a C-ordered view is much faster than
-    gathering single elements, so such volumes are resampled as volume.T and transposed back.
-    Returns (view, new_shape of the view, transposed: bool).
-    """
+    """(view whose last axis is the fastest in memory, the new shape in its axis order, transposed: bool).
+    NIfTI stores X fastest; gathering whole rows is much faster than single elements, so such volumes are
+    resampled as volume.T and transposed back."""
     if volume.ndim != 3:
         raise ValueError(f"resampling needs a 3-D volume, got shape {volume.shape}")
     new_shape = _target_shape(volume.shape, spacing_mm, target_spacing_mm)
@@ -406,34 +367,33 @@ def _in_memory_order(volume, spacing_mm, target_spacing_mm):
     return volume, new_shape, False
 
 
-def resample_image(volume, spacing_mm, target_spacing_mm):
-    """Trilinear resampling of volume (X, Y, Z), any numeric dtype and memory order, to target_spacing_mm.
+def _nearest_axis(volume, axis, n_dst):
+    """Nearest-neighbour resampling along one axis: round(src) = floor((dst + 0.5) * n_src / n_dst)."""
+    n_src = volume.shape[axis]
+    index = np.minimum(np.floor((np.arange(n_dst) + 0.5) * (n_src / n_dst)).astype(np.int64), n_src - 1)
+    return np.take(volume, index, axis=axis)
 
-    Separable: three 1-D linear passes, shrinking axes first so later passes touch fewer voxels; only the
-    gathered rows are converted to float32. Returns float32 (X', Y', Z') C-contiguous with
-    X' = max(1, round(X * spacing / target)) and so on.
-    """
+
+def _resample(volume, spacing_mm, target_spacing_mm, along_axis, dtype):
+    """Separable resampling, one 1-D pass per axis, shrinking axes first so later passes touch fewer voxels."""
     work, new_shape, transposed = _in_memory_order(np.asanyarray(volume), spacing_mm, target_spacing_mm)
     for axis in np.argsort(np.asarray(new_shape) / np.asarray(work.shape), kind="stable"):
         if new_shape[axis] != work.shape[axis]:
-            work = _linear_axis(work, int(axis), new_shape[axis])
-    return np.ascontiguousarray(work.T if transposed else work, dtype=np.float32)
+            work = along_axis(work, int(axis), new_shape[axis])
+    return np.ascontiguousarray(work.T if transposed else work, dtype=dtype)
+
+
+def resample_image(volume, spacing_mm, target_spacing_mm):
+    """Trilinear resampling of volume (X, Y, Z), any numeric dtype and memory order, to target_spacing_mm.
+    Only the gathered rows are converted to float32. Returns float32 (X', Y', Z') C-contiguous with
+    X' = max(1, round(X * spacing / target)) and so on."""
+    return _resample(volume, spacing_mm, target_spacing_mm, _linear_axis, np.float32)
 
 
 def resample_label(label, spacing_mm, target_spacing_mm):
-    """Nearest-neighbour resampling of a label map (X, Y, Z); class values are kept exactly.
-
-    label: integer dtype with values 0..255, any memory order. Returns uint8 (X', Y', Z') C-contiguous,
-    on the same grid as resample_image gives for the same shape and spacings.
-    """
-    work, new_shape, transposed = _in_memory_order(np.asanyarray(label), spacing_mm, target_spacing_mm)
-    for axis in np.argsort(np.asarray(new_shape) / np.asarray(work.shape), kind="stable"):
-        n_src, n_dst = work.shape[axis], new_shape[axis]
-        if n_dst != n_src:
-            # nearest source voxel: round(src) = floor((dst + 0.5) * n_src / n_dst)
-            index = np.minimum(np.floor((np.arange(n_dst) + 0.5) * (n_src / n_dst)).astype(np.int64), n_src - 1)
-            work = np.take(work, index, axis=int(axis))
-    return np.ascontiguousarray(work.T if transposed else work, dtype=np.uint8)
+    """Nearest-neighbour resampling of a label map (X, Y, Z), values 0..255 kept exactly; uint8 (X', Y', Z')
+    on the same grid as resample_image gives for the same shape and spacings."""
+    return _resample(label, spacing_mm, target_spacing_mm, _nearest_axis, np.uint8)
 
 
 def window(image_hu, lo_hu, hi_hu):
@@ -454,11 +414,10 @@ def preprocess_case(image_path, label_path=None, spacing_mm=(1.5, 1.5, 2.0)):
     """
     if label_path is not None:
         _check_same_grid(image_path, label_path)
-    image_hu = _read_image_resampled(image_path, spacing_mm)
     if label_path is None:
-        return image_hu, None
+        return _read_image_resampled(image_path, spacing_mm), None
     label, label_mm = _read_label(label_path)
-    return image_hu, resample_label(label, label_mm, spacing_mm)
+    return _read_image_resampled(image_path, spacing_mm), resample_label(label, label_mm, spacing_mm)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,10 +457,8 @@ def _read_cache_entry(path, shape, dtype):
 def _store_cache_entry(path, array):
     """Save atomically, delete older entries of the same source file and spacing, return the memory map."""
     atomic_save_npy(path, array)
-    prefix = path.name.rsplit("_", 1)[0] + "_"
-    for old in path.parent.iterdir():
-        stale = old.name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{16}\.npy", old.name[len(prefix):])
-        if stale and old.name != path.name:
+    for old in path.parent.glob(path.name.rsplit("_", 1)[0] + "_" + "[0-9a-f]" * 16 + ".npy"):
+        if old.name != path.name:
             old.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
@@ -555,26 +512,17 @@ def cached_case(case, cache_dir, spacing_mm=(1.5, 1.5, 2.0), with_label=True, nu
 # random crop otherwise), and the paper's intensity augmentation.
 
 
-def foreground_index(label, num_classes=None, max_per_class=None):
+def foreground_index(label):
     """Flat voxel indices of each foreground class present in label (X, Y, Z) uint8.
 
     Returns {class: int32 or int64 (N,) indices into label.ravel()}, only classes with N > 0.
-    Compute once per case and pass to sample_patch. num_classes: values >= it raise ValueError.
-    max_per_class: keep an evenly strided subset (bounds memory for big organs; nnU-Net keeps 10,000).
+    Compute once per case and pass to sample_patch.
     """
     flat = np.asarray(label).ravel()
     where = np.flatnonzero(flat)
     values = flat[where]
-    if num_classes is not None and values.size and int(values.max()) >= num_classes:
-        raise ValueError(f"foreground_index: label value {int(values.max())} >= num_classes {num_classes}")
     index_dtype = np.int32 if flat.size < 2**31 else np.int64
-    index = {}
-    for c in np.unique(values):
-        voxels = where[values == c].astype(index_dtype)
-        if max_per_class and voxels.size > max_per_class:
-            voxels = voxels[:: int(np.ceil(voxels.size / max_per_class))]
-        index[int(c)] = voxels
-    return index
+    return {int(c): where[values == c].astype(index_dtype) for c in np.unique(values)}
 
 
 def _pick_centre(shape, label, fg_fraction, rng, fg_index):
@@ -678,8 +626,7 @@ def _resolve_n_val(n_val, n_cases):
 def _reload_split(path, case_ids):
     """Read a saved split and check it names only known cases, each once."""
     try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
         pool, val = list(saved["pool"]), list(saved["val"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a valid split file ({e}); delete it to make a new split") from e
@@ -695,168 +642,23 @@ def _reload_split(path, case_ids):
     return {"pool": pool, "val": val}
 
 
-def split_cases(case_ids, n_val, seed, path):
+def split_cases(case_ids, n_val, seed, path, candidates=None):
     """Split case ids into {"pool": [ids], "val": [ids]}, deterministic by seed.
 
-    If `path` exists the saved split is reloaded (and checked against case_ids); otherwise it is drawn
-    (np.random.default_rng(seed) permutation of the naturally sorted ids) and written atomically as JSON.
-    n_val: int count, or float in (0, 1) for a fraction.
+    If `path` exists the saved split is reloaded (and checked against case_ids); otherwise n_val validation
+    cases are drawn from `candidates` (default: all; in annotation mode, the labeled cases) by a
+    np.random.default_rng(seed) permutation of the naturally sorted ids, the rest of case_ids is the pool,
+    and the split is written atomically as JSON. n_val: int count, or float in (0, 1) for a fraction of the
+    candidates.
     """
     case_ids = sorted(set(case_ids), key=_natural_key)
     if path is not None and Path(path).is_file():
         return _reload_split(path, case_ids)
-    n_val = _resolve_n_val(n_val, len(case_ids))
-    order = np.random.default_rng(int(seed)).permutation(len(case_ids))
-    val = sorted((case_ids[i] for i in order[:n_val]), key=_natural_key)
-    pool = sorted((case_ids[i] for i in order[n_val:]), key=_natural_key)
+    candidates = case_ids if candidates is None else sorted(set(candidates), key=_natural_key)
+    n_val = _resolve_n_val(n_val, len(candidates)) if n_val else 0
+    order = np.random.default_rng(int(seed)).permutation(len(candidates))
+    val = sorted((candidates[i] for i in order[:n_val]), key=_natural_key)
+    pool = [c for c in case_ids if c not in set(val)]
     if path is not None:
         atomic_write_json(path, {"seed": int(seed), "n_val": n_val, "pool": pool, "val": val})
     return {"pool": pool, "val": val}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 8. The phantom: synthetic contrast-enhanced (portal-venous) abdominal CT, written exactly like MSD data.
-# Typical portal-venous HU used below: fat -100, muscle 50, bone 400-700, liver 100-130, spleen ~110,
-# kidney cortex 150-180, aorta ~160, hypodense tumours 40-70 (textbook CT attenuation values).
-
-
-def _phantom_affine(shape_vox, spacing_mm):
-    """LPS-like storage affine diag(-sx, -sy, sz) with a table offset, as DICOM converters write it."""
-    affine = np.diag([-spacing_mm[0], -spacing_mm[1], spacing_mm[2], 1.0])
-    centre_vox = (np.asarray(shape_vox) - 1) / 2
-    affine[:3, 3] = np.array([-8.0, 20.0, -450.0]) - affine[:3, :3] @ centre_vox  # volume centre in world mm
-    return affine
-
-
-def _phantom_grid_mm(shape_vox, affine, shift_mm):
-    """RAS mm of voxel centres relative to the patient centre, as broadcastable (X,1,1), (1,Y,1), (1,1,Z) arrays."""
-    centre = affine[:3, :3] @ ((np.asarray(shape_vox) - 1) / 2) + affine[:3, 3] + shift_mm
-    axes = [(affine[d, d] * np.arange(n) + affine[d, 3] - centre[d]).astype(np.float32)
-            for d, n in enumerate(shape_vox)]
-    return axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
-
-
-def _ellipsoid(grid, centre, radii):
-    """Normalised squared distance sum(((p - centre) / radii)^2) on the grid; <= 1 inside the ellipsoid."""
-    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii))
-
-
-def _smooth_field(rng, shape, sigma_vox):
-    """Zero-mean, unit-sd, spatially smooth random field (X, Y, Z) float32."""
-    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox)
-    return (field - field.mean()) / max(float(field.std()), 1e-6)
-
-
-def _paint_body(hu, grid, body):
-    """Air outside, skin fat ring, muscle wall, visceral fat inside; spine and aorta. Returns the inside mask."""
-    x, y, _ = grid
-    r = np.broadcast_to((x / body[0]) ** 2 + (y / body[1]) ** 2, hu.shape)
-    hu[r <= 1.0] = -100.0                        # subcutaneous fat
-    hu[r <= 0.88] = 50.0                         # abdominal wall muscle
-    inside = r <= 0.72
-    hu[inside] = -100.0                          # visceral fat
-    spine = np.broadcast_to((x / (0.16 * body[0])) ** 2 + ((y + 0.6 * body[1]) / (0.2 * body[1])) ** 2, hu.shape)
-    hu[spine <= 1.0] = 700.0                     # cortical bone
-    hu[spine <= 0.55] = 400.0                    # cancellous bone
-    aorta = np.broadcast_to(((x + 0.1 * body[0]) / 6.0) ** 2 + ((y + 0.3 * body[1]) / 6.0) ** 2, hu.shape)
-    hu[aorta <= 1.0] = 160.0                     # portal-venous aorta
-    return inside & (spine > 1.0) & (aorta > 1.0)
-
-
-def _paint_organs(hu, rng, grid, body, half_z, inside):
-    """Kidneys (150-180 HU), spleen (~110 HU) and the liver; returns the liver mask (X, Y, Z) bool.
-
-    Positions and radii are fractions of the body half-axes (rx, ry) and the half field of view in z.
-    """
-    unit = np.array((body[0], body[1], half_z))
-    for side in (-1.0, 1.0):  # +x is the patient's right (RAS)
-        kidney = _ellipsoid(grid, unit * (side * 0.42, -0.35, -0.35), unit * (0.13, 0.2, 0.3))
-        hu[(kidney <= 1.0) & inside] = rng.uniform(150, 180)
-    spleen_size = rng.uniform(0.7, 1.5)  # includes splenomegaly: a competing 100-150 HU blob
-    spleen = _ellipsoid(grid, unit * (-0.55, -0.2, 0.3), unit * spleen_size * (0.17, 0.28, 0.35))
-    hu[(spleen <= 1.0) & inside] = rng.uniform(100, 125)
-    size, shift = rng.uniform(0.8, 1.15), unit * rng.uniform(-0.06, 0.06, 3)
-    right_lobe = _ellipsoid(grid, shift + unit * (0.35, 0.0, 0.2), unit * size * (0.4, 0.55, 0.6))
-    left_lobe = _ellipsoid(grid, shift + unit * (0.0, 0.3, 0.4), unit * size * (0.3, 0.25, 0.3))
-    lumps = _smooth_field(rng, hu.shape, 3.0)
-    liver = (np.minimum(right_lobe, left_lobe) + 0.2 * lumps <= 1.0) & inside
-    # Mostly enhanced 100-130 HU; about 1 case in 6 poorly enhanced (real livers can be far lower:
-    # /work/shared/data README, abdpelvis_000 at about 46 HU), where the HU band finds spleen or kidney instead.
-    mean_hu = rng.uniform(100, 130) if rng.random() > 0.17 else rng.uniform(75, 95)
-    hu[liver] = mean_hu + 6.0 * (lumps[liver] - lumps[liver].mean())  # mild perfusion heterogeneity
-    return liver
-
-
-def _paint_tumours(hu, rng, grid, liver, body):
-    """0-3 hypodense tumours (40-70 HU) inside the liver; most cases have one. Returns the tumour mask."""
-    tumour = np.zeros(hu.shape, dtype=bool)
-    liver_voxels = np.flatnonzero(liver)
-    n_tumours = 0 if rng.random() < 0.25 or liver_voxels.size == 0 else int(rng.integers(1, 4))
-    for _ in range(n_tumours):
-        centre_vox = np.unravel_index(liver_voxels[rng.integers(liver_voxels.size)], hu.shape)
-        centre_mm = [float(g.ravel()[i]) for g, i in zip(grid, centre_vox)]
-        radius_mm = rng.uniform(0.07, 0.15) * body[0]
-        sphere = (_ellipsoid(grid, centre_mm, (radius_mm,) * 3) <= 1.0) & liver
-        hu[sphere] = rng.uniform(40, 70)
-        tumour |= sphere
-    return tumour
-
-
-def _phantom_case(rng, shape_vox, spacing_mm):
-    """One synthetic case: image int16 HU (X, Y, Z), label uint8 (0 background, 1 liver, 2 tumour), affine."""
-    affine = _phantom_affine(shape_vox, spacing_mm)
-    half_fov_mm = np.asarray(shape_vox) * np.asarray(spacing_mm) / 2
-    grid = _phantom_grid_mm(shape_vox, affine, rng.uniform(-0.04, 0.04, 3) * half_fov_mm)
-    body = half_fov_mm[:2] * np.array((0.85, 0.65)) * rng.uniform(0.9, 1.05)  # (rx, ry) mm
-    hu = np.full(shape_vox, -1000.0, dtype=np.float32)  # air
-    inside = _paint_body(hu, grid, body)
-    liver = _paint_organs(hu, rng, grid, body, half_fov_mm[2], inside)
-    tumour = _paint_tumours(hu, rng, grid, liver, body)
-    hu = ndimage.gaussian_filter(hu, 0.6)  # partial-volume blur at organ edges
-    # Noise 10-20 HU sd, mildly correlated like reconstructed CT noise.
-    hu += rng.uniform(10, 20) * _smooth_field(rng, shape_vox, 0.7)
-    label = liver.astype(np.uint8)
-    label[tumour] = 2
-    image = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)  # 12-bit CT range
-    return image, label, affine
-
-
-def _phantom_complete(root, params):
-    """True if root holds a finished phantom written with exactly these parameters."""
-    try:
-        with open(root / "dataset.json", encoding="utf-8") as f:
-            info = json.load(f)
-        files = [root / e[k] for e in info["training"] for k in ("image", "label")]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return info.get("phantom") == params and all(p.is_file() for p in files)
-
-
-def make_phantom_dataset(root, n_cases, seed=0, shape_vox=(64, 64, 40), spacing_mm=(2.5, 2.5, 4.0)):
-    """Write the built-in demo data set: n_cases synthetic abdominal CTs in MSD layout under root.
-
-    imagesTr/phantom_{i}.nii.gz (int16 HU, LPS-like affine, native spacing_mm), labelsTr/ same names
-    (uint8: 0 background, 1 liver, 2 tumour) and dataset.json. Case i depends only on (seed, i).
-    Idempotent: a complete folder made with the same parameters is left as is. Returns root (Path).
-    """
-    if int(n_cases) < 1 or len(shape_vox) != 3 or len(spacing_mm) != 3 or min(shape_vox) < 8:
-        raise ValueError(f"make_phantom_dataset: need n_cases >= 1, 3 sizes >= 8 and 3 spacings; got "
-                         f"{n_cases}, {shape_vox}, {spacing_mm}")
-    root = Path(root)
-    params = {"version": PHANTOM_VERSION, "n_cases": int(n_cases), "seed": int(seed),
-              "shape_vox": [int(s) for s in shape_vox], "spacing_mm": [float(s) for s in spacing_mm]}
-    if _phantom_complete(root, params):
-        return root
-    training = []
-    for i in range(int(n_cases)):
-        image, label, affine = _phantom_case(np.random.default_rng([int(seed), i]), params["shape_vox"], spacing_mm)
-        write_nifti(root / "imagesTr" / f"phantom_{i}.nii.gz", image, affine)
-        write_nifti(root / "labelsTr" / f"phantom_{i}.nii.gz", label, affine)
-        training.append({"image": f"./imagesTr/phantom_{i}.nii.gz", "label": f"./labelsTr/phantom_{i}.nii.gz"})
-    atomic_write_json(root / "dataset.json", {  # written last: its presence marks a complete folder
-        "name": "Phantom", "description": "Synthetic contrast-enhanced abdominal CT (proxy-al demo)",
-        "reference": "proxy-al make_phantom_dataset", "licence": "CC0", "release": "1.0",
-        "tensorImageSize": "3D", "modality": {"0": "CT"},
-        "labels": {"0": "background", "1": "liver", "2": "tumour"},
-        "numTraining": int(n_cases), "numTest": 0, "training": training, "test": [], "phantom": params})
-    return root
