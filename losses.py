@@ -1,4 +1,4 @@
-"""DiceCE loss for training and the hard Dice metric for validation (DESIGN.md "loss")."""
+"""DiceCE loss for training and the hard Dice metric for validation (paper sec. 3: DiceCE, weights 1 and 1)."""
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -8,6 +8,7 @@ import pytest
 
 import al_loop
 import data
+from phantom import make_phantom_dataset
 
 K = 2
 
@@ -15,16 +16,16 @@ K = 2
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom") / "Phantom"
-    data.make_phantom_dataset(root, 10, seed=3, shape_vox=(24, 24, 16), spacing_mm=(5.0, 5.0, 6.0))
+    make_phantom_dataset(root, 10, seed=3, shape_vox=(24, 24, 16), spacing_mm=(5.0, 5.0, 6.0))
     return root
 
 
 def tiny_args(root, out, *extra):
     return ["--data", str(root), "--out", str(out), "--cache-dir", str(out.parent / "cache"), "--preset", "demo",
             "--k", str(K), "--iterations", "2", "--seeds", "0", "--spacing-mm", "6.0,6.0,6.0",
-            "--patch-vox", "16,16,32", "--roi-vox", "32,32,32", "--steps", "2", "--proxy-epochs", "2",
-            "--proxy-val-every", "1", "--proxy-patches-per-case", "1", "--mc-passes", "2", "--channels", "4,4,8,8,8",
-            "--workers", "0", "--n-val", "2", *extra]
+            "--patch-vox", "16,16,32", "--roi-vox", "32,32,32", "--steps", "2", "--semi-steps", "2",
+            "--proxy-epochs", "2", "--proxy-val-every", "1", "--proxy-patches-per-case", "1", "--mc-passes", "2",
+            "--channels", "4,4,8,8,8", "--workers", "0", "--n-val", "2", *extra]
 
 
 def run(root, out, *extra):
@@ -200,6 +201,24 @@ def test_unreadable_case_is_left_out_with_a_warning(phantom, tmp_path):
     (root / "imagesTr" / "phantom_4.nii.gz").write_bytes(b"not a nifti file")
     cfg = al_loop.parse_args(tiny_args(root, tmp_path / "run"))
     with pytest.warns(UserWarning, match="phantom_4"):
-        study = al_loop.preprocess_all(al_loop.prepare(al_loop.Study(cfg)))
+        study = al_loop.preprocess_all(al_loop.Study(cfg))
     assert "phantom_4" not in study.pool + study.val
     assert len(study.pool) + len(study.val) == 9
+
+
+def test_own_scans_without_any_label_get_no_validation_set(phantom, tmp_path):
+    root = tmp_path / "unlabeled"
+    shutil.copytree(phantom, root)
+    shutil.rmtree(root / "labelsTr")
+    (root / "dataset.json").unlink()
+    study = al_loop.Study(al_loop.parse_args(tiny_args(root, tmp_path / "run")))
+    assert study.annotation and study.val == [] and len(study.pool) == 10
+
+
+def test_help_comes_from_field_metadata(capsys):
+    with pytest.raises(SystemExit):
+        al_loop.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for f in al_loop.dataclasses.fields(al_loop.Config):
+        assert f.metadata["help"].split()[0] in text, f.name
+    assert "--lr-decay" in text and "demo: cosine" in text and "paper: constant" in text
