@@ -1,11 +1,16 @@
-"""Tests for the pure parts of bench.py (the timed stages run in bench.py itself, never in tests)."""
+"""Tests for the pure parts of benchmarks/bench.py (the timed stages run in the benchmark itself, never in tests)."""
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import pytest
 
 import al_loop
-import bench
 from proxy_al import window_starts
+
+_spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 
 @pytest.mark.parametrize("roi, overlap", [(96, 0.25), (64, 0.25), (32, 0.5), (16, 0.0)])
@@ -23,8 +28,8 @@ def test_monai_starts_moves_the_last_window_back():
 
 
 def test_paper_workload_counts_by_hand():
-    cfg = dataclasses.replace(al_loop.PAPER, k=2, iterations=2, steps=10, proxy_epochs=4, proxy_val_every=2,
-                              proxy_patches_per_case=2, batch_size=2)
+    cfg = dataclasses.replace(al_loop.PAPER, k=2, iterations=2, steps=10, semi_steps=10, proxy_epochs=4,
+                              proxy_val_every=2, proxy_patches_per_case=2, batch_size=2)
     n = bench.paper_workload(pool=20, val=4, seeds=1, cfg=cfg)
     # proxy: 20 steps x 4 epochs; 12 strategies x 2 iterations x 10 steps
     assert n["train_steps"] == 80 + 240
@@ -35,3 +40,16 @@ def test_paper_workload_counts_by_hand():
     # validation of the proxy every 2 epochs and after every iteration; noisy labels for len(Tl) cases
     assert n["predictions"] == 2 * 4 + 12 * 2 * 4 + 6 * (2 + 4)
     assert bench.paper_workload(pool=20, val=4, seeds=3, cfg=cfg)["mc_volumes"] == 3 * n["mc_volumes"]
+
+
+def test_command_line_quick_preset_and_overrides():
+    assert bench.parse_args([]) == bench.FULL
+    assert bench.parse_args(["--quick"]) == bench.QUICK
+    cfg = bench.parse_args(["--quick", "--steps", "5", "--shape-vox", "64,64,32", "--spacing-mm", "1.5,1.5,2",
+                            "--compare-monai"])
+    assert (cfg.quick, cfg.patch_vox, cfg.steps, cfg.compare_monai) == (True, 64, 5, True)
+    assert cfg.shape_vox == (64, 64, 32) and cfg.spacing_mm == (1.5, 1.5, 2)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--patch-vox", "50"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shape-vox", "64,64"])
