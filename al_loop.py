@@ -83,13 +83,11 @@ class Config:
 
 PAPER = Config()
 # demo: the same code on a laptop CPU in minutes, on 24 phantom cases (16 pool, 8 validation) at 3 mm, where
-# a case is 48^3 voxels: one 48^3 window. It differs from the paper where a budget of minutes forces it to:
+# a case is 48^3 voxels: one 48^3 window. Where a budget of minutes forces it, it departs from the paper:
 #  - a smaller network, 32^3 patches, 3 cases acquired per iteration, 2 iterations, m = 4, one seed;
-#  - 160 supervised and 80 semi-supervised steps per iteration that end trained, not mid-way: lr 5e-3 with a
-#    20-step warm-up and a cosine decay to 0 (the paper: 1e-4, constant, 2,000 steps). Below about 300 steps
-#    at 1e-3, training from random weights (rand) landed anywhere between 0.07 and 0.88 liver Dice;
-#  - the 3-class head starts from the proxy's 2-class head (head_init): a random head on proxy weights
-#    failed to train within the budget for some stage seeds (loss stuck, liver Dice 0.41-0.47);
+#  - 160 supervised and 80 semi-supervised steps that end trained: lr 5e-3, a 20-step warm-up and a cosine
+#    decay to 0 (the paper's 1e-4, constant, needs thousands of steps to train from random weights);
+#  - the 3-class head starts from the proxy's 2-class head: a random one did not always train in time;
 #  - a proxy trained to the end (16 epochs), so that its ranking repeats from seed to seed.
 DEMO = dataclasses.replace(
     PAPER, data="demo", strategy="rand,proxyrank,proxyrank_var_semi", seeds=(0,), k=3, iterations=2, n_val=8,
