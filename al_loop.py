@@ -468,7 +468,7 @@ def initial_scores(study, seed, use_proxy, acquisition, proxy):
 
 def acquisition_scores(study, model, st, seed, strategy, proxy, j):
     """Lines 11-12: a score for every unlabeled pool case under Ms or Msemi; higher is acquired first."""
-    use_proxy, acquisition, _ = parse_strategy(strategy)
+    _, acquisition, _ = parse_strategy(strategy)
     rest = [c for c in study.pool if c not in st["labeled"]]
     if acquisition == "proxy":                  # the proxy ranking itself, in order
         return {c: proxy.scores[c]["variance"] for c in rest}

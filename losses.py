@@ -1,6 +1,5 @@
 """DiceCE loss for training and the hard Dice metric for validation (paper sec. 3: DiceCE, weights 1 and 1)."""
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 SMOOTH = 1e-5  # in numerator and denominator, as MONAI's DiceCELoss defaults (smooth_nr = smooth_dr = 1e-5)
