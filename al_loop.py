@@ -4,7 +4,7 @@
     python al_loop.py --data MSD_Task03 --k 5  # MSD Task03 Liver under ./data (or $MSD_DATA_ROOT), paper preset
 
 `proxy_stage` is Algorithm 1's lines 1-3, `run_strategy` its lines 4-13. Everything a rerun with the same
---out needs to continue is in state.json and the checkpoints next to it.
+--out needs to continue is in state/ (one file per seed and strategy), split.json and checkpoints/.
 """
 import argparse
 import dataclasses
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checks
 import data
 from losses import dice_per_class
 from phantom import make_phantom_dataset
@@ -79,6 +80,7 @@ class Config:
     phantom_cases: int = opt(20, "demo: number of phantom cases")
     cache_dir: str = opt("", "preprocessed cache, shared by runs; empty -> <data-root>/.cache")
     preset: str = opt("", "demo or paper; empty -> demo without --data, paper with it")
+    rebuild_state: bool = opt(False, "set aside unreadable state files and rebuild them from the checkpoints")
 
 
 PAPER = Config()
@@ -194,15 +196,21 @@ class NeedLabels(Exception):
 
 
 class Study:
-    """Everything one run shares: config, cases and split, device, state.json; images and labels on demand."""
+    """Everything one run shares: config, cases and split, device, state; images and labels on demand."""
 
     def __init__(self, cfg):
         self.cfg, self.t0 = cfg, time.time()
         self.root = resolve_data(cfg)
-        self.out = Path(cfg.out or f"runs/{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = Path(cfg.out)                  # made and locked by checks.run_folder
         self.cache = Path(cfg.cache_dir or Path(cfg.data_root) / ".cache")
-        self.task = data.read_task_info(self.root)
+        try:
+            self.task = data.read_task_info(self.root)
+            self.cases = {c["id"]: c for c in data.read_msd(self.root)}   # headers and file names only
+        except (OSError, ValueError) as err:
+            raise SystemExit(str(err)) from None
+        if len(self.cases) < 2:
+            raise SystemExit(f"{self.root}: {len(self.cases)} case; active learning needs at least 2 cases "
+                             f"(a pool to select from, and validation cases)")
         self.num_classes = self.task["num_classes"]
         if self.num_classes < 2:
             raise SystemExit(f"{self.root}/dataset.json: the task has {self.num_classes} class; segmentation "
@@ -210,9 +218,8 @@ class Study:
         self.window_hu = data.task_window(self.task["name"], tuple(cfg.window_hu) or None)
         self.device = pick_device(cfg.device)
         self.workers = cfg.workers if cfg.workers >= 0 else (6 if self.device.type == "cuda" else 0)
-        self.state_path = self.out / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
-        self.cases = {c["id"]: c for c in data.read_msd(self.root)}       # headers and file names only
+        self.state = read_states(self.out, cfg.rebuild_state)
+        self.left_out = {}                                                 # case: why (unreadable files)
         labeled = [cid for cid, c in self.cases.items() if c["label"]]
         self.annotation = len(labeled) < len(self.cases)                  # some scans await annotation
         split = self.load_split(labeled if self.annotation else list(self.cases))
@@ -221,13 +228,17 @@ class Study:
 
     def load_split(self, val_candidates):
         """split.json of the run: drawn once (validation from `val_candidates`, seed 0), then reloaded."""
-        n_val = self.cfg.n_val or data.default_n_val(self.task["name"], len(self.cases))
-        if len(val_candidates) < 2:         # annotation mode with fewer than 2 labeled cases: no validation
-            n_val = 0
-        elif n_val >= 1:
-            n_val = min(int(n_val), len(val_candidates) - 1)       # keep a case for the pool
+        path = self.out / "split.json"
+        if not path.exists() and (self.state or (self.out / "checkpoints").exists()):
+            raise SystemExit(f"{path}: missing, but this run has finished work; a new draw could move annotated "
+                             f"or trained-on cases into validation. Restore the file, or start a new --out")
         try:
-            return data.split_cases(list(self.cases), n_val, 0, self.out / "split.json", val_candidates)
+            n_val = self.cfg.n_val or data.default_n_val(self.task["name"], len(self.cases))
+            if len(val_candidates) < 2:         # annotation mode with fewer than 2 labeled cases: no validation
+                n_val = 0
+            elif n_val >= 1:
+                n_val = min(int(n_val), len(val_candidates) - 1)       # keep a case for the pool
+            return data.split_cases(list(self.cases), n_val, 0, path, val_candidates)
         except ValueError as err:
             raise SystemExit(str(err))
 
@@ -240,8 +251,9 @@ class Study:
         eta = (time.time() - self.t0) / self.done * (self.total - self.done)
         self.log(f"{self.done}/{self.total} iterations of this run done, ETA {fmt_s(eta)}")
 
-    def save_state(self):
-        data.atomic_write_json(self.state_path, self.state)
+    def save_state(self, seed, strategy):
+        """One (seed, strategy)'s state, in one atomic write: its records and the cases they acquired."""
+        data.atomic_write_json(state_file(self.out, seed, strategy), self.state[str(seed)][strategy])
 
     def image(self, cid):
         """Windowed image (X, Y, Z) float32 in [0, 1] on the cached, resampled grid."""
@@ -251,8 +263,12 @@ class Study:
         return data.cached_case(self.cases[cid], self.cache, self.cfg.spacing_mm, with_label=False)[0]
 
     def label(self, cid):
-        """The annotation of a case. Read only for selected pool cases and validation cases (oracle mode)."""
-        return data.cached_case(self.cases[cid], self.cache, self.cfg.spacing_mm, num_classes=self.num_classes)[1]
+        """The annotation of a case. Read only for selected pool cases and validation cases (oracle mode);
+        a label that does not fit the task stops the run (finished iterations are saved)."""
+        try:
+            return data.cached_case(self.cases[cid], self.cache, self.cfg.spacing_mm, num_classes=self.num_classes)[1]
+        except (OSError, ValueError, data.CacheError) as err:
+            raise SystemExit(f"case {cid}: {err}") from None
 
     def labeled_volume(self, cid, label=None):
         """(image_hu, label, foreground index) for a PatchStream; label defaults to the annotation."""
@@ -263,13 +279,17 @@ class Study:
         torch.manual_seed(stage_seed(*seed_parts))
         return UNet(1, out_channels, tuple(self.cfg.channels), self.cfg.dropout).to(self.device)
 
-    def load_checkpoint(self, name, model):
+    def load_checkpoint(self, name, model, cases):
         """Weights of a finished stage into `model`; returns the checkpoint dict, or None to redo the stage
-        (a stage restarts from its beginning with its own seed, so its results are all a resume needs)."""
+        (a stage restarts from its beginning with its own seed, so its results are all a resume needs).
+        `cases`: the ids the stage trains on; a checkpoint trained on others is redone."""
         path = self.out / "checkpoints" / f"{name}.pt"
         try:
             ckpt = torch.load(path, map_location=self.device, weights_only=False)
-            model.load_state_dict(ckpt["model"])
+            if ckpt.get("cases") != list(cases):
+                warnings.warn(f"{path}: trained on other cases than this stage's {len(cases)}; redoing that stage")
+                return None
+            model.load_state_dict(ckpt["model"])    # after the check: a rejected one leaves `model` untouched
             return ckpt
         except FileNotFoundError:
             return None
@@ -277,9 +297,32 @@ class Study:
             warnings.warn(f"{path}: unreadable checkpoint ({err}); redoing that stage")
             return None
 
-    def save_checkpoint(self, name, model, **results):
-        ckpt = {"model": model.state_dict(), "config": dataclasses.asdict(self.cfg), **results}
+    def save_checkpoint(self, name, model, cases, **results):
+        ckpt = {"model": model.state_dict(), "cases": list(cases), "config": dataclasses.asdict(self.cfg), **results}
         data.atomic_write(self.out / "checkpoints" / f"{name}.pt", lambda f: torch.save(ckpt, f))
+
+
+def state_file(out, seed, strategy):
+    return Path(out) / "state" / f"seed{seed}_{strategy}.json"
+
+
+def read_states(out, rebuild=False):
+    """{seed: {strategy: state}} from out/state/. An invalid file stops the run naming it; with `rebuild`
+    it is set aside (.bad) and that run restarts, reloading its finished stages from the checkpoints."""
+    states, fix = {}, ("rerun with --rebuild-state to set it aside and rebuild it from the checkpoints "
+                       "(training is not redone), or restore it from a backup")
+    if (Path(out) / "state.json").exists() and not (Path(out) / "state").exists():
+        warnings.warn(f"{out}/state.json is from an older proxy-al: finished stages are reloaded from the checkpoints")
+    for path in sorted((Path(out) / "state").glob("seed*_*.json")):
+        seed, strategy = path.stem[4:].split("_", 1)
+        try:
+            states.setdefault(seed, {})[strategy] = checks.read_json(path, checks.state_problem, fix)
+        except SystemExit:
+            if not rebuild:
+                raise
+            os.replace(path, path.with_suffix(".bad"))
+            warnings.warn(f"{path}: invalid, moved to {path.with_suffix('.bad').name}; rebuilding it")
+    return states
 
 
 def choose_strategies(study):
@@ -300,26 +343,47 @@ def check_request(study, strategies):
     if unknown:
         raise SystemExit(f"--strategy: unknown {', '.join(unknown)}; choose from all, {', '.join(STRATEGIES)}")
     need = cfg.k * cfg.iterations
-    if cfg.k < 1 or need > len(study.pool):
-        raise SystemExit(f"--k {cfg.k} x --iterations {cfg.iterations} needs {need} pool cases, the pool has "
-                         f"{len(study.pool)}; lower --k or --iterations")
+    if need > len(study.pool):
+        raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool cases of "
+                         f"{len(study.pool) + len(study.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
+                         f"needs {need}; lower --n-val, --k or --iterations")
     if study.annotation and (len(strategies) > 1 or len(cfg.seeds) > 1):
         raise SystemExit("annotation mode (pool cases without labels): choose one --strategy and one --seeds, "
                          "e.g. --strategy proxyrank_var_semi --seeds 0")
-    if cfg.lr_decay not in ("constant", "cosine") or cfg.head_init not in ("new", "proxy"):
-        raise SystemExit(f"--lr-decay {cfg.lr_decay} / --head-init {cfg.head_init}: constant or cosine / new or proxy")
-    if any(s % 16 for s in tuple(cfg.patch_vox) + tuple(cfg.roi_vox)):
-        raise SystemExit(f"--patch-vox {cfg.patch_vox} / --roi-vox {cfg.roi_vox}: sides must be multiples of 16")
+    unknown = {c for by_s in study.state.values() for st in by_s.values() for c in st["labeled"]} - set(study.pool)
+    if unknown:
+        raise SystemExit(f"{study.out}/state: names cases {sorted(unknown)[:5]} that are not in this run's pool "
+                         f"(split.json less unreadable cases); the data changed since the run began: use a new --out")
+
+
+def check_labels(study):
+    """Before any training: every label file's grid against its image (headers only), and every validation
+    label's values. Pool labels' values are checked when their case is selected (the oracle's rule)."""
+    problems = []
+    for case in study.cases.values():
+        try:
+            if case["label"]:
+                data.check_same_grid(case["image"], case["label"])
+        except (OSError, ValueError) as err:
+            problems.append(str(err))
+    if problems:
+        raise SystemExit(f"{len(problems)} label file(s) do not fit their image:\n" + "\n".join(problems))
+    for cid in study.val:
+        study.label(cid)
 
 
 def preprocess_all(study):
-    """Resample every image into the cache once; an unreadable case is left out with a warning."""
+    """Resample every image into the cache once. A case whose own file is unreadable is left out with a
+    warning (and listed in summary.md); a cache that cannot be written stops the run."""
     progress = Progress("preprocess", len(study.cases))
     for i, (cid, case) in enumerate(list(study.cases.items()), 1):
         try:
             data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
+        except data.CacheError as err:
+            raise SystemExit(str(err)) from None
         except (OSError, ValueError) as err:
             warnings.warn(f"case {cid} left out: {err}")
+            study.left_out[cid] = str(err)
             del study.cases[cid]
         progress.update(i)
     if not study.cases:
@@ -337,7 +401,8 @@ def start(study, strategies):
     path = study.out / "config.json"
     new = json.loads(json.dumps(dataclasses.asdict(cfg)))
     old = json.loads(path.read_text()) if path.exists() else new
-    changed = [k for k in new if k not in ("strategy", "seeds", "device", "workers", "save_maps") and old.get(k) != new[k]]
+    same = ("strategy", "seeds", "device", "workers", "save_maps", "rebuild_state", "out", "cache_dir")
+    changed = [k for k in new if k not in same and old.get(k) != new[k]]
     if changed:  # a rerun into an existing --out with other settings mixes results
         warnings.warn(f"{path}: this rerun changes {', '.join(changed)}; finished stages keep their old settings "
                       f"(use a new --out for a clean run)")
@@ -380,7 +445,7 @@ def proxy_stage(study, seed):
     """
     cfg = study.cfg
     model = study.new_model(2, seed, "proxy")
-    ckpt = study.load_checkpoint(f"seed{seed}/proxy", model)
+    ckpt = study.load_checkpoint(f"seed{seed}/proxy", model, study.pool)
     if ckpt is None:
         study.log(f"seed {seed}: proxy model on pseudo labels ({cfg.proxy_epochs} epochs)")
         labels = pseudo_labels(study, study.pool + study.val)                                 # line 1
@@ -393,7 +458,7 @@ def proxy_stage(study, seed):
                               workers=study.workers, roi=cfg.roi_vox, warmup_steps=cfg.warmup_steps,
                               cosine=cfg.lr_decay == "cosine")
         scores = score_cases(study, model, study.pool, f"seed{seed}/proxy")                   # line 3
-        study.save_checkpoint(f"seed{seed}/proxy", model, scores=scores, history=history)
+        study.save_checkpoint(f"seed{seed}/proxy", model, study.pool, scores=scores, history=history)
     else:
         scores = ckpt["scores"]
     return Proxy(weights={k: v.clone() for k, v in model.state_dict().items()}, scores=scores)
@@ -431,9 +496,14 @@ def run_strategy(study, strategy, seed, proxy):
     cfg = study.cfg
     use_proxy, acquisition, semi = parse_strategy(strategy)
     st = study.state.setdefault(str(seed), {}).setdefault(strategy, {"labeled": [], "iterations": [], "scores": {}})
+    labeled = st["labeled"][:cfg.k] + [c for r in st["iterations"] for c in r.get("acquired", [])]
+    if st["labeled"] and labeled != st["labeled"]:        # only a hand-edited or foreign state gets here
+        warnings.warn(f"{state_file(study.out, seed, strategy)}: 'labeled' disagrees with the iteration records; "
+                      f"following the records ({len(labeled)} cases)")
+        st["labeled"] = labeled
     if not st["labeled"]:
         annotate(st, initial_scores(study, seed, use_proxy, acquisition, proxy), cfg.k)       # line 4
-        study.save_state()
+        study.save_state(seed, strategy)
     for j in range(len(st["iterations"]), cfg.iterations):                                   # line 5
         require_labels(study, st)
         tag, labeled = f"seed{seed}/{strategy}/iter{j}", list(st["labeled"])
@@ -450,8 +520,8 @@ def run_strategy(study, strategy, seed, proxy):
             scores = acquisition_scores(study, model, st, seed, strategy, proxy, j)         # lines 11-12
             record["acquired"], record["scores"] = annotate(st, scores, cfg.k), scores       # line 13
         st["iterations"].append(record)
-        study.save_state()                      # the record and the cases it acquired, in one write
-        write_reports(study.out, study.state, study.task, len(study.pool))
+        study.save_state(seed, strategy)        # the record and the cases it acquired, in one write
+        write_reports(study.out, study.state, study.task, len(study.pool), study.left_out)
         study.iteration_done()
     require_labels(study, st)
 
@@ -503,7 +573,7 @@ def supervised(study, labeled, init_state, tag):
     """Line 6: train Ms on Tl for a fixed number of steps, from Mp's weights (new head) or from scratch."""
     cfg = study.cfg
     model = study.new_model(study.num_classes, tag, "init")
-    if study.load_checkpoint(tag + "_sup", model) is None:
+    if study.load_checkpoint(tag + "_sup", model, labeled) is None:
         if init_state is not None:
             load_backbone(model, init_state, head_from_proxy=cfg.head_init == "proxy")
         stream = PatchStream([study.labeled_volume(c) for c in labeled], cfg.patch_vox, cfg.fg_fraction,
@@ -514,7 +584,7 @@ def supervised(study, labeled, init_state, tag):
         stats = train_steps(model, optimizer, scaler, supervised_loss,
                             batches(stream, cfg.batch_size, study.workers, study.device), cfg.steps, study.device,
                             tag="supervised", schedule=schedule)
-        study.save_checkpoint(tag + "_sup", model, stats=stats)
+        study.save_checkpoint(tag + "_sup", model, labeled, stats=stats)
     return model
 
 
@@ -528,7 +598,7 @@ def most_certain(study, model, ids, n, acquisition, tag):
 def semi_finetune(study, model, labeled, certain, tag):
     """Lines 9-10: noisy labels of Un from Ms (tau), then Msemi = Ms fine-tuned on {Tl, Un}."""
     cfg = study.cfg
-    if study.load_checkpoint(tag + "_semi", model) is not None:
+    if study.load_checkpoint(tag + "_semi", model, labeled + certain) is not None:
         return model
     model.eval()
     noisy = {c: noisy_label(sliding_window_predict(model, study.image(c), cfg.roi_vox, cfg.overlap), cfg.tau)
@@ -544,7 +614,7 @@ def semi_finetune(study, model, labeled, certain, tag):
     torch.manual_seed(stage_seed(tag, "semi-dropout"))
     stats = train_steps(model, optimizer, scaler, lambda m, b: semi_loss(m, b, cfg.alpha, cfg.beta), pairs,   # line 10
                         cfg.semi_steps, study.device, tag="semi-supervised", schedule=schedule)
-    study.save_checkpoint(tag + "_semi", model, stats=stats)
+    study.save_checkpoint(tag + "_semi", model, labeled + certain, stats=stats)
     return model
 
 
@@ -562,13 +632,22 @@ def validate(study, model):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    checks.check_options(cfg)                   # every check before the long work
+    cfg.out = cfg.out or f"runs/{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with checks.run_folder(cfg.out):            # one writer per run folder
+        return run_study(cfg)
+
+
+def run_study(cfg):
+    """Proxy stages and strategy runs of every seed, in a run folder this process holds."""
     study = Study(cfg)
-    strategies = choose_strategies(study)
-    check_request(study, strategies)            # before any long work
-    preprocess_all(study)
-    check_request(study, strategies)            # again: unreadable cases may have left the pool
-    start(study, strategies)
     try:
+        strategies = choose_strategies(study)
+        check_request(study, strategies)
+        preprocess_all(study)
+        check_request(study, strategies)        # again: unreadable cases may have left the pool
+        check_labels(study)
+        start(study, strategies)
         for seed in cfg.seeds:
             proxy = proxy_stage(study, seed) if any(parse_strategy(s)[0] for s in strategies) else None
             for strategy in strategies:
@@ -576,7 +655,7 @@ def main(argv=None):
     except NeedLabels as stop:
         print(stop)
         return 0
-    print(write_reports(study.out, study.state, study.task, len(study.pool)))
+    print(write_reports(study.out, study.state, study.task, len(study.pool), study.left_out))
     study.log(f"done: results.csv, per_case_dice.csv, summary.md in {study.out}")
     return 0
 

@@ -308,12 +308,15 @@ def _read_label(path):
 
 def _read_image_resampled(path, spacing_mm):
     """HU float32 (X, Y, Z) of an image file on the spacing_mm grid. Slope and inter are applied to the
-    (smaller) resampled volume: interpolation is linear, so this equals resampling the scaled one."""
+    (smaller) resampled volume: interpolation is linear, so this equals resampling the scaled one.
+    NaN or infinite voxels are an error naming the file (checked in slabs, without a full-size mask)."""
     raw, slope, inter, native_mm = _read_nifti_ras(path)
+    if raw.dtype.kind == "f" and not all(np.isfinite(raw[..., z:z + 16]).all() for z in range(0, raw.shape[2], 16)):
+        raise ValueError(f"{path}: the image has NaN or infinite voxels; fix the file or remove the case")
     return _apply_scaling(resample_image(raw, native_mm, spacing_mm), slope, inter)
 
 
-def _check_same_grid(image_path, label_path):
+def check_same_grid(image_path, label_path):
     """Image and label must share shape and affine (in RAS) - checked from the headers only."""
     _, image_shape, image_affine = _ras_geometry(_open_nifti(image_path), image_path)
     _, label_shape, label_affine = _ras_geometry(_open_nifti(label_path), label_path)
@@ -413,7 +416,7 @@ def preprocess_case(image_path, label_path=None, spacing_mm=(1.5, 1.5, 2.0)):
     or None when label_path is None. Image and label must share shape and affine.
     """
     if label_path is not None:
-        _check_same_grid(image_path, label_path)
+        check_same_grid(image_path, label_path)
     if label_path is None:
         return _read_image_resampled(image_path, spacing_mm), None
     label, label_mm = _read_label(label_path)
@@ -454,9 +457,17 @@ def _read_cache_entry(path, shape, dtype):
     return array
 
 
+class CacheError(RuntimeError):
+    """The cache folder cannot be written (permissions, disk full): a fault of the environment, not of a case."""
+
+
 def _store_cache_entry(path, array):
     """Save atomically, delete older entries of the same source file and spacing, return the memory map."""
-    atomic_save_npy(path, array)
+    try:
+        atomic_save_npy(path, array)
+    except OSError as e:
+        raise CacheError(f"{path.parent}: cannot write the preprocessed cache ({e}); free disk space, fix the "
+                         "folder's permissions or choose another with --cache-dir") from e
     for old in path.parent.glob(path.name.rsplit("_", 1)[0] + "_" + "[0-9a-f]" * 16 + ".npy"):
         if old.name != path.name:
             old.unlink(missing_ok=True)
@@ -495,15 +506,19 @@ def cached_case(case, cache_dir, spacing_mm=(1.5, 1.5, 2.0), with_label=True, nu
     touches the label file (active learning: labels of unselected cases are not read).
     num_classes: if given, a label value >= num_classes is an error naming the label file.
     """
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(f"{cache_dir}: cannot create the cache folder ({e}); choose another with --cache-dir") from e
     image = _cached_image(case, cache_dir, spacing_mm)
     if not with_label or case.get("label") is None:
         return image, None
-    _check_same_grid(case["image"], case["label"])
+    check_same_grid(case["image"], case["label"])
     label = _cached_label(case, cache_dir, spacing_mm, image.shape)
     if num_classes is not None and label.size and int(label.max()) >= num_classes:
         raise ValueError(f"{case['label']}: label value {int(label.max())} but the task has {num_classes} "
-                         f"classes (0..{num_classes - 1} in dataset.json 'labels'); fix the label or dataset.json")
+                         f"classes (0..{num_classes - 1}: dataset.json 'labels', or 0/1 without a dataset.json); "
+                         "fix the label, or list every class in dataset.json")
     return image, label
 
 
@@ -628,8 +643,11 @@ def _reload_split(path, case_ids):
     try:
         saved = json.loads(Path(path).read_text(encoding="utf-8"))
         pool, val = list(saved["pool"]), list(saved["val"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a valid split file ({e}); delete it to make a new split") from e
+        if not all(isinstance(c, str) for c in pool + val):
+            raise TypeError("pool and val must be lists of case ids")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid split file ({e}); restore it from a backup, or start a new run "
+                         "folder (a new split would move cases between pool and validation)") from e
     unknown = sorted(set(pool + val) - set(case_ids))
     if unknown:
         raise ValueError(f"{path}: names cases not in the data set: {unknown[:10]}; "

@@ -38,11 +38,12 @@ def records(state):
             for j, rec in enumerate(st["iterations"])]
 
 
-def write_reports(out, state, task, n_pool):
+def write_reports(out, state, task, n_pool, left_out=None):
     """results.csv, per_case_dice.csv, summary.md (and dice_curve.png with matplotlib) in the folder `out`.
 
-    state: {seed: {strategy: {"iterations": [record]}}} as in state.json; task: data.read_task_info;
-    n_pool: pool size (for pct_labeled). Returns the summary text.
+    state: {seed: {strategy: {"iterations": [record]}}} as in state/; task: data.read_task_info;
+    n_pool: pool size (for pct_labeled); left_out: {case: why} of cases that could not be read.
+    Returns the summary text.
     """
     names = [f"dice_{task['labels'].get(c, f'class{c}')}" for c in range(1, task["num_classes"])]
     header = ["strategy", "seed", "iteration", "n_labeled", "pct_labeled"] + names + ["mean_dice"]
@@ -53,6 +54,9 @@ def write_reports(out, state, task, n_pool):
                 for s, seed, j, rec in records(state) for c, d in rec["per_case"].items()]
     write_csv(out / "per_case_dice.csv", ["strategy", "seed", "iteration", "case"] + names, per_case)
     summary = summary_table(task["name"], header, rows) + "\n" + wilcoxon_table(state)
+    if left_out:
+        summary += (f"\n## {len(left_out)} case(s) left out: their files could not be read\n\n"
+                    + "".join(f"- {c}: {why}\n" for c, why in sorted(left_out.items())))
     data.atomic_write_bytes(out / "summary.md", summary.encode())
     plot_curves(out, rows)
     return summary

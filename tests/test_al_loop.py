@@ -30,7 +30,7 @@ def tiny_args(root, out, *extra):
 
 def run(root, out, *extra):
     assert al_loop.main(tiny_args(root, out, *extra)) == 0
-    return json.loads((out / "state.json").read_text())
+    return al_loop.read_states(out)
 
 
 def test_parse_strategy_covers_table():
@@ -163,7 +163,7 @@ def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
         for row in rows:  # the "annotator" delivers the requested labels
             shutil.move(hidden / f"{row['case']}.nii.gz", root / "labelsTr")
         todo.unlink()
-    state = json.loads((out / "state.json").read_text())
+    state = al_loop.read_states(out)
     st = state["0"]["proxyrank_var_semi"]
     assert len(st["iterations"]) == 2 and attempt >= 2
     assert not set(st["labeled"]) & set(json.loads((out / "split.json").read_text())["val"])
@@ -171,8 +171,8 @@ def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (("--strategy", "rand,nope"), "unknown nope"),
-    (("--k", "50"), "pool has"),
-    (("--patch-vox", "20,20,20"), "multiples of 16"),
+    (("--k", "50"), "--n-val 2 leaves 8 pool cases of 10, but --k 50 x --iterations 2 needs 100"),
+    (("--patch-vox", "20,20,20"), "positive multiple of 16"),
 ])
 def test_bad_requests_fail_before_work(phantom, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
