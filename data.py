@@ -125,17 +125,22 @@ def _training_entries(info, json_path):
 
 
 def _cases_from_json(root, json_path):
-    """Cases listed in dataset.json 'training' (the 'test' list is ignored: it has no labels)."""
+    """Cases listed in dataset.json 'training' (the 'test' list is ignored: it has no labels). An entry without
+    a label (no "label", null or "") gets root/labelsTr/<image file name> once that file exists."""
     cases = []
     for entry in _training_entries(_load_dataset_json(json_path), json_path):
         image = root / entry["image"]
         if not image.is_file():
             raise FileNotFoundError(f"{image}: listed in {json_path} but missing; restore the file "
                                     "or remove its entry from 'training'")
-        label = root / entry["label"] if entry.get("label") else None
-        if label is not None and not label.is_file():
-            warnings.warn(f"{label}: listed in {json_path} but missing; case treated as unlabeled")
-            label = None
+        if entry.get("label"):
+            label = root / entry["label"]
+            if not label.is_file():
+                warnings.warn(f"{label}: listed in {json_path} but missing; case treated as unlabeled")
+                label = None
+        else:  # unlabeled scans: a label annotated later is found by the image's file name
+            label = root / "labelsTr" / image.name
+            label = label if label.is_file() else None
         cases.append({"id": _case_id(image), "image": str(image), "label": None if label is None else str(label)})
     if not cases:
         raise ValueError(f"{json_path}: the 'training' list is empty; list the cases or delete dataset.json")
@@ -421,6 +426,40 @@ def preprocess_case(image_path, label_path=None, spacing_mm=(1.5, 1.5, 2.0)):
         return _read_image_resampled(image_path, spacing_mm), None
     label, label_mm = _read_label(label_path)
     return _read_image_resampled(image_path, spacing_mm), resample_label(label, label_mm, spacing_mm)
+
+
+def to_native_grid(volume, image_path, spacing_mm, nearest):
+    """Map a volume on the resampled RAS grid of image_path back onto the image file's own voxel grid.
+
+    volume (X', Y', Z'): the grid preprocess_case / cached_case give for image_path at spacing_mm.
+    nearest=True: a label map of class numbers 0..255, kept exactly, returns uint8; False: linear, float32.
+    Returns a C-contiguous array of the file's stored shape (first 3 axes) and axis order - not RAS - to be
+    written with the file's own affine (write_native). Inverts the centre-aligned mapping of section 4.
+    """
+    img = _open_nifti(image_path)
+    ornt, ras_shape, ras_affine = _ras_geometry(img, image_path)
+    native_mm = _spacing_from_affine(ras_affine)
+    expected = _target_shape(ras_shape, native_mm, spacing_mm)
+    volume = np.asanyarray(volume)
+    if volume.shape != expected:
+        raise ValueError(f"{image_path}: volume of shape {volume.shape} is not on this image's grid at "
+                         f"{tuple(float(s) for s in spacing_mm)} mm, which has shape {expected}; pass the "
+                         "output for this image at the spacing it was preprocessed with")
+    # The resampled grid keeps the file's extent, so its true voxel size is native * n / n' (spacing_mm up to
+    # rounding of n'); resampling from that size to native_mm gives exactly the file's RAS shape.
+    grid_mm = native_mm * np.asarray(ras_shape) / np.asarray(expected)
+    along_axis, dtype = (_nearest_axis, np.uint8) if nearest else (_linear_axis, np.float32)
+    ras = _resample(volume, grid_mm, native_mm, along_axis, dtype)
+    ras_to_file = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(ras, ras_to_file))
+
+
+def write_native(path, volume, image_path, spacing_mm, nearest):
+    """to_native_grid, then write NIfTI with the image file's own affine (qform and sform, as write_nifti), so
+    it overlays the image in any viewer and passes check_same_grid. Segmentations (nearest=True) are stored
+    uint8, maps float32. Returns the Path."""
+    array = to_native_grid(volume, image_path, spacing_mm, nearest)
+    return write_nifti(path, array, _open_nifti(image_path).affine)
 
 
 # ----------------------------------------------------------------------------------------------------------
