@@ -18,25 +18,15 @@ import torch
 import al_loop
 import checks
 import data
-from phantom import make_phantom_dataset
+import tiny
+from tiny import phantom  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("--strategy", "rand,proxyrank_var_semi")
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom") / "Phantom"
-    make_phantom_dataset(root, 10, seed=3, shape_vox=(24, 24, 16), spacing_mm=(5.0, 5.0, 6.0))
-    return root
-
-
 def tiny_args(root, out, *extra):
-    return ["--data", str(root), "--out", str(out), "--cache-dir", str(Path(out).parent / "cache"),
-            "--preset", "demo", "--k", "2", "--iterations", "2", "--seeds", "0", "--spacing-mm", "6.0,6.0,6.0",
-            "--patch-vox", "16,16,32", "--roi-vox", "32,32,32", "--steps", "2", "--semi-steps", "2",
-            "--proxy-epochs", "2", "--proxy-val-every", "1", "--proxy-patches-per-case", "1", "--mc-passes", "2",
-            "--channels", "4,4,8,8,8", "--workers", "0", "--n-val", "2", *STRATEGIES, *extra]
+    return tiny.args(root, out, *STRATEGIES, *extra)
 
 
 def run(root, out, *extra):
@@ -236,24 +226,17 @@ def break_label(root, which, how):
     return case
 
 
-@pytest.mark.parametrize("pool_case", [True, False])
-def test_label_grid_mismatch_stops_before_training(phantom, tmp_path, pool_case):
+@pytest.mark.parametrize("part, how, message", [
+    ("pool", "grid", "(?s)1 label file.*{name}.*do not share one voxel grid"),
+    ("val", "grid", "(?s)1 label file.*{name}.*do not share one voxel grid"),
+    ("val", "value", "{name}: label value 7 but the task has 3 classes")])
+def test_label_problems_stop_before_training(phantom, tmp_path, part, how, message):
+    """Every label header, and every validation label's values, are checked before the first training step."""
     root = tmp_path / "data"
     shutil.copytree(phantom, root)
-    split = data.split_cases([c["id"] for c in data.read_msd(root)], 2, 0, None)
-    which = [c["id"] for c in data.read_msd(root)].index(split["pool" if pool_case else "val"][0])
-    case = break_label(root, which, "grid")
-    with pytest.raises(SystemExit, match=f"(?s)1 label file.*{Path(case['label']).name}.*do not share one voxel grid"):
-        al_loop.main(tiny_args(root, tmp_path / "run"))
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_validation_label_values_checked_before_training(phantom, tmp_path):
-    root = tmp_path / "data"
-    shutil.copytree(phantom, root)
-    split = data.split_cases([c["id"] for c in data.read_msd(root)], 2, 0, None)
-    case = break_label(root, [c["id"] for c in data.read_msd(root)].index(split["val"][0]), "value")
-    with pytest.raises(SystemExit, match=f"{Path(case['label']).name}: label value 7 but the task has 3 classes"):
+    ids = [c["id"] for c in data.read_msd(root)]
+    case = break_label(root, ids.index(data.split_cases(ids, 2, 0, None)[part][0]), how)
+    with pytest.raises(SystemExit, match=message.format(name=Path(case["label"]).name)):
         al_loop.main(tiny_args(root, tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
