@@ -3,7 +3,7 @@
     python al_loop.py                          # built-in phantom data, demo preset, a few minutes on a CPU
     python al_loop.py --data MSD_Task03 --k 5  # MSD Task03 Liver under ./data (or $MSD_DATA_ROOT), paper preset
 
-`proxy_stage` is Algorithm 1's lines 1-3, `run_strategy` its lines 4-13. Everything a rerun with the same
+`proxy_model` and `proxy_score` are Algorithm 1's lines 1-3, `run_strategy` its lines 4-13. Everything a rerun with the same
 --out needs to continue is in state/ (one file per seed and strategy), split.json and checkpoints/.
 """
 import argparse
@@ -29,6 +29,7 @@ from proxy_al import (PatchStream, Progress, batches, evaluate, fmt_s, lr_schedu
                       noisy_label, pick_device, pseudo_label, semi_loss, sliding_window_predict, supervised_loss,
                       train_proxy, train_steps)
 from unet import UNet, load_backbone
+from world import World
 
 STRATEGIES = ["rand", "var", "ent", "var_semi", "ent_semi", "rand_semi", "proxyrank", "proxyrank_semi",
               "proxyrank_var", "proxyrank_var_semi", "proxyrank_ent", "proxyrank_ent_semi"]  # supp. Table 1
@@ -81,6 +82,7 @@ class Config:
     cache_dir: str = opt("", "preprocessed cache, shared by runs; empty -> <data-root>/.cache")
     preset: str = opt("", "demo or paper; empty -> demo without --data, paper with it")
     rebuild_state: bool = opt(False, "set aside unreadable state files and rebuild them from the checkpoints")
+    report: bool = opt(False, "only write the reports of --out from its state so far (also while it runs)")
 
 
 PAPER = Config()
@@ -198,8 +200,8 @@ class NeedLabels(Exception):
 class Study:
     """Everything one run shares: config, cases and split, device, state; images and labels on demand."""
 
-    def __init__(self, cfg):
-        self.cfg, self.t0 = cfg, time.time()
+    def __init__(self, cfg, world=None):
+        self.cfg, self.t0, self.world = cfg, time.time(), world or World()
         self.root = resolve_data(cfg)
         self.out = Path(cfg.out)                  # made and locked by checks.run_folder
         self.cache = Path(cfg.cache_dir or Path(cfg.data_root) / ".cache")
@@ -216,7 +218,8 @@ class Study:
             raise SystemExit(f"{self.root}/dataset.json: the task has {self.num_classes} class; segmentation "
                              f"needs background and at least one foreground class in 'labels'")
         self.window_hu = data.task_window(self.task["name"], tuple(cfg.window_hu) or None)
-        self.device = pick_device(cfg.device)
+        self.device = pick_device(self.world.device(cfg.device))
+        Progress.prefix, Progress.poll = (f"[rank {self.world.rank}]", self.world.check) if self.world.size > 1 else ("", None)
         self.workers = cfg.workers if cfg.workers >= 0 else (6 if self.device.type == "cuda" else 0)
         self.state = read_states(self.out, cfg.rebuild_state)
         self.left_out = {}                                                 # case: why (unreadable files)
@@ -224,7 +227,8 @@ class Study:
         self.annotation = len(labeled) < len(self.cases)                  # some scans await annotation
         split = self.load_split(labeled if self.annotation else list(self.cases))
         self.pool, self.val = split["pool"], split["val"]
-        self.done = self.total = 0                                         # active iterations, for the ETA
+        self.total = 0                                                     # active iterations, for the ETA
+        self.proxies, self.proxy_model = {}, (None, None)                 # loaded proxies, by seed
 
     def load_split(self, val_candidates):
         """split.json of the run: drawn once (validation from `val_candidates`, seed 0), then reloaded."""
@@ -243,13 +247,15 @@ class Study:
             raise SystemExit(str(err))
 
     def log(self, msg):
-        print(f"[{fmt_s(time.time() - self.t0)}] {msg}", flush=True)
+        rank = f"rank {self.world.rank} " if self.world.size > 1 else ""
+        print(f"[{rank}{fmt_s(time.time() - self.t0)}] {msg}", flush=True)
 
-    def iteration_done(self):
-        """Count finished active iterations and print the run's ETA from their pace."""
-        self.done += 1
-        eta = (time.time() - self.t0) / self.done * (self.total - self.done)
-        self.log(f"{self.done}/{self.total} iterations of this run done, ETA {fmt_s(eta)}")
+    def progress(self, count=0):
+        """Count finished active iterations (all ranks); rank 0 prints the study's progress and ETA."""
+        done = self.world.add("iterations", count)
+        if self.world.rank == 0 and done and (count or done != getattr(self, "shown", 0)):
+            self.shown, eta = done, (time.time() - self.t0) / done * (self.total - done)
+            self.log(f"study: {done}/{self.total} active iterations done, ETA {fmt_s(eta)}")
 
     def save_state(self, seed, strategy):
         """One (seed, strategy)'s state, in one atomic write: its records and the cases they acquired."""
@@ -347,6 +353,9 @@ def check_request(study, strategies):
         raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool cases of "
                          f"{len(study.pool) + len(study.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
                          f"needs {need}; lower --n-val, --k or --iterations")
+    if study.annotation and study.world.size > 1:
+        raise SystemExit("annotation mode (pool cases without labels) runs as one process: use python al_loop.py, "
+                         "not torchrun")
     if study.annotation and (len(strategies) > 1 or len(cfg.seeds) > 1):
         raise SystemExit("annotation mode (pool cases without labels): choose one --strategy and one --seeds, "
                          "e.g. --strategy proxyrank_var_semi --seeds 0")
@@ -375,6 +384,15 @@ def check_labels(study):
 def preprocess_all(study):
     """Resample every image into the cache once. A case whose own file is unreadable is left out with a
     warning (and listed in summary.md); a cache that cannot be written stops the run."""
+    world = study.world
+    if world.size > 1:      # each rank builds its share of the cache, then every rank reads it all
+        for case in list(study.cases.values())[world.rank::world.size]:
+            try:
+                data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
+            except (OSError, ValueError):
+                pass        # reported by the pass below
+        world.add("preprocessed")
+        world.wait(lambda: world.add("preprocessed", 0) == world.size, "the other ranks' preprocessing", study.log)
     progress = Progress("preprocess", len(study.cases))
     for i, (cid, case) in enumerate(list(study.cases.items()), 1):
         try:
@@ -401,16 +419,18 @@ def start(study, strategies):
     path = study.out / "config.json"
     new = json.loads(json.dumps(dataclasses.asdict(cfg)))
     old = json.loads(path.read_text()) if path.exists() else new
-    same = ("strategy", "seeds", "device", "workers", "save_maps", "rebuild_state", "out", "cache_dir")
+    same = ("strategy", "seeds", "device", "workers", "save_maps", "rebuild_state", "out", "cache_dir", "report")
     changed = [k for k in new if k not in same and old.get(k) != new[k]]
-    if changed:  # a rerun into an existing --out with other settings mixes results
+    if changed and study.world.rank == 0:  # a rerun into an existing --out with other settings mixes results
         warnings.warn(f"{path}: this rerun changes {', '.join(changed)}; finished stages keep their old settings "
                       f"(use a new --out for a clean run)")
-    data.atomic_write_json(path, new)
+    if study.world.rank == 0:
+        data.atomic_write_json(path, new)
     study.total = sum(cfg.iterations - len(study.state.get(str(seed), {}).get(s, {}).get("iterations", []))
                       for seed in cfg.seeds for s in strategies)
     study.log(f"{study.task['name']}: {len(study.pool)} pool, {len(study.val)} validation cases; "
-              f"{len(strategies)} strategies x {len(cfg.seeds)} seeds; device {study.device}; out {study.out}")
+              f"{len(strategies)} strategies x {len(cfg.seeds)} seeds; device {study.device}; out {study.out}"
+              + (f"; {study.world.size} ranks" if study.world.size > 1 else ""))
 
 # ----------------------------------------------------------------------------- Algorithm 1, lines 1-3
 
@@ -438,15 +458,11 @@ def pseudo_labels(study, ids):
     return labels
 
 
-def proxy_stage(study, seed):
-    """Lines 1-3: pseudo labels, the proxy model Mp trained on them, MC-dropout scores of the pool under Mp.
-
-    Done once per seed and shared by every proxyrank strategy.
-    """
+def proxy_model(study, seed):
+    """Lines 1-2: pseudo labels and the proxy model Mp trained on them, once per seed (a unit of its own)."""
     cfg = study.cfg
     model = study.new_model(2, seed, "proxy")
-    ckpt = study.load_checkpoint(f"seed{seed}/proxy", model, study.pool)
-    if ckpt is None:
+    if study.load_checkpoint(f"seed{seed}/proxy", model, study.pool) is None:
         study.log(f"seed {seed}: proxy model on pseudo labels ({cfg.proxy_epochs} epochs)")
         labels = pseudo_labels(study, study.pool + study.val)                                 # line 1
         volumes = [study.labeled_volume(c, labels[c]) for c in study.pool]
@@ -457,24 +473,55 @@ def proxy_stage(study, seed):
                               batch_size=cfg.batch_size, window_hu=study.window_hu, lr=cfg.lr,
                               workers=study.workers, roi=cfg.roi_vox, warmup_steps=cfg.warmup_steps,
                               cosine=cfg.lr_decay == "cosine")
-        scores = score_cases(study, model, study.pool, f"seed{seed}/proxy")                   # line 3
-        study.save_checkpoint(f"seed{seed}/proxy", model, study.pool, scores=scores, history=history)
-    else:
-        scores = ckpt["scores"]
-    return Proxy(weights={k: v.clone() for k, v in model.state_dict().items()}, scores=scores)
+        study.save_checkpoint(f"seed{seed}/proxy", model, study.pool, history=history)
+    study.world.add(f"proxy{seed}")                             # ready for the pool's scoring
+    return model
+
+
+def proxy_score(study, seed, cid):
+    """Line 3 for one pool case: its MC-dropout scores under Mp, in a file of its own (a unit: the pool's
+    scoring is shared by all ranks, and a restarted run skips the cases already scored)."""
+    path = study.out / "scores" / f"seed{seed}" / f"{cid}.json"
+    if not path.exists():
+        study.world.wait(lambda: study.world.add(f"proxy{seed}", 0), f"the proxy of seed {seed}", study.log)
+        if study.proxy_model[0] != seed:
+            model = study.new_model(2, seed, "proxy")
+            study.load_checkpoint(f"seed{seed}/proxy", model, study.pool)
+            study.proxy_model = (seed, model)
+        data.atomic_write_json(path, score_cases(study, study.proxy_model[1], [cid], f"seed{seed}/proxy")[cid])
+    if study.world.add(f"scored{seed}") == len(study.pool) and study.cfg.save_maps:   # the last case
+        scores = load_proxy(study, seed).scores
+        save_maps(study, study.proxy_model[1] or proxy_model(study, seed), top(scores, study.cfg.save_maps), f"seed{seed}/proxy")
+
+
+def load_proxy(study, seed):
+    """What lines 1-3 give every proxyrank strategy of a seed; waits until the pool is scored."""
+    if seed not in study.proxies:
+        world = study.world
+        world.wait(lambda: world.add(f"scored{seed}", 0) >= len(study.pool), f"the pool scores of seed {seed}", study.log)
+        ckpt = torch.load(study.out / "checkpoints" / f"seed{seed}" / "proxy.pt", map_location=study.device,
+                          weights_only=False)
+        folder = study.out / "scores" / f"seed{seed}"
+        scores = {c: json.loads((folder / f"{c}.json").read_text()) for c in study.pool}
+        study.proxies[seed] = Proxy(weights=ckpt["model"], scores=scores)
+    return study.proxies[seed]
 
 
 def score_cases(study, model, ids, tag):
-    """MC-dropout scores of each case: {id: {"variance", "entropy", "bald"}}."""
+    """MC-dropout scores of each case: {id: {"variance", "entropy", "bald"}}. Each case is seeded on its own,
+    so its scores do not depend on which rank scores it or on the cases before it."""
     cfg, scores = study.cfg, {}
-    torch.manual_seed(stage_seed(tag, "mc"))
     progress = Progress(f"MC scoring ({cfg.mc_passes} passes)", len(ids))
     for i, cid in enumerate(ids, 1):
+        torch.manual_seed(stage_seed(tag, "mc", cid))
         scores[cid] = mc_scores(model, study.image(cid), cfg.mc_passes, cfg.roi_vox, cfg.overlap)
         progress.update(i)
-    if cfg.save_maps:
-        save_maps(study, model, sorted(ids, key=lambda c: -scores[c]["variance"])[:cfg.save_maps], tag)
     return scores
+
+
+def top(scores, n):
+    """The n cases of highest variance."""
+    return sorted(scores, key=lambda c: -scores[c]["variance"])[:n]
 
 
 def save_maps(study, model, ids, tag):
@@ -521,8 +568,8 @@ def run_strategy(study, strategy, seed, proxy):
             record["acquired"], record["scores"] = annotate(st, scores, cfg.k), scores       # line 13
         st["iterations"].append(record)
         study.save_state(seed, strategy)        # the record and the cases it acquired, in one write
-        write_reports(study.out, study.state, study.task, len(study.pool), study.left_out)
-        study.iteration_done()
+        write_reports(study.out, read_states(study.out), study.task, len(study.pool), study.left_out)
+        study.progress(1)
     require_labels(study, st)
 
 
@@ -546,6 +593,8 @@ def acquisition_scores(study, model, st, seed, strategy, proxy, j):
         rng = np.random.default_rng(stage_seed(seed, strategy, j))
         return dict(zip(rest, rng.permutation(len(rest)).astype(float)))
     mc = score_cases(study, model, rest, f"seed{seed}/{strategy}/iter{j}")
+    if study.cfg.save_maps:
+        save_maps(study, model, top(mc, study.cfg.save_maps), f"seed{seed}/{strategy}/iter{j}")
     return {c: mc[c][acquisition] for c in rest}
 
 
@@ -630,33 +679,90 @@ def validate(study, model):
 # ----------------------------------------------------------------------------- main
 
 
+def plan(study, strategies):
+    """The units of work in the order the queue hands them out: a proxy training per seed (one rank each),
+    the proxies' pool scoring by case (all ranks), then the (seed, strategy) runs, costliest first:
+    semi-supervised before supervised, MC acquisition before random and proxy order."""
+    proxy_seeds = [seed for seed in study.cfg.seeds if any(parse_strategy(s)[0] for s in strategies)]
+    cost = lambda s: 2 * parse_strategy(s)[2] + (parse_strategy(s)[1] in ("variance", "entropy"))
+    runs = sorted(((seed, s) for seed in study.cfg.seeds for s in strategies), key=lambda u: -cost(u[1]))
+    return ([("proxy", seed, None) for seed in proxy_seeds] + [("score", seed, c) for seed in proxy_seeds
+                                                               for c in study.pool] + [("run", *u) for u in runs])
+
+
+def work(study, units):
+    """Take units from the shared queue until it is empty. Which rank runs a unit never changes its result."""
+    while (i := study.world.claim()) < len(units):
+        kind, seed, what = units[i]
+        study.world.check()
+        try:
+            if kind == "proxy":
+                proxy_model(study, seed)
+            elif kind == "score":
+                proxy_score(study, seed, what)
+            else:
+                run_strategy(study, what, seed, load_proxy(study, seed) if parse_strategy(what)[0] else None)
+        except NeedLabels:
+            raise
+        except BaseException as err:            # the others stop within a second, naming this rank and unit
+            study.world.fail(f"rank {study.world.rank} failed in unit {kind} seed {seed} {what or ''}: {err!r}")
+            raise
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     checks.check_options(cfg)                   # every check before the long work
-    cfg.out = cfg.out or f"runs/{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with checks.run_folder(cfg.out):            # one writer per run folder
-        return run_study(cfg)
-
-
-def run_study(cfg):
-    """Proxy stages and strategy runs of every seed, in a run folder this process holds."""
-    study = Study(cfg)
+    if cfg.report:
+        return report_only(cfg)
+    world = World()
     try:
-        strategies = choose_strategies(study)
-        check_request(study, strategies)
-        preprocess_all(study)
-        check_request(study, strategies)        # again: unreadable cases may have left the pool
-        check_labels(study)
-        start(study, strategies)
-        for seed in cfg.seeds:
-            proxy = proxy_stage(study, seed) if any(parse_strategy(s)[0] for s in strategies) else None
-            for strategy in strategies:
-                run_strategy(study, strategy, seed, proxy)
+        if world.rank == 0:                     # rank 0 holds the run folder for the group
+            cfg.out = cfg.out or f"runs/{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            with checks.run_folder(cfg.out):
+                world.set("out", cfg.out)
+                return run_study(cfg, world)
+        world.wait(lambda: world.store.check(["out"]), "rank 0 to lock the run folder", print)
+        cfg.out = world.get("out")
+        return run_study(cfg, world)
     except NeedLabels as stop:
         print(stop)
         return 0
-    print(write_reports(study.out, study.state, study.task, len(study.pool), study.left_out))
+    except BaseException as err:
+        world.fail(f"rank {world.rank}: {err!r}"[:2000])
+        raise
+    finally:
+        world.close()
+
+
+def run_study(cfg, world):
+    """Every unit of the study this rank gets from the queue; rank 0 then waits for all and writes the reports."""
+    study = Study(cfg, world)
+    strategies = choose_strategies(study)
+    check_request(study, strategies)
+    preprocess_all(study)
+    check_request(study, strategies)            # again: unreadable cases may have left the pool
+    check_labels(study)
+    start(study, strategies)
+    work(study, plan(study, strategies))
+    world.add("finished")
+    if world.rank:
+        return 0
+    world.wait(lambda: study.progress() or world.add("finished", 0) == world.size, "the other ranks", study.log)
+    print(write_reports(study.out, read_states(study.out), study.task, len(study.pool), study.left_out))
     study.log(f"done: results.csv, per_case_dice.csv, summary.md in {study.out}")
+    return 0
+
+
+def report_only(cfg):
+    """--report: the reports of --out from its state files so far, without touching a running study."""
+    path = Path(cfg.out) / "config.json"
+    if not cfg.out or not path.exists():
+        raise SystemExit(f"--report needs --out pointing at a run folder with config.json ({path} not found)")
+    saved = json.loads(path.read_text())
+    root = resolve_data(dataclasses.replace(cfg, data=saved["data"], data_root=saved["data_root"],
+                                            phantom_cases=saved["phantom_cases"]))
+    split = json.loads((Path(cfg.out) / "split.json").read_text())
+    print(write_reports(Path(cfg.out), read_states(cfg.out), data.read_task_info(root), len(split["pool"])))
     return 0
 
 

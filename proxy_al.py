@@ -22,20 +22,23 @@ from unet import enable_mc_dropout
 
 
 class Progress:
-    """Prints `tag i/n  elapsed  ETA` at most every `every_s` seconds (and at the end)."""
+    """Prints `tag i/n  elapsed  ETA` at most every `every_s` seconds (and at the end), after `prefix`."""
+    prefix, poll = "", None   # a study on several ranks sets its rank, and a check that stops it if another failed
 
     def __init__(self, tag, total, every_s=10.0):
         self.tag, self.total, self.every_s = tag, total, every_s
         self.t0 = self.last = time.time()
 
     def update(self, done, extra=""):
+        if self.poll:
+            self.poll()
         now = time.time()
         if now - self.last < self.every_s and done < self.total:
             return
         self.last = now
         elapsed = now - self.t0
         eta = elapsed / max(done, 1) * (self.total - done)
-        print(f"  {self.tag} {done}/{self.total}  {extra}  elapsed {fmt_s(elapsed)}  ETA {fmt_s(eta)}", flush=True)
+        print(f"{self.prefix}  {self.tag} {done}/{self.total}  {extra}  elapsed {fmt_s(elapsed)}  ETA {fmt_s(eta)}", flush=True)
 
 
 def fmt_s(seconds):
