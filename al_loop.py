@@ -6,7 +6,6 @@
 `proxy_model` and `proxy_score` are Algorithm 1's lines 1-3, `run_strategy` its lines 4-13. Everything a rerun with the same
 --out needs to continue is in state/ (one file per seed and strategy), split.json and checkpoints/.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -103,51 +102,13 @@ PRESETS = {"paper": PAPER, "demo": DEMO}
 # ----------------------------------------------------------------------------- command line
 
 
-def config_parser(cls, presets, description):
-    """An argparse parser with one --flag per field of the dataclass `cls` (unset flags parse to None).
-
-    Each flag's help is its field's metadata["help"], followed by its value in every preset.
-    Shared with benchmarks/bench.py.
-    """
-    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else (v if v != "" else '""')
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        values = ", ".join(f"{name}: {show(getattr(preset, f.name))}" for name, preset in presets.items())
-        text = f"{f.metadata.get('help', '')} [{values}]".replace("%", "%%")
-        if isinstance(f.default, bool):
-            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", default=None, help=text)
-        else:
-            kind = "LIST" if isinstance(f.default, tuple) else type(f.default).__name__.upper()
-            p.add_argument("--" + f.name.replace("_", "-"), default=None, metavar=kind, help=text)
-    return p
-
-
-def config_values(cls, args, parser):
-    """{field: value} of the flags that were given (args: vars of the parsed namespace), each converted to
-    its field's type; a value that does not convert is a parser error naming the flag."""
-    kinds = {f.name: f.default for f in dataclasses.fields(cls)}
-    given = {}
-    for name, text in args.items():
-        if name not in kinds or text is None:
-            continue
-        default = kinds[name]
-        try:
-            if isinstance(default, tuple):
-                given[name] = tuple(float(x) if "." in x else int(x) for x in text.split(",") if x.strip())
-            else:
-                given[name] = type(default)(text)        # a bool flag arrives as True
-        except ValueError:
-            parser.error(f"--{name.replace('_', '-')} {text!r}: expected {type(default).__name__}")
-    return given
-
-
 def parse_args(argv=None):
     """Config from the command line: unset flags keep the preset's value."""
-    p = config_parser(Config, PRESETS, __doc__)
+    p = checks.config_parser(Config, PRESETS, __doc__)
     p.add_argument("--resume", action="store_true", help="continue the run in --out (also what a rerun does)")
     args = vars(p.parse_args(argv))
     resume = args.pop("resume")
-    given = config_values(Config, args, p)
+    given = checks.config_values(Config, args, p)
     if "data_root" not in given and os.environ.get("MSD_DATA_ROOT"):
         given["data_root"] = os.environ["MSD_DATA_ROOT"]
     if resume and not given.get("out"):
@@ -221,7 +182,7 @@ class Study:
         self.device = pick_device(self.world.device(cfg.device))
         Progress.prefix, Progress.poll = (f"[rank {self.world.rank}]", self.world.check) if self.world.size > 1 else ("", None)
         self.workers = cfg.workers if cfg.workers >= 0 else (6 if self.device.type == "cuda" else 0)
-        self.state = read_states(self.out, cfg.rebuild_state)
+        self.state = checks.read_states(self.out, cfg.rebuild_state)
         self.left_out = {}                                                 # case: why (unreadable files)
         labeled = [cid for cid, c in self.cases.items() if c["label"]]
         self.annotation = len(labeled) < len(self.cases)                  # some scans await annotation
@@ -259,7 +220,7 @@ class Study:
 
     def save_state(self, seed, strategy):
         """One (seed, strategy)'s state, in one atomic write: its records and the cases they acquired."""
-        data.atomic_write_json(state_file(self.out, seed, strategy), self.state[str(seed)][strategy])
+        checks.atomic_write_json(checks.state_file(self.out, seed, strategy), self.state[str(seed)][strategy])
 
     def image(self, cid):
         """Windowed image (X, Y, Z) float32 in [0, 1] on the cached, resampled grid."""
@@ -305,30 +266,7 @@ class Study:
 
     def save_checkpoint(self, name, model, cases, **results):
         ckpt = {"model": model.state_dict(), "cases": list(cases), "config": dataclasses.asdict(self.cfg), **results}
-        data.atomic_write(self.out / "checkpoints" / f"{name}.pt", lambda f: torch.save(ckpt, f))
-
-
-def state_file(out, seed, strategy):
-    return Path(out) / "state" / f"seed{seed}_{strategy}.json"
-
-
-def read_states(out, rebuild=False):
-    """{seed: {strategy: state}} from out/state/. An invalid file stops the run naming it; with `rebuild`
-    it is set aside (.bad) and that run restarts, reloading its finished stages from the checkpoints."""
-    states, fix = {}, ("rerun with --rebuild-state to set it aside and rebuild it from the checkpoints "
-                       "(training is not redone), or restore it from a backup")
-    if (Path(out) / "state.json").exists() and not (Path(out) / "state").exists():
-        warnings.warn(f"{out}/state.json is from an older proxy-al: finished stages are reloaded from the checkpoints")
-    for path in sorted((Path(out) / "state").glob("seed*_*.json")):
-        seed, strategy = path.stem[4:].split("_", 1)
-        try:
-            states.setdefault(seed, {})[strategy] = checks.read_json(path, checks.state_problem, fix)
-        except SystemExit:
-            if not rebuild:
-                raise
-            os.replace(path, path.with_suffix(".bad"))
-            warnings.warn(f"{path}: invalid, moved to {path.with_suffix('.bad').name}; rebuilding it")
-    return states
+        checks.atomic_write(self.out / "checkpoints" / f"{name}.pt", lambda f: torch.save(ckpt, f))
 
 
 def choose_strategies(study):
@@ -365,52 +303,6 @@ def check_request(study, strategies):
                          f"(split.json less unreadable cases); the data changed since the run began: use a new --out")
 
 
-def check_labels(study):
-    """Before any training: every label file's grid against its image (headers only), and every validation
-    label's values. Pool labels' values are checked when their case is selected (the oracle's rule)."""
-    problems = []
-    for case in study.cases.values():
-        try:
-            if case["label"]:
-                data.check_same_grid(case["image"], case["label"])
-        except (OSError, ValueError) as err:
-            problems.append(str(err))
-    if problems:
-        raise SystemExit(f"{len(problems)} label file(s) do not fit their image:\n" + "\n".join(problems))
-    for cid in study.val:
-        study.label(cid)
-
-
-def preprocess_all(study):
-    """Resample every image into the cache once. A case whose own file is unreadable is left out with a
-    warning (and listed in summary.md); a cache that cannot be written stops the run."""
-    world = study.world
-    if world.size > 1:      # each rank builds its share of the cache, then every rank reads it all
-        for case in list(study.cases.values())[world.rank::world.size]:
-            try:
-                data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
-            except (OSError, ValueError):
-                pass        # reported by the pass below
-        world.add("preprocessed")
-        world.wait(lambda: world.add("preprocessed", 0) == world.size, "the other ranks' preprocessing", study.log)
-    progress = Progress("preprocess", len(study.cases))
-    for i, (cid, case) in enumerate(list(study.cases.items()), 1):
-        try:
-            data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
-        except data.CacheError as err:
-            raise SystemExit(str(err)) from None
-        except (OSError, ValueError) as err:
-            warnings.warn(f"case {cid} left out: {err}")
-            study.left_out[cid] = str(err)
-            del study.cases[cid]
-        progress.update(i)
-    if not study.cases:
-        raise SystemExit(f"{study.root}: no readable case")
-    study.val = [c for c in study.val if c in study.cases]
-    study.pool = [c for c in study.pool if c in study.cases]
-    return study
-
-
 def start(study, strategies):
     """Warn about changed settings, save config.json, and count the iterations ahead (for the ETA)."""
     cfg = study.cfg
@@ -425,7 +317,7 @@ def start(study, strategies):
         warnings.warn(f"{path}: this rerun changes {', '.join(changed)}; finished stages keep their old settings "
                       f"(use a new --out for a clean run)")
     if study.world.rank == 0:
-        data.atomic_write_json(path, new)
+        checks.atomic_write_json(path, new)
     study.total = sum(cfg.iterations - len(study.state.get(str(seed), {}).get(s, {}).get("iterations", []))
                       for seed in cfg.seeds for s in strategies)
     study.log(f"{study.task['name']}: {len(study.pool)} pool, {len(study.val)} validation cases; "
@@ -450,7 +342,7 @@ def pseudo_labels(study, ids):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an empty band is reported in the table below instead
                 lab = pseudo_label(study.image_hu(cid), band, cid)
-            data.atomic_save_npy(path, lab)
+            checks.atomic_save_npy(path, lab)
             labels[cid] = lab
         dice = dice_per_class(labels[cid], np.asarray(study.label(cid)) > 0, 2)[0] if cid in study.val else None
         report.append((cid, int(labels[cid].sum()), dice))
@@ -488,7 +380,7 @@ def proxy_score(study, seed, cid):
             model = study.new_model(2, seed, "proxy")
             study.load_checkpoint(f"seed{seed}/proxy", model, study.pool)
             study.proxy_model = (seed, model)
-        data.atomic_write_json(path, score_cases(study, study.proxy_model[1], [cid], f"seed{seed}/proxy")[cid])
+        checks.atomic_write_json(path, score_cases(study, study.proxy_model[1], [cid], f"seed{seed}/proxy")[cid])
     if study.world.add(f"scored{seed}") == len(study.pool) and study.cfg.save_maps:   # the last case
         scores = load_proxy(study, seed).scores
         save_maps(study, study.proxy_model[1] or proxy_model(study, seed), top(scores, study.cfg.save_maps), f"seed{seed}/proxy")
@@ -545,7 +437,7 @@ def run_strategy(study, strategy, seed, proxy):
     st = study.state.setdefault(str(seed), {}).setdefault(strategy, {"labeled": [], "iterations": [], "scores": {}})
     labeled = st["labeled"][:cfg.k] + [c for r in st["iterations"] for c in r.get("acquired", [])]
     if st["labeled"] and labeled != st["labeled"]:        # only a hand-edited or foreign state gets here
-        warnings.warn(f"{state_file(study.out, seed, strategy)}: 'labeled' disagrees with the iteration records; "
+        warnings.warn(f"{checks.state_file(study.out, seed, strategy)}: 'labeled' disagrees with the iteration records; "
                       f"following the records ({len(labeled)} cases)")
         st["labeled"] = labeled
     if not st["labeled"]:
@@ -568,7 +460,7 @@ def run_strategy(study, strategy, seed, proxy):
             record["acquired"], record["scores"] = annotate(st, scores, cfg.k), scores       # line 13
         st["iterations"].append(record)
         study.save_state(seed, strategy)        # the record and the cases it acquired, in one write
-        write_reports(study.out, read_states(study.out), study.task, len(study.pool), study.left_out)
+        write_reports(study.out, checks.read_states(study.out), study.task, len(study.pool), study.left_out)
         study.progress(1)
     require_labels(study, st)
 
@@ -690,23 +582,14 @@ def plan(study, strategies):
                                                                for c in study.pool] + [("run", *u) for u in runs])
 
 
-def work(study, units):
-    """Take units from the shared queue until it is empty. Which rank runs a unit never changes its result."""
-    while (i := study.world.claim()) < len(units):
-        kind, seed, what = units[i]
-        study.world.check()
-        try:
-            if kind == "proxy":
-                proxy_model(study, seed)
-            elif kind == "score":
-                proxy_score(study, seed, what)
-            else:
-                run_strategy(study, what, seed, load_proxy(study, seed) if parse_strategy(what)[0] else None)
-        except NeedLabels:
-            raise
-        except BaseException as err:            # the others stop within a second, naming this rank and unit
-            study.world.fail(f"rank {study.world.rank} failed in unit {kind} seed {seed} {what or ''}: {err!r}")
-            raise
+def run_unit(study, kind, seed, what):
+    """One unit of plan(): a proxy training, one pool case's scores under a proxy, or a (seed, strategy) run."""
+    if kind == "proxy":
+        proxy_model(study, seed)
+    elif kind == "score":
+        proxy_score(study, seed, what)
+    else:
+        run_strategy(study, what, seed, load_proxy(study, seed) if parse_strategy(what)[0] else None)
 
 
 def main(argv=None):
@@ -739,16 +622,16 @@ def run_study(cfg, world):
     study = Study(cfg, world)
     strategies = choose_strategies(study)
     check_request(study, strategies)
-    preprocess_all(study)
+    checks.preprocess_all(study)
     check_request(study, strategies)            # again: unreadable cases may have left the pool
-    check_labels(study)
+    checks.check_labels(study)
     start(study, strategies)
-    work(study, plan(study, strategies))
+    world.work(plan(study, strategies), lambda *unit: run_unit(study, *unit))
     world.add("finished")
     if world.rank:
         return 0
     world.wait(lambda: study.progress() or world.add("finished", 0) == world.size, "the other ranks", study.log)
-    print(write_reports(study.out, read_states(study.out), study.task, len(study.pool), study.left_out))
+    print(write_reports(study.out, checks.read_states(study.out), study.task, len(study.pool), study.left_out))
     study.log(f"done: results.csv, per_case_dice.csv, summary.md in {study.out}")
     return 0
 
@@ -762,7 +645,7 @@ def report_only(cfg):
     root = resolve_data(dataclasses.replace(cfg, data=saved["data"], data_root=saved["data_root"],
                                             phantom_cases=saved["phantom_cases"]))
     split = json.loads((Path(cfg.out) / "split.json").read_text())
-    print(write_reports(Path(cfg.out), read_states(cfg.out), data.read_task_info(root), len(split["pool"])))
+    print(write_reports(Path(cfg.out), checks.read_states(cfg.out), data.read_task_info(root), len(split["pool"])))
     return 0
 
 

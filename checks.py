@@ -1,16 +1,21 @@
-"""What keeps a run whole: every option checked before the long work, one writer per run folder (a lock),
-no leftover temporary files, and run files (state, split) that are either valid or a clear error.
+"""What keeps a run whole, around the method in al_loop.py: the command line (a flag per Config field, every
+option checked before the long work), atomic file writes, one writer per run folder (a lock), no leftover
+temporary files, run state files that are either valid or a clear error, and the data checked before any
+training (unreadable cases left out and listed, a cache that cannot be written stops the run, label grids).
 
-Each check ends in SystemExit with a message naming the option or file and what to do: a mistake a user can
-make never prints a traceback.
+A mistake a user can make ends in SystemExit with a message naming the option or file and what to do, never
+in a traceback.
 """
+import argparse
+import dataclasses
 import json
 import os
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+import numpy as np
 
 try:
     import fcntl
@@ -18,8 +23,50 @@ except ImportError:
     fcntl = None
 
 
+# ----------------------------------------------------------------------------- the command line
+
+
+def config_parser(cls, presets, description):
+    """An argparse parser with one --flag per field of the dataclass `cls` (unset flags parse to None).
+
+    Each flag's help is its field's metadata["help"], followed by its value in every preset.
+    Shared with benchmarks/bench.py.
+    """
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else (v if v != "" else '""')
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        values = ", ".join(f"{name}: {show(getattr(preset, f.name))}" for name, preset in presets.items())
+        text = f"{f.metadata.get('help', '')} [{values}]".replace("%", "%%")
+        if isinstance(f.default, bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", default=None, help=text)
+        else:
+            kind = "LIST" if isinstance(f.default, tuple) else type(f.default).__name__.upper()
+            p.add_argument("--" + f.name.replace("_", "-"), default=None, metavar=kind, help=text)
+    return p
+
+
+def config_values(cls, args, parser):
+    """{field: value} of the flags that were given (args: vars of the parsed namespace), each converted to
+    its field's type; a value that does not convert is a parser error naming the flag."""
+    kinds = {f.name: f.default for f in dataclasses.fields(cls)}
+    given = {}
+    for name, text in args.items():
+        if name not in kinds or text is None:
+            continue
+        default = kinds[name]
+        try:
+            if isinstance(default, tuple):
+                given[name] = tuple(float(x) if "." in x else int(x) for x in text.split(",") if x.strip())
+            else:
+                given[name] = type(default)(text)        # a bool flag arrives as True
+        except ValueError:
+            parser.error(f"--{name.replace('_', '-')} {text!r}: expected {type(default).__name__}")
+    return given
+
+
 def check_options(cfg):
     """Every option's valid range, all problems in one message (before any data is read)."""
+    import torch
     problems = []
 
     def need(ok, option, valid):
@@ -130,3 +177,119 @@ def state_problem(st):
                 and isinstance(rec.get("acquired", []), list)):
             return f"iteration {j + 1} is not a record with n_labeled, dice, mean_dice, per_case"
     return None
+
+
+# ----------------------------------------------------------------------------- files: atomic writes, run state
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(f) on an open binary file next to `path`, flush it to disk, then move it onto `path`
+    in one step: a reader sees the old file or the new one, never half of one. Returns the Path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; others sharing a data or cache folder must read them
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_write_bytes(path, data):
+    """Write `data` (bytes) to `path` atomically. Returns the Path."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path, obj):
+    """Write `obj` as indented JSON to `path` atomically. Returns the Path."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+def atomic_save_npy(path, array):
+    """Save `array` as .npy to `path` atomically."""
+    return atomic_write(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
+
+
+def state_file(out, seed, strategy):
+    return Path(out) / "state" / f"seed{seed}_{strategy}.json"
+
+
+def read_states(out, rebuild=False):
+    """{seed: {strategy: state}} from out/state/. An invalid file stops the run naming it; with `rebuild`
+    it is set aside (.bad) and that run restarts, reloading its finished stages from the checkpoints."""
+    states, fix = {}, ("rerun with --rebuild-state to set it aside and rebuild it from the checkpoints "
+                       "(training is not redone), or restore it from a backup")
+    if (Path(out) / "state.json").exists() and not (Path(out) / "state").exists():
+        warnings.warn(f"{out}/state.json is from an older proxy-al: finished stages are reloaded from the checkpoints")
+    for path in sorted((Path(out) / "state").glob("seed*_*.json")):
+        seed, strategy = path.stem[4:].split("_", 1)
+        try:
+            states.setdefault(seed, {})[strategy] = read_json(path, state_problem, fix)
+        except SystemExit:
+            if not rebuild:
+                raise
+            os.replace(path, path.with_suffix(".bad"))
+            warnings.warn(f"{path}: invalid, moved to {path.with_suffix('.bad').name}; rebuilding it")
+    return states
+
+
+
+# ----------------------------------------------------------------------------- the data, before any training
+
+
+def preprocess_all(study):
+    """Resample every image into the cache once. A case whose own file is unreadable is left out with a
+    warning (and listed in summary.md); a cache that cannot be written stops the run."""
+    import data                         # data.py writes through this module: imported here, not at the top
+    from proxy_al import Progress
+    world = study.world
+    if world.size > 1:      # each rank builds its share of the cache, then every rank reads it all
+        for case in list(study.cases.values())[world.rank::world.size]:
+            try:
+                data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
+            except (OSError, ValueError):
+                pass        # reported by the pass below
+        world.add("preprocessed")
+        world.wait(lambda: world.add("preprocessed", 0) == world.size, "the other ranks' preprocessing", study.log)
+    progress = Progress("preprocess", len(study.cases))
+    for i, (cid, case) in enumerate(list(study.cases.items()), 1):
+        try:
+            data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
+        except data.CacheError as err:
+            raise SystemExit(str(err)) from None
+        except (OSError, ValueError) as err:
+            warnings.warn(f"case {cid} left out: {err}")
+            study.left_out[cid] = str(err)
+            del study.cases[cid]
+        progress.update(i)
+    if not study.cases:
+        raise SystemExit(f"{study.root}: no readable case")
+    study.val = [c for c in study.val if c in study.cases]
+    study.pool = [c for c in study.pool if c in study.cases]
+    return study
+
+
+def check_labels(study):
+    """Before any training: every label file's grid against its image (headers only), and every validation
+    label's values. Pool labels' values are checked when their case is selected (the oracle's rule)."""
+    import data
+    problems = []
+    for case in study.cases.values():
+        try:
+            if case["label"]:
+                data.check_same_grid(case["image"], case["label"])
+        except (OSError, ValueError) as err:
+            problems.append(str(err))
+    if problems:
+        raise SystemExit(f"{len(problems)} label file(s) do not fit their image:\n" + "\n".join(problems))
+    for cid in study.val:
+        study.label(cid)
+
+

@@ -80,6 +80,18 @@ class World:
                 last = time.time()
             time.sleep(0.2)
 
+    def work(self, units, run_unit):
+        """Take units (kind, seed, what) from the shared queue until it is empty, run_unit(*unit) for each this
+        rank gets. A unit that fails stops every rank within a second, with a message naming rank and unit."""
+        while (i := self.claim()) < len(units):
+            self.check()
+            kind, seed, what = units[i]
+            try:
+                run_unit(kind, seed, what)
+            except BaseException as err:
+                self.fail(f"rank {self.rank} failed in unit {kind} seed {seed} {what or ''}: {err!r}"[:2000])
+                raise
+
     def close(self):
         if self.store is not None and dist.is_initialized():
             dist.destroy_process_group()

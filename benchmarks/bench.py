@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import al_loop  # noqa: E402
+import checks  # noqa: E402
 import data  # noqa: E402
 import proxy_al  # noqa: E402
 from al_loop import opt  # noqa: E402
@@ -87,8 +88,8 @@ MONAI_SW_BATCH = 4                    # sliding_window_inference(sw_batch_size=4
 
 def parse_args(argv=None):
     """BenchConfig from the command line; --quick starts from the QUICK preset, given flags override."""
-    p = al_loop.config_parser(BenchConfig, PRESETS, __doc__)
-    given = al_loop.config_values(BenchConfig, vars(p.parse_args(argv)), p)
+    p = checks.config_parser(BenchConfig, PRESETS, __doc__)
+    given = checks.config_values(BenchConfig, vars(p.parse_args(argv)), p)
     cfg = dataclasses.replace(QUICK if given.get("quick") else FULL, **given)
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         p.error(f"--device {cfg.device}: choose cpu, cuda or auto")
@@ -780,7 +781,7 @@ def main(argv=None):
     print("\n" + format_table(rows) + "\n" + "\n".join(notes(report, device)), flush=True)
     if cfg.json:
         import json
-        data.atomic_write_bytes(cfg.json, (json.dumps(report, indent=2, default=json_default) + "\n").encode())
+        checks.atomic_write_bytes(cfg.json, (json.dumps(report, indent=2, default=json_default) + "\n").encode())
         log(f"wrote {cfg.json}")
 
 

@@ -3,20 +3,20 @@ import csv
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 import al_loop
+import checks
 import data
 import tiny
-from tiny import K, phantom  # noqa: F401 (a fixture)
+from tiny import K
 
 tiny_args = tiny.args
 
 
 def run(root, out, *extra):
     assert al_loop.main(tiny_args(root, out, *extra)) == 0
-    return al_loop.read_states(out)
+    return checks.read_states(out)
 
 
 def test_parse_strategy_covers_table():
@@ -149,7 +149,7 @@ def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
         for row in rows:  # the "annotator" delivers the requested labels
             shutil.move(hidden / f"{row['case']}.nii.gz", root / "labelsTr")
         todo.unlink()
-    state = al_loop.read_states(out)
+    state = checks.read_states(out)
     st = state["0"]["proxyrank_var_semi"]
     assert len(st["iterations"]) == 2 and attempt >= 2
     assert not set(st["labeled"]) & set(json.loads((out / "split.json").read_text())["val"])
@@ -187,7 +187,7 @@ def test_unreadable_case_is_left_out_with_a_warning(phantom, tmp_path):
     (root / "imagesTr" / "phantom_4.nii.gz").write_bytes(b"not a nifti file")
     cfg = al_loop.parse_args(tiny_args(root, tmp_path / "run"))
     with pytest.warns(UserWarning, match="phantom_4"):
-        study = al_loop.preprocess_all(al_loop.Study(cfg))
+        study = checks.preprocess_all(al_loop.Study(cfg))
     assert "phantom_4" not in study.pool + study.val
     assert len(study.pool) + len(study.val) == 9
 

@@ -14,9 +14,9 @@ import pytest
 import torch.multiprocessing as mp
 
 import al_loop
+import checks
 import data
 import tiny
-from tiny import phantom  # noqa: F401 (a fixture)
 from world import World
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def torchrun(args, nproc=2, restarts=0):
 
 
 def results(out):
-    states = al_loop.read_states(out)
+    states = checks.read_states(out)
     return {(seed, s): (st["labeled"], [r["mean_dice"] for r in st["iterations"]])
             for seed, by_s in states.items() for s, st in by_s.items()}
 

@@ -19,7 +19,6 @@ import al_loop
 import checks
 import data
 import tiny
-from tiny import phantom  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("--strategy", "rand,proxyrank_var_semi")
@@ -31,7 +30,7 @@ def tiny_args(root, out, *extra):
 
 def run(root, out, *extra):
     assert al_loop.main(tiny_args(root, out, *extra)) == 0
-    return al_loop.read_states(out)
+    return checks.read_states(out)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,7 @@ def test_state_between_saves_follows_the_records(phantom, reference, tmp_path):
     """A state whose labeled list runs ahead of its records (a kill between two saves in older versions)
     is cut back to what the records say: no iteration trains on cases it did not have."""
     out = copy_run(reference, tmp_path)
-    path = al_loop.state_file(out, 0, "rand")
+    path = checks.state_file(out, 0, "rand")
     st = json.loads(path.read_text())
     st["iterations"] = []
     path.write_text(json.dumps(st))
@@ -74,7 +73,7 @@ def test_checkpoint_of_other_cases_is_redone(phantom, reference, tmp_path):
     out = copy_run(reference, tmp_path)
     ckpt = out / "checkpoints" / "seed0" / "rand"
     shutil.copy(ckpt / "iter1_sup.pt", ckpt / "iter0_sup.pt")      # trained on 4 cases, not iteration 0's 2
-    path = al_loop.state_file(out, 0, "rand")
+    path = checks.state_file(out, 0, "rand")
     st = json.loads(path.read_text())
     st["iterations"], st["labeled"] = [], st["labeled"][:2]
     path.write_text(json.dumps(st))
@@ -89,7 +88,7 @@ def test_checkpoint_of_other_cases_is_redone(phantom, reference, tmp_path):
                                   '{"labeled": [], "iterations": [{"n_labeled": "two"}], "scores": {}}'])
 def test_corrupt_state_file_names_it_and_rebuild_state_recovers(phantom, reference, tmp_path, text):
     out = copy_run(reference, tmp_path)
-    path = al_loop.state_file(out, 0, "proxyrank_var_semi")
+    path = checks.state_file(out, 0, "proxyrank_var_semi")
     path.write_text(text)
     with pytest.raises(SystemExit, match=f"{path.name}.*--rebuild-state"):
         al_loop.main(tiny_args(phantom, out))
@@ -131,7 +130,7 @@ def test_atomic_write_fsyncs_before_the_rename(tmp_path, monkeypatch):
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: order.append("fsync") or real_fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: order.append("replace") or real_replace(a, b))
-    data.atomic_write(tmp_path / "x.pt", lambda f: torch.save({"a": 1}, f))
+    checks.atomic_write(tmp_path / "x.pt", lambda f: torch.save({"a": 1}, f))
     assert order == ["fsync", "replace"]
 
 
@@ -261,7 +260,7 @@ def test_pool_label_values_checked_when_selected(phantom, tmp_path, monkeypatch)
         break_label(root, ids.index(cid), "value")
     with pytest.raises(SystemExit, match="case phantom_.*labelsTr/phantom_.*label value 7"):
         al_loop.main(tiny_args(root, tmp_path / "run", "--strategy", "rand"))
-    assert al_loop.state_file(tmp_path / "run", 0, "rand").exists()   # the selection is kept
+    assert checks.state_file(tmp_path / "run", 0, "rand").exists()   # the selection is kept
 
 
 # ------------------------------------------------------------------------------------ options and user mistakes

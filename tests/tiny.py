@@ -1,18 +1,7 @@
-"""A tiny phantom study for the end-to-end tests: 10 cases of 24 x 24 x 16 voxels, a few training steps."""
+"""A tiny phantom study for the end-to-end tests (the `phantom` fixture is in conftest.py): a few training steps."""
 from pathlib import Path
 
-import pytest
-
-from phantom import make_phantom_dataset
-
 K = 2
-
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom") / "Phantom"
-    make_phantom_dataset(root, 10, seed=3, shape_vox=(24, 24, 16), spacing_mm=(5.0, 5.0, 6.0))
-    return root
 
 
 def args(root, out, *extra):
