@@ -23,7 +23,7 @@ import checks
 import data
 from losses import dice_per_class
 from phantom import make_phantom_dataset
-from report import pseudo_label_report, write_csv, write_reports
+from report import pseudo_label_report, report_run, write_csv, write_reports
 from proxy_al import (PatchStream, Progress, batches, evaluate, fmt_s, lr_schedule, make_optimizer, mc_scores,
                       noisy_label, pick_device, pseudo_label, semi_loss, sliding_window_predict, supervised_loss,
                       train_proxy, train_steps)
@@ -32,6 +32,8 @@ from world import World
 
 STRATEGIES = ["rand", "var", "ent", "var_semi", "ent_semi", "rand_semi", "proxyrank", "proxyrank_semi",
               "proxyrank_var", "proxyrank_var_semi", "proxyrank_ent", "proxyrank_ent_semi"]  # supp. Table 1
+# Beyond the paper: mutual information (BALD), among the strongest scores for 3D segmentation (nnActive, 2025).
+EXTENDED = STRATEGIES + ["bald", "bald_semi", "proxyrank_bald", "proxyrank_bald_semi"]
 MSD_TASKS = {"MSD_Task03": "Task03_Liver", "MSD_Task08": "Task08_HepaticVessel"}
 
 
@@ -45,7 +47,7 @@ class Config:
     data: str = opt("demo", "task folder, MSD_Task03 / MSD_Task08 (under --data-root), or demo")
     data_root: str = opt("data", "where MSD task folders and the demo data live (default: env MSD_DATA_ROOT)")
     out: str = opt("", "run folder; empty -> runs/<data>-<timestamp>; rerun with it to resume")
-    strategy: str = opt("all", "NAME[,NAME...] or all (the 12 strategies of supplementary Table 1)")
+    strategy: str = opt("all", "NAME[,NAME...], all (the paper's 12 of supp. Table 1) or extended (+4 BALD)")
     seeds: tuple = opt((0, 1, 2), "repeats (paper: 3 seeds, mean +- std)")
     k: int = opt(5, "volumes acquired per iteration (paper: 5)")
     iterations: int = opt(4, "active iterations (paper: 4; 8 in the supplementary run)")
@@ -129,7 +131,7 @@ def stage_seed(*parts):
 def parse_strategy(name):
     """'proxyrank_var_semi' -> (proxy=True, acquisition='variance', semi=True)."""
     proxy, semi = name.startswith("proxyrank"), name.endswith("_semi")
-    acq = {"var": "variance", "ent": "entropy", "rand": "random"}
+    acq = {"var": "variance", "ent": "entropy", "bald": "bald", "rand": "random"}
     core = name.removeprefix("proxyrank").removesuffix("_semi").strip("_")
     return proxy, (acq[core] if core else "proxy"), semi
 
@@ -166,18 +168,8 @@ class Study:
         self.root = resolve_data(cfg)
         self.out = Path(cfg.out)                  # made and locked by checks.run_folder
         self.cache = Path(cfg.cache_dir or Path(cfg.data_root) / ".cache")
-        try:
-            self.task = data.read_task_info(self.root)
-            self.cases = {c["id"]: c for c in data.read_msd(self.root)}   # headers and file names only
-        except (OSError, ValueError) as err:
-            raise SystemExit(str(err)) from None
-        if len(self.cases) < 2:
-            raise SystemExit(f"{self.root}: {len(self.cases)} case; active learning needs at least 2 cases "
-                             f"(a pool to select from, and validation cases)")
+        self.task, self.cases = checks.read_task(self.root)                # headers and file names only
         self.num_classes = self.task["num_classes"]
-        if self.num_classes < 2:
-            raise SystemExit(f"{self.root}/dataset.json: the task has {self.num_classes} class; segmentation "
-                             f"needs background and at least one foreground class in 'labels'")
         self.window_hu = data.task_window(self.task["name"], tuple(cfg.window_hu) or None)
         self.device = pick_device(self.world.device(cfg.device))
         Progress.prefix, Progress.poll = (f"[rank {self.world.rank}]", self.world.check) if self.world.size > 1 else ("", None)
@@ -189,7 +181,7 @@ class Study:
         split = self.load_split(labeled if self.annotation else list(self.cases))
         self.pool, self.val = split["pool"], split["val"]
         self.total = 0                                                     # active iterations, for the ETA
-        self.proxies, self.proxy_model = {}, (None, None)                 # loaded proxies, by seed
+        self.proxies, self.proxy_model, self.scoring = {}, (None, None), {}  # proxies by seed; pool scoring
 
     def load_split(self, val_candidates):
         """split.json of the run: drawn once (validation from `val_candidates`, seed 0), then reloaded."""
@@ -277,30 +269,8 @@ def choose_strategies(study):
         study.log(f"annotation mode ({sum(not c['label'] for c in study.cases.values())} unlabeled cases): "
                   f"strategy proxyrank_var_semi, seed {cfg.seeds[0]} (set --strategy/--seeds to change)")
         return ["proxyrank_var_semi"]
-    return STRATEGIES if cfg.strategy == "all" else [s.strip() for s in cfg.strategy.split(",") if s.strip()]
-
-
-def check_request(study, strategies):
-    """Every user mistake that can be seen before the long work starts."""
-    cfg = study.cfg
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise SystemExit(f"--strategy: unknown {', '.join(unknown)}; choose from all, {', '.join(STRATEGIES)}")
-    need = cfg.k * cfg.iterations
-    if need > len(study.pool):
-        raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool cases of "
-                         f"{len(study.pool) + len(study.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
-                         f"needs {need}; lower --n-val, --k or --iterations")
-    if study.annotation and study.world.size > 1:
-        raise SystemExit("annotation mode (pool cases without labels) runs as one process: use python al_loop.py, "
-                         "not torchrun")
-    if study.annotation and (len(strategies) > 1 or len(cfg.seeds) > 1):
-        raise SystemExit("annotation mode (pool cases without labels): choose one --strategy and one --seeds, "
-                         "e.g. --strategy proxyrank_var_semi --seeds 0")
-    unknown = {c for by_s in study.state.values() for st in by_s.values() for c in st["labeled"]} - set(study.pool)
-    if unknown:
-        raise SystemExit(f"{study.out}/state: names cases {sorted(unknown)[:5]} that are not in this run's pool "
-                         f"(split.json less unreadable cases); the data changed since the run began: use a new --out")
+    named = {"all": STRATEGIES, "extended": EXTENDED}
+    return named.get(cfg.strategy) or [s.strip() for s in cfg.strategy.split(",") if s.strip()]
 
 
 def start(study, strategies):
@@ -376,14 +346,21 @@ def proxy_score(study, seed, cid):
     path = study.out / "scores" / f"seed{seed}" / f"{cid}.json"
     if not path.exists():
         study.world.wait(lambda: study.world.add(f"proxy{seed}", 0), f"the proxy of seed {seed}", study.log)
-        if study.proxy_model[0] != seed:
-            model = study.new_model(2, seed, "proxy")
-            study.load_checkpoint(f"seed{seed}/proxy", model, study.pool)
-            study.proxy_model = (seed, model)
-        checks.atomic_write_json(path, score_cases(study, study.proxy_model[1], [cid], f"seed{seed}/proxy")[cid])
-    if study.world.add(f"scored{seed}") == len(study.pool) and study.cfg.save_maps:   # the last case
+        checks.atomic_write_json(path, score_cases(study, scoring_model(study, seed), [cid], f"seed{seed}/proxy")[cid])
+    done = study.world.add(f"scored{seed}")
+    study.scoring.setdefault(seed, Progress(f"seed {seed}: pool scored under the proxy", len(study.pool))).update(done)
+    if done == len(study.pool) and study.cfg.save_maps:                           # the last case
         scores = load_proxy(study, seed).scores
-        save_maps(study, study.proxy_model[1] or proxy_model(study, seed), top(scores, study.cfg.save_maps), f"seed{seed}/proxy")
+        save_maps(study, scoring_model(study, seed), top(scores, study.cfg.save_maps), f"seed{seed}/proxy")
+
+
+def scoring_model(study, seed):
+    """Mp of a seed from its checkpoint, kept while this rank scores that seed's cases."""
+    if study.proxy_model[0] != seed:
+        model = study.new_model(2, seed, "proxy")
+        study.load_checkpoint(f"seed{seed}/proxy", model, study.pool)
+        study.proxy_model = (seed, model)
+    return study.proxy_model[1]
 
 
 def load_proxy(study, seed):
@@ -417,15 +394,24 @@ def top(scores, n):
 
 
 def save_maps(study, model, ids, tag):
-    """Variance maps (and the resampled image, same grid) as NIfTI, to view in ITK-SNAP or 3D Slicer."""
+    """MC variance maps as NIfTI on each scan's own grid (its shape and affine): they overlay the scan in
+    ITK-SNAP or 3D Slicer."""
     folder = study.out / "maps" / tag.replace("/", "_")
-    affine = np.diag(list(study.cfg.spacing_mm) + [1.0])  # RAS grid of the preprocessed volume
     for cid in ids:
-        res = mc_scores(model, study.image(cid), study.cfg.mc_passes, study.cfg.roi_vox, study.cfg.overlap,
-                        return_map=True)
-        data.write_nifti(folder / f"{cid}_variance.nii.gz", res["variance_map"], affine)
-        data.write_nifti(folder / f"{cid}_image.nii.gz", np.asarray(study.image_hu(cid)), affine)
+        write_maps(study, model, cid, folder, prediction=False)
     study.log(f"uncertainty maps of {len(ids)} top-ranked case(s) -> {folder}")
+
+
+def write_maps(study, model, cid, folder, prediction=True):
+    """<case>_uncertainty.nii.gz (per-voxel MC variance, float32) and with `prediction` <case>_pred.nii.gz
+    (the model's segmentation, uint8 class values of dataset.json), on the image file's own grid."""
+    cfg, image, path = study.cfg, study.image(cid), study.cases[cid]["image"]
+    torch.manual_seed(stage_seed(folder.name, cid, "map"))
+    var = mc_scores(model, image, cfg.mc_passes, cfg.roi_vox, cfg.overlap, return_map=True)["variance_map"]
+    data.write_native(folder / f"{cid}_uncertainty.nii.gz", var, path, cfg.spacing_mm, nearest=False)
+    if prediction:
+        seg = sliding_window_predict(model, image, cfg.roi_vox, cfg.overlap).argmax(0).astype(np.uint8)
+        data.write_native(folder / f"{cid}_pred.nii.gz", seg, path, cfg.spacing_mm, nearest=True)
 
 # ----------------------------------------------------------------------------- Algorithm 1, lines 4-13
 
@@ -444,7 +430,7 @@ def run_strategy(study, strategy, seed, proxy):
         annotate(st, initial_scores(study, seed, use_proxy, acquisition, proxy), cfg.k)       # line 4
         study.save_state(seed, strategy)
     for j in range(len(st["iterations"]), cfg.iterations):                                   # line 5
-        require_labels(study, st)
+        require_labels(study, st, seed, strategy, proxy)
         tag, labeled = f"seed{seed}/{strategy}/iter{j}", list(st["labeled"])
         study.log(f"{strategy} seed {seed} iteration {j + 1}/{cfg.iterations}: {len(labeled)} labeled")
         model = supervised(study, labeled, proxy.weights if use_proxy else None, tag)         # line 6: Ms
@@ -462,14 +448,14 @@ def run_strategy(study, strategy, seed, proxy):
         study.save_state(seed, strategy)        # the record and the cases it acquired, in one write
         write_reports(study.out, checks.read_states(study.out), study.task, len(study.pool), study.left_out)
         study.progress(1)
-    require_labels(study, st)
+    require_labels(study, st, seed, strategy, proxy)
 
 
 def initial_scores(study, seed, use_proxy, acquisition, proxy):
-    """Line 4's ranking of the whole pool: the proxy's scores (by entropy for proxyrank_ent*, variance
-    otherwise), or without the proxy a seeded random order shared by every strategy of the seed."""
+    """Line 4's ranking of the whole pool: the proxy's scores (by entropy for proxyrank_ent*, BALD for
+    proxyrank_bald*, else variance), or without the proxy a seeded random order shared by the seed's others."""
     if use_proxy:
-        key = "entropy" if acquisition == "entropy" else "variance"
+        key = acquisition if acquisition in ("entropy", "bald") else "variance"
         return {c: proxy.scores[c][key] for c in study.pool}
     rng = np.random.default_rng(stage_seed(seed, "initial"))
     return dict(zip(study.pool, rng.permutation(len(study.pool)).astype(float)))
@@ -498,16 +484,40 @@ def annotate(st, scores, k):
     return new
 
 
-def require_labels(study, st):
-    """Annotation mode: stop with to_annotate.csv until every selected case has a label in labelsTr/."""
+def require_labels(study, st, seed, strategy, proxy):
+    """Annotation mode: stop with to_annotate.csv until every selected case has a label in labelsTr/. Each
+    selected case gets a pre-segmentation to correct and an uncertainty map, from the model that selected it."""
     pending = [c for c in st["labeled"] if not study.cases[c]["label"]]
     if not pending:
         return
-    rows = [(c, study.cases[c]["image"], f"{st['scores'][c]:.6g}", st["labeled"].index(c) + 1) for c in pending]
-    write_csv(study.out / "to_annotate.csv", ["case", "image", "score", "rank"], rows)
+    folder = study.out / "to_annotate"
+    missing = [c for c in pending if not (folder / f"{c}_pred.nii.gz").exists()]
+    model = selecting_model(study, st, seed, strategy, proxy) if missing else None
+    for cid in missing if model else ():
+        write_maps(study, model, cid, folder)
+    found = lambda c, kind: str(folder / f"{c}_{kind}.nii.gz") if (folder / f"{c}_{kind}.nii.gz").exists() else ""
+    rows = [(c, study.cases[c]["image"], f"{st['scores'][c]:.6g}", st["labeled"].index(c) + 1, found(c, "pred"),
+             found(c, "uncertainty")) for c in pending]
+    write_csv(study.out / "to_annotate.csv", ["case", "image", "score", "rank", "prediction", "uncertainty"], rows)
     raise NeedLabels(f"{len(pending)} case(s) need labels: see {study.out / 'to_annotate.csv'}.\n"
-                     f"Segment them, save each label as labelsTr/<case>.nii.gz in {study.root} (same grid as the "
-                     f"image), then rerun with --out {study.out} to continue.")
+                     f"Open each scan with its pre-segmentation and uncertainty map from {folder} (on the scan's "
+                     f"grid), correct it, save it as labelsTr/<case>.nii.gz in {study.root}, and rerun the same command.")
+
+
+def selecting_model(study, st, seed, strategy, proxy):
+    """The model whose scores made the last selection: the proxy for line 4 (its class 1, foreground),
+    else the last iteration's Msemi or Ms. None for a random first pool (no model has seen the data yet)."""
+    if not st["iterations"]:
+        if proxy is None:
+            return None
+        model, weights = study.new_model(2, seed, "proxy"), proxy.weights
+    else:
+        tag = f"seed{seed}/{strategy}/iter{len(st['iterations']) - 1}"
+        path = study.out / "checkpoints" / f"{tag}_{'semi' if parse_strategy(strategy)[2] else 'sup'}.pt"
+        model = study.new_model(study.num_classes, tag)
+        weights = torch.load(path, map_location=study.device, weights_only=False)["model"]
+    model.load_state_dict(weights)
+    return model.eval()
 
 
 def supervised(study, labeled, init_state, tag):
@@ -530,8 +540,8 @@ def supervised(study, labeled, init_state, tag):
 
 
 def most_certain(study, model, ids, n, acquisition, tag):
-    """Line 8: the n most certain cases of U under Ms (variance unless the strategy acquires by entropy)."""
-    key = "entropy" if acquisition == "entropy" else "variance"
+    """Line 8: the n most certain cases of U under Ms (by the strategy's own measure, else variance)."""
+    key = acquisition if acquisition in ("entropy", "bald") else "variance"
     scores = score_cases(study, model, ids, tag + "/certain")
     return sorted(ids, key=lambda c: scores[c][key])[:n]
 
@@ -576,7 +586,7 @@ def plan(study, strategies):
     the proxies' pool scoring by case (all ranks), then the (seed, strategy) runs, costliest first:
     semi-supervised before supervised, MC acquisition before random and proxy order."""
     proxy_seeds = [seed for seed in study.cfg.seeds if any(parse_strategy(s)[0] for s in strategies)]
-    cost = lambda s: 2 * parse_strategy(s)[2] + (parse_strategy(s)[1] in ("variance", "entropy"))
+    cost = lambda s: 2 * parse_strategy(s)[2] + (parse_strategy(s)[1] in ("variance", "entropy", "bald"))
     runs = sorted(((seed, s) for seed in study.cfg.seeds for s in strategies), key=lambda u: -cost(u[1]))
     return ([("proxy", seed, None) for seed in proxy_seeds] + [("score", seed, c) for seed in proxy_seeds
                                                                for c in study.pool] + [("run", *u) for u in runs])
@@ -621,9 +631,9 @@ def run_study(cfg, world):
     """Every unit of the study this rank gets from the queue; rank 0 then waits for all and writes the reports."""
     study = Study(cfg, world)
     strategies = choose_strategies(study)
-    check_request(study, strategies)
+    checks.check_request(study, strategies, EXTENDED)
     checks.preprocess_all(study)
-    check_request(study, strategies)            # again: unreadable cases may have left the pool
+    checks.check_request(study, strategies, EXTENDED)            # again: unreadable cases may have left the pool
     checks.check_labels(study)
     start(study, strategies)
     world.work(plan(study, strategies), lambda *unit: run_unit(study, *unit))
@@ -638,14 +648,9 @@ def run_study(cfg, world):
 
 def report_only(cfg):
     """--report: the reports of --out from its state files so far, without touching a running study."""
-    path = Path(cfg.out) / "config.json"
-    if not cfg.out or not path.exists():
-        raise SystemExit(f"--report needs --out pointing at a run folder with config.json ({path} not found)")
-    saved = json.loads(path.read_text())
-    root = resolve_data(dataclasses.replace(cfg, data=saved["data"], data_root=saved["data_root"],
-                                            phantom_cases=saved["phantom_cases"]))
-    split = json.loads((Path(cfg.out) / "split.json").read_text())
-    print(write_reports(Path(cfg.out), checks.read_states(cfg.out), data.read_task_info(root), len(split["pool"])))
+    saved = checks.read_json(Path(cfg.out) / "config.json", lambda c: None, "give --out a run folder")
+    print(report_run(cfg.out, resolve_data(dataclasses.replace(cfg, **{k: saved[k] for k in (
+        "data", "data_root", "phantom_cases")}))))
     return 0
 
 

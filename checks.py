@@ -155,6 +155,8 @@ def read_json(path, problem_of, fix):
         problem = problem_of(obj)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         problem = f"not valid JSON ({e})"
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror})"
     if problem:
         raise SystemExit(f"{path}: {problem}; {fix}")
     return obj
@@ -274,6 +276,45 @@ def preprocess_all(study):
     study.val = [c for c in study.val if c in study.cases]
     study.pool = [c for c in study.pool if c in study.cases]
     return study
+
+
+def read_task(root):
+    """(task info, {case id: case}) of a data folder (data.read_task_info, data.read_msd), or SystemExit."""
+    import data
+    try:
+        task, cases = data.read_task_info(root), {c["id"]: c for c in data.read_msd(root)}
+    except (OSError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    if len(cases) < 2:
+        raise SystemExit(f"{root}: {len(cases)} case; active learning needs at least 2 cases (a pool to select "
+                         "from, and validation cases)")
+    if task["num_classes"] < 2:
+        raise SystemExit(f"{root}/dataset.json: the task has {task['num_classes']} class; segmentation needs "
+                         "background and at least one foreground class in 'labels'")
+    return task, cases
+
+
+def check_request(study, strategies, known):
+    """Every mistake in the request that can be seen before the long work starts; known: strategy names."""
+    cfg = study.cfg
+    unknown = [s for s in strategies if s not in known]
+    if unknown:
+        raise SystemExit(f"--strategy: unknown {', '.join(unknown)}; choose from all, extended, {', '.join(known)}")
+    need = cfg.k * cfg.iterations
+    if need > len(study.pool):
+        raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool cases of "
+                         f"{len(study.pool) + len(study.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
+                         f"needs {need}; lower --n-val, --k or --iterations")
+    if study.annotation and study.world.size > 1:
+        raise SystemExit("annotation mode (pool cases without labels) runs as one process: use python al_loop.py, "
+                         "not torchrun")
+    if study.annotation and (len(strategies) > 1 or len(cfg.seeds) > 1):
+        raise SystemExit("annotation mode (pool cases without labels): choose one --strategy and one --seeds, "
+                         "e.g. --strategy proxyrank_var_semi --seeds 0")
+    unknown = {c for by_s in study.state.values() for st in by_s.values() for c in st["labeled"]} - set(study.pool)
+    if unknown:
+        raise SystemExit(f"{study.out}/state: names cases {sorted(unknown)[:5]} that are not in this run's pool "
+                         f"(split.json less unreadable cases); the data changed since the run began: use a new --out")
 
 
 def check_labels(study):

@@ -33,7 +33,7 @@ class Progress:
         if self.poll:
             self.poll()
         now = time.time()
-        if now - self.last < self.every_s and done < self.total:
+        if (now - self.last < self.every_s and done < self.total) or self.total == 1:
             return
         self.last = now
         elapsed = now - self.t0

@@ -4,11 +4,14 @@ with matplotlib, dice_curve.png (the paper's Fig. 2).
 """
 import csv
 import io
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 import checks
+import data
 
 
 def write_csv(path, header, rows):
@@ -60,6 +63,12 @@ def write_reports(out, state, task, n_pool, left_out=None):
     checks.atomic_write_bytes(out / "summary.md", summary.encode())
     plot_curves(out, rows)
     return summary
+
+
+def report_run(out, root):
+    """The reports of the run folder `out` (data set `root`) from its state files; returns the summary."""
+    split = json.loads((Path(out) / "split.json").read_text())
+    return write_reports(Path(out), checks.read_states(out), data.read_task_info(root), len(split["pool"]))
 
 
 def summary_table(task_name, header, rows):

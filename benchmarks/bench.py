@@ -598,18 +598,20 @@ def run_all(cfg, device, work, monai):
     return report
 
 
-def paper_workload(pool=105, val=26, seeds=3, cfg=None):
-    """Work of al_loop's paper preset (default: MSD Task03, 105-case pool, 26 validation cases), counted
-    the way al_loop.run_strategy does it. Returns {"train_steps", "semi_steps", "mc_volumes", "predictions"}:
-    supervised and proxy steps, semi-supervised steps, m-pass MC scorings of one volume, and single-pass
-    sliding-window predictions (validation, noisy labels)."""
+def unit_work(pool=105, val=26, cfg=None):
+    """Work of each unit of al_loop.plan for one seed of the paper preset (default: MSD Task03, 105-case pool,
+    26 validation cases), counted the way al_loop does it: {"proxy": n, "score": n, strategy: n, ...} with
+    n = {"train_steps", "semi_steps", "mc_volumes", "predictions"}: supervised and proxy steps,
+    semi-supervised steps, m-pass MC scorings of one volume, single-pass sliding-window predictions
+    (validation, noisy labels)."""
     cfg = cfg or al_loop.PAPER
-    proxy_steps = max(1, pool * cfg.proxy_patches_per_case // cfg.batch_size) * cfg.proxy_epochs
-    n = {"train_steps": proxy_steps, "semi_steps": 0, "mc_volumes": pool,
-         "predictions": cfg.proxy_epochs // cfg.proxy_val_every * val}              # lines 1-3, once per seed
+    zero = lambda: {"train_steps": 0, "semi_steps": 0, "mc_volumes": 0, "predictions": 0}
+    units = {"proxy": {**zero(), "train_steps": max(1, pool * cfg.proxy_patches_per_case // cfg.batch_size)
+                       * cfg.proxy_epochs, "predictions": cfg.proxy_epochs // cfg.proxy_val_every * val},
+             "score": {**zero(), "mc_volumes": 1}}                                # lines 1-3
     for strategy in al_loop.STRATEGIES:
         _, acquisition, semi = al_loop.parse_strategy(strategy)
-        labeled = cfg.k                                                           # line 4: no scoring
+        n, labeled = units.setdefault(strategy, zero()), cfg.k                   # line 4: no scoring
         for j in range(cfg.iterations):
             n["train_steps"] += cfg.steps                                         # line 6
             n["predictions"] += val                                               # validation
@@ -620,7 +622,38 @@ def paper_workload(pool=105, val=26, seeds=3, cfg=None):
             if j < cfg.iterations - 1:                                            # lines 11-13
                 n["mc_volumes"] += 0 if acquisition in ("proxy", "random") else pool - labeled
                 labeled += cfg.k
-    return {key: value * seeds for key, value in n.items()}
+    return units
+
+
+def paper_workload(pool=105, val=26, seeds=3, cfg=None):
+    """The whole study's work: unit_work summed over the units (the pool's scoring is one unit per case)."""
+    units = unit_work(pool, val, cfg)
+    return {key: seeds * sum(n[key] * (pool if name == "score" else 1) for name, n in units.items())
+            for key in units["proxy"]}
+
+
+def schedule_s(unit_s, pool=105, seeds=3, gpus=1):
+    """Wall time of the study on `gpus` ranks (one per GPU): al_loop's queue simulated, units handed out in
+    al_loop.plan's order to the first free rank; a case's scoring waits for its seed's proxy, a proxyrank run
+    for its seed's scored pool. unit_s: {"proxy", "score", strategy: seconds} from unit_work and unit costs."""
+    cost = lambda s: 2 * al_loop.parse_strategy(s)[2] + (al_loop.parse_strategy(s)[1] in ("variance", "entropy"))
+    runs = sorted(((s, seed) for seed in range(seeds) for s in al_loop.STRATEGIES), key=lambda u: -cost(u[0]))
+    units = ([("proxy", seed) for seed in range(seeds)] + [("score", seed) for seed in range(seeds)
+                                                            for _ in range(pool)] + runs)
+    free, proxy_end, scored_end = [0.0] * gpus, {}, {}
+    for kind, seed in units:
+        rank = min(range(gpus), key=free.__getitem__)
+        start = free[rank]
+        if kind == "score":
+            start = max(start, proxy_end[seed])
+        elif kind != "proxy" and al_loop.parse_strategy(kind)[0]:
+            start = max(start, scored_end[seed])
+        free[rank] = start + unit_s[kind]
+        if kind == "proxy":
+            proxy_end[seed] = free[rank]
+        elif kind == "score":
+            scored_end[seed] = max(scored_end.get(seed, 0.0), free[rank])
+    return max(free)
 
 
 SEMI_STEP_COST = 7 / 3   # a semi-supervised step: two forward-backward passes and one forward (~1/3 of one)
@@ -631,9 +664,13 @@ def paper_estimate(r, cfg):
     m-pass MC scoring of this case, and one pass of it. Volumes are taken to be the size of this case."""
     n = paper_workload()
     step_s, mc_s = r["train"]["step_s"], r["mc"]["ours"]["median_s"]
+    unit_seconds = lambda w: (w["train_steps"] * step_s + w["semi_steps"] * SEMI_STEP_COST * step_s
+                              + w["mc_volumes"] * mc_s + w["predictions"] * mc_s / cfg.mc_passes)
     seconds = {"train": n["train_steps"] * step_s, "semi": n["semi_steps"] * SEMI_STEP_COST * step_s,
                "mc": n["mc_volumes"] * mc_s, "predict": n["predictions"] * mc_s / cfg.mc_passes}
-    return {"workload": n, "seconds": seconds, "total_s": sum(seconds.values())}
+    unit_s = {name: unit_seconds(w) for name, w in unit_work().items()}
+    return {"workload": n, "seconds": seconds, "total_s": sum(seconds.values()),
+            "wall_s": {gpus: schedule_s(unit_s, gpus=gpus) for gpus in (1, 8, 32)}}
 
 
 # ----------------------------------------------------------------------------- the table
@@ -751,7 +788,13 @@ def paper_line(est):
     return (f"paper preset on Task03 (105-case pool, 26 validation, 4 iterations, 3 seeds, 12 strategies): "
             f"{n['train_steps']:,} training + {n['semi_steps']:,} semi-supervised steps, {n['mc_volumes']:,} MC "
             f"scorings, {n['predictions']:,} predictions -> about {est['total_s'] / 3600:,.0f} h here (training "
-            f"{(s['train'] + s['semi']) / 3600:,.0f} h, MC {s['mc'] / 3600:,.0f} h; volumes the size of this case)")
+            f"{(s['train'] + s['semi']) / 3600:,.0f} h, MC {s['mc'] / 3600:,.0f} h; volumes the size of this case)"
+            "\n  wall time with torchrun, one rank per device (al_loop's queue simulated): "
+            + ", ".join(f"{g} x {fmt_h(w)}" for g, w in est["wall_s"].items()))
+
+
+def fmt_h(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 # ----------------------------------------------------------------------------- entry point
 

@@ -53,3 +53,13 @@ def test_command_line_quick_preset_and_overrides():
         bench.parse_args(["--patch-vox", "50"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--shape-vox", "64,64"])
+
+
+def test_schedule_one_rank_is_the_sum_and_many_ranks_the_critical_path():
+    unit_s = {"proxy": 100.0, "score": 1.0, **{s: 10.0 * (i + 1) for i, s in enumerate(al_loop.STRATEGIES)}}
+    total = 2 * (100 + 20 * 1 + sum(10.0 * (i + 1) for i in range(12)))
+    assert bench.schedule_s(unit_s, pool=20, seeds=2, gpus=1) == pytest.approx(total)
+    # enough ranks: a proxy, its pool scored in parallel (1 s), then the longest proxyrank run
+    longest_proxy_run = max(unit_s[s] for s in al_loop.STRATEGIES if s.startswith("proxyrank"))
+    assert bench.schedule_s(unit_s, pool=20, seeds=2, gpus=200) == pytest.approx(100 + 1 + longest_proxy_run)
+    assert total / 8 <= bench.schedule_s(unit_s, pool=20, seeds=2, gpus=8) < total / 4

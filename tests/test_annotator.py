@@ -1,0 +1,94 @@
+"""The annotator's side: pre-segmentations and uncertainty maps on each scan's own grid, labels saved from
+them accepted on the rerun, a user's dataset.json without label entries, and the BALD strategies."""
+import csv
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import al_loop
+import checks
+import data
+import tiny
+
+
+def own_scans(phantom, tmp_path, labeled=3):
+    """The user's folder: all scans, labels for the first `labeled` cases, a dataset.json whose other
+    entries have no "label" (as a user writes it for unlabeled scans)."""
+    root = tmp_path / "mine"
+    shutil.copytree(phantom, root)
+    info = json.loads((root / "dataset.json").read_text())
+    for i, entry in enumerate(sorted(info["training"], key=lambda e: data._natural_key(e["image"]))):
+        if i >= labeled:
+            (root / entry.pop("label")).unlink()
+    (root / "dataset.json").write_text(json.dumps(info))
+    return root
+
+
+def same_grid(path, image_path):
+    """The map's shape and affine are those of the image file (its own grid, not the resampled one)."""
+    img, ref = nib.load(str(path)), nib.load(str(image_path))
+    assert img.shape == ref.shape and np.allclose(img.affine, ref.affine, atol=1e-4)
+    return np.asarray(img.dataobj)
+
+
+def to_annotate(out):
+    with open(out / "to_annotate.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_presegmentations_on_the_native_grid_and_labels_saved_from_them_continue(phantom, tmp_path, capsys):
+    root, out = own_scans(phantom, tmp_path), tmp_path / "run"
+    args = tiny.args(root, out, "--k", "1")
+    assert al_loop.main(args) == 0
+    assert "pre-segmentation and uncertainty map" in capsys.readouterr().out
+    rows = to_annotate(out)
+    assert len(rows) == 1
+    row = rows[0]
+    pred = same_grid(row["prediction"], row["image"])
+    assert pred.dtype == np.uint8 and set(np.unique(pred)) <= {0, 1}        # the proxy: class 1, foreground
+    assert pred.any()
+    uncertainty = same_grid(row["uncertainty"], row["image"])
+    assert uncertainty.dtype == np.float32 and uncertainty.min() >= 0 and uncertainty.max() > 0
+    # the annotator accepts the pre-segmentation as it is and saves it where the rerun looks for it
+    shutil.copy(row["prediction"], root / "labelsTr" / f"{row['case']}.nii.gz")
+    assert al_loop.main(args) == 0
+    st = checks.read_states(out)["0"]["proxyrank_var_semi"]
+    assert st["labeled"][0] == row["case"] and len(st["iterations"]) >= 1   # it went on: iterations trained
+    case = {c["id"]: c for c in data.read_msd(root)}[row["case"]]
+    assert case["label"]                                                     # found without a json entry
+    label = data.cached_case(case, tmp_path / "cache", (6.0, 6.0, 6.0), num_classes=3)[1]
+    assert set(np.unique(label)) <= {0, 1} and label.any()
+    later = to_annotate(out)[0]                                              # the next one comes from Msemi
+    assert later["case"] != row["case"] and set(np.unique(same_grid(later["prediction"], later["image"]))) <= {0, 1, 2}
+
+
+def test_save_maps_writes_on_the_native_grid(phantom, tmp_path):
+    out = tmp_path / "run"
+    assert al_loop.main(tiny.args(phantom, out, "--strategy", "proxyrank", "--save-maps", "2")) == 0
+    maps = sorted((out / "maps" / "seed0_proxy").glob("*_uncertainty.nii.gz"))
+    assert len(maps) == 2
+    cases = {c["id"]: c for c in data.read_msd(phantom)}
+    for path in maps:
+        assert same_grid(path, cases[path.name.removesuffix("_uncertainty.nii.gz")]["image"]).max() > 0
+
+
+def test_bald_strategies_run_apart_from_the_paper(phantom, tmp_path):
+    study = al_loop.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "s", "--strategy", "extended")))
+    assert al_loop.choose_strategies(study) == al_loop.EXTENDED and len(al_loop.EXTENDED) == 16
+    assert len(al_loop.choose_strategies(al_loop.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "a", "--strategy", "all"))))) == 12
+    assert al_loop.parse_strategy("proxyrank_bald_semi") == (True, "bald", True)
+    out = tmp_path / "run"
+    names = ["bald", "bald_semi", "proxyrank_bald", "proxyrank_bald_semi"]
+    assert al_loop.main(tiny.args(phantom, out, "--strategy", ",".join(names))) == 0
+    state = checks.read_states(out)["0"]
+    assert sorted(state) == sorted(names) and all(len(st["iterations"]) == 2 for st in state.values())
+    proxy = {c: json.loads((out / "scores" / "seed0" / f"{c}.json").read_text()) for c in json.loads(
+        (out / "split.json").read_text())["pool"]}
+    by_bald = sorted(proxy, key=lambda c: -proxy[c]["bald"])[:tiny.K]
+    assert state["proxyrank_bald"]["labeled"][:tiny.K] == by_bald             # line 4 ranks by the proxy's BALD
+    acquired = state["bald"]["iterations"][0]["acquired"]
+    scores = state["bald"]["iterations"][0]["scores"]
+    assert acquired == sorted(scores, key=lambda c: -scores[c])[:tiny.K]     # the most uncertain by BALD
