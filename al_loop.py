@@ -9,6 +9,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -325,6 +326,7 @@ def proxy_model(study, seed):
     cfg = study.cfg
     model = study.new_model(2, seed, "proxy")
     if study.load_checkpoint(f"seed{seed}/proxy", model, study.pool) is None:
+        shutil.rmtree(study.out / "scores" / f"seed{seed}", ignore_errors=True)    # scores of an older Mp
         study.log(f"seed {seed}: proxy model on pseudo labels ({cfg.proxy_epochs} epochs)")
         labels = pseudo_labels(study, study.pool + study.val)                                 # line 1
         volumes = [study.labeled_volume(c, labels[c]) for c in study.pool]

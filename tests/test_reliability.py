@@ -83,6 +83,20 @@ def test_checkpoint_of_other_cases_is_redone(phantom, reference, tmp_path):
     assert torch.load(ckpt / "iter0_sup.pt", weights_only=False)["cases"] == state["0"]["rand"]["labeled"][:2]
 
 
+def test_retrained_proxy_scores_the_pool_again(phantom, reference, tmp_path):
+    """A proxy checkpoint that must be redone takes its pool scores with it: none of an older proxy is reused."""
+    out = copy_run(reference, tmp_path)
+    (out / "checkpoints" / "seed0" / "proxy.pt").write_bytes(b"damaged")
+    stale = next((out / "scores" / "seed0").iterdir())
+    stale.write_text('{"variance": 99.0, "entropy": 99.0, "bald": 99.0}')
+    for p in (out / "state").iterdir():
+        p.unlink()
+    with pytest.warns(UserWarning, match="proxy.pt: unreadable checkpoint"):
+        state = run(phantom, out)
+    same_results(state, reference[1])
+    assert json.loads(stale.read_text())["variance"] != 99.0
+
+
 @pytest.mark.parametrize("text", ['{"labeled": ["phantom_1"], "iteratio', "not json at all", "[]", '"a string"',
                                   '{"labeled": "phantom_1", "iterations": [], "scores": {}}',
                                   '{"labeled": [], "iterations": [{"n_labeled": "two"}], "scores": {}}'])
