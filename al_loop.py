@@ -2,9 +2,11 @@
 
     python al_loop.py                          # built-in phantom data, demo preset, a few minutes on a CPU
     python al_loop.py --data MSD_Task03 --k 5  # MSD Task03 Liver under ./data (or $MSD_DATA_ROOT), paper preset
+    torchrun --nproc-per-node 8 al_loop.py --data MSD_Task03 --out runs/t03   # the same study on 8 workers
 
-`proxy_model` and `proxy_score` are Algorithm 1's lines 1-3, `run_strategy` its lines 4-13. Everything a rerun with the same
---out needs to continue is in state/ (one file per seed and strategy), split.json and checkpoints/.
+`proxy_model` and `proxy_score` are Algorithm 1's lines 1-3, `run_strategy` its lines 4-13; `plan` lists
+a study's units of work. Everything a rerun with the same --out needs to continue is in state/ (a file per
+seed and strategy), scores/, split.json and checkpoints/.
 """
 import dataclasses
 import json
@@ -353,7 +355,7 @@ def proxy_score(study, seed, cid):
     study.scoring.setdefault(seed, Progress(f"seed {seed}: pool scored under the proxy", len(study.pool))).update(done)
     if done == len(study.pool) and study.cfg.save_maps:                           # the last case
         scores = load_proxy(study, seed).scores
-        save_maps(study, scoring_model(study, seed), top(scores, study.cfg.save_maps), f"seed{seed}/proxy")
+        save_maps(study, scoring_model(study, seed), scores, f"seed{seed}/proxy")
 
 
 def scoring_model(study, seed):
@@ -390,15 +392,11 @@ def score_cases(study, model, ids, tag):
     return scores
 
 
-def top(scores, n):
-    """The n cases of highest variance."""
-    return sorted(scores, key=lambda c: -scores[c]["variance"])[:n]
-
-
-def save_maps(study, model, ids, tag):
-    """MC variance maps as NIfTI on each scan's own grid (its shape and affine): they overlay the scan in
-    ITK-SNAP or 3D Slicer."""
+def save_maps(study, model, scores, tag):
+    """MC variance maps of the --save-maps cases of highest variance, as NIfTI on each scan's own grid (its
+    shape and affine): they overlay the scan in ITK-SNAP or 3D Slicer."""
     folder = study.out / "maps" / tag.replace("/", "_")
+    ids = sorted(scores, key=lambda c: -scores[c]["variance"])[:study.cfg.save_maps]
     for cid in ids:
         write_maps(study, model, cid, folder, prediction=False)
     study.log(f"uncertainty maps of {len(ids)} top-ranked case(s) -> {folder}")
@@ -474,7 +472,7 @@ def acquisition_scores(study, model, st, seed, strategy, proxy, j):
         return dict(zip(rest, rng.permutation(len(rest)).astype(float)))
     mc = score_cases(study, model, rest, f"seed{seed}/{strategy}/iter{j}")
     if study.cfg.save_maps:
-        save_maps(study, model, top(mc, study.cfg.save_maps), f"seed{seed}/{strategy}/iter{j}")
+        save_maps(study, model, mc, f"seed{seed}/{strategy}/iter{j}")
     return {c: mc[c][acquisition] for c in rest}
 
 
