@@ -32,7 +32,7 @@ def config_parser(cls, presets, description):
     Each flag's help is its field's metadata["help"], followed by its value in every preset.
     Shared with benchmarks/bench.py.
     """
-    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else (v if v != "" else '""')
+    show = lambda v: fmt(v) if v != "" else '""'
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         values = ", ".join(f"{name}: {show(getattr(preset, f.name))}" for name, preset in presets.items())
