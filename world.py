@@ -9,6 +9,7 @@ an atomic counter hands out the units of work in a fixed order, and a "failed" k
 worker fails. Which worker runs a unit never changes its result (every unit seeds its own randomness).
 """
 import os
+import sys
 import time
 from datetime import timedelta
 
@@ -89,7 +90,10 @@ class World:
             try:
                 run_unit(kind, seed, what)
             except BaseException as err:
-                self.fail(f"rank {self.rank} failed in unit {kind} seed {seed} {what or ''}: {err!r}"[:2000])
+                message = f"rank {self.rank} failed in unit {kind} seed {seed} {what or ''}: {err!r}"[:2000]
+                if self.size > 1:
+                    print(message, file=sys.stderr, flush=True)
+                self.fail(message)
                 raise
 
     def close(self):
