@@ -131,6 +131,11 @@ def stage_seed(*parts):
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
+def measure(acquisition):
+    """The score a strategy ranks by where it needs an uncertainty (lines 3 and 8): its own, else variance."""
+    return acquisition if acquisition in ("entropy", "bald") else "variance"
+
+
 def parse_strategy(name):
     """'proxyrank_var_semi' -> (proxy=True, acquisition='variance', semi=True)."""
     proxy, semi = name.startswith("proxyrank"), name.endswith("_semi")
@@ -340,8 +345,8 @@ def proxy_model(study, seed):
                               workers=study.workers, roi=cfg.roi_vox, warmup_steps=cfg.warmup_steps,
                               cosine=cfg.lr_decay == "cosine")
         study.save_checkpoint(f"seed{seed}/proxy", model, study.pool, history=history)
+    study.proxy_model = (seed, model)
     study.world.add(f"proxy{seed}")                             # ready for the pool's scoring
-    return model
 
 
 def proxy_score(study, seed, cid):
@@ -372,11 +377,9 @@ def load_proxy(study, seed):
     if seed not in study.proxies:
         world = study.world
         world.wait(lambda: world.add(f"scored{seed}", 0) >= len(study.pool), f"the pool scores of seed {seed}", study.log)
-        ckpt = torch.load(study.out / "checkpoints" / f"seed{seed}" / "proxy.pt", map_location=study.device,
-                          weights_only=False)
         folder = study.out / "scores" / f"seed{seed}"
         scores = {c: json.loads((folder / f"{c}.json").read_text()) for c in study.pool}
-        study.proxies[seed] = Proxy(weights=ckpt["model"], scores=scores)
+        study.proxies[seed] = Proxy(weights=scoring_model(study, seed).state_dict(), scores=scores)
     return study.proxies[seed]
 
 
@@ -455,8 +458,7 @@ def initial_scores(study, seed, use_proxy, acquisition, proxy):
     """Line 4's ranking of the whole pool: the proxy's scores (by entropy for proxyrank_ent*, BALD for
     proxyrank_bald*, else variance), or without the proxy a seeded random order shared by the seed's others."""
     if use_proxy:
-        key = acquisition if acquisition in ("entropy", "bald") else "variance"
-        return {c: proxy.scores[c][key] for c in study.pool}
+        return {c: proxy.scores[c][measure(acquisition)] for c in study.pool}
     rng = np.random.default_rng(stage_seed(seed, "initial"))
     return dict(zip(study.pool, rng.permutation(len(study.pool)).astype(float)))
 
@@ -508,15 +510,11 @@ def selecting_model(study, st, seed, strategy, proxy):
     """The model whose scores made the last selection: the proxy for line 4 (its class 1, foreground),
     else the last iteration's Msemi or Ms. None for a random first pool (no model has seen the data yet)."""
     if not st["iterations"]:
-        if proxy is None:
-            return None
-        model, weights = study.new_model(2, seed, "proxy"), proxy.weights
-    else:
-        tag = f"seed{seed}/{strategy}/iter{len(st['iterations']) - 1}"
-        path = study.out / "checkpoints" / f"{tag}_{'semi' if parse_strategy(strategy)[2] else 'sup'}.pt"
-        model = study.new_model(study.num_classes, tag)
-        weights = torch.load(path, map_location=study.device, weights_only=False)["model"]
-    model.load_state_dict(weights)
+        return scoring_model(study, seed).eval() if proxy is not None else None
+    tag = f"seed{seed}/{strategy}/iter{len(st['iterations']) - 1}"
+    path = study.out / "checkpoints" / f"{tag}_{'semi' if parse_strategy(strategy)[2] else 'sup'}.pt"
+    model = study.new_model(study.num_classes, tag)
+    model.load_state_dict(torch.load(path, map_location=study.device, weights_only=False)["model"])
     return model.eval()
 
 
@@ -541,9 +539,8 @@ def supervised(study, labeled, init_state, tag):
 
 def most_certain(study, model, ids, n, acquisition, tag):
     """Line 8: the n most certain cases of U under Ms (by the strategy's own measure, else variance)."""
-    key = acquisition if acquisition in ("entropy", "bald") else "variance"
     scores = score_cases(study, model, ids, tag + "/certain")
-    return sorted(ids, key=lambda c: scores[c][key])[:n]
+    return sorted(ids, key=lambda c: scores[c][measure(acquisition)])[:n]
 
 
 def semi_finetune(study, model, labeled, certain, tag):

@@ -256,6 +256,8 @@ def preprocess_all(study):
         for case in list(study.cases.values())[world.rank::world.size]:
             try:
                 data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
+            except data.CacheError as err:
+                raise SystemExit(str(err)) from None
             except (OSError, ValueError):
                 pass        # reported by the pass below
         world.add("preprocessed")
