@@ -1,0 +1,69 @@
+"""The strategies of the paper's supplementary Table 1 (and, beyond the paper, BALD and the all-data
+reference), each parsed once from its name into a `Strategy` that the rest of the code asks.
+
+    proxyrank_var_semi -> Strategy(proxy=True, acquisition="variance", semi=True)
+
+Adding a strategy is one edit: a name in PAPER or EXTENDED, and, for a new score, a key of ACQUISITIONS
+that mc_scores returns.
+"""
+from dataclasses import dataclass
+
+# The name's middle part -> how the strategy ranks the unlabeled pool at lines 13 and 16.
+ACQUISITIONS = {"rand": "random", "var": "variance", "ent": "entropy", "bald": "bald"}
+MC_MEASURES = ("variance", "entropy", "bald")      # scores of proxy_al.mc_scores
+
+# Supplementary Table 1: the paper's 12.
+PAPER = ("rand", "var", "ent", "var_semi", "ent_semi", "rand_semi", "proxyrank", "proxyrank_semi",
+         "proxyrank_var", "proxyrank_var_semi", "proxyrank_ent", "proxyrank_ent_semi")
+# Beyond the paper: mutual information (BALD), among the strongest scores for 3D segmentation (nnActive, 2025).
+EXTENDED = PAPER + ("bald", "bald_semi", "proxyrank_bald", "proxyrank_bald_semi")
+# The supplement's "model that is using all the data": Ms trained on the whole pool, the upper bound.
+REFERENCE = "full"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    proxy: bool          # lines 2-4 rank the first pool, and Ms starts from Mp's weights
+    acquisition: str     # "random", "proxy" (the proxy ranking itself), "variance", "entropy", "bald", or "all"
+    semi: bool           # lines 9-12: semi-supervised fine-tuning on the most certain unlabeled cases
+
+    @property
+    def reference(self):
+        """The all-data reference: no selection, Ms trained on the whole pool."""
+        return self.acquisition == "all"
+
+    @property
+    def measure(self):
+        """The MC score it ranks by where it needs an uncertainty (lines 3-4 and 9): its own, else variance."""
+        return self.acquisition if self.acquisition in ("entropy", "bald") else "variance"
+
+    @property
+    def uses_mc(self):
+        """Whether its acquisition scores the pool by MC dropout (lines 12 and 15)."""
+        return self.acquisition in MC_MEASURES
+
+    @property
+    def cost(self):
+        """Its relative cost, for the order of the queue: semi-supervised first, then MC acquisition."""
+        return 2 * self.semi + self.uses_mc
+
+
+def parse(name):
+    """'proxyrank_var_semi' -> Strategy; ValueError naming the known ones for any other name."""
+    if name == REFERENCE:
+        return Strategy(name, proxy=False, acquisition="all", semi=False)
+    if name not in EXTENDED:
+        raise ValueError(f"--strategy: unknown {name}; choose from all, extended, {', '.join(EXTENDED)}, {REFERENCE}")
+    proxy, semi = name.startswith("proxyrank"), name.endswith("_semi")
+    core = name.removeprefix("proxyrank").removesuffix("_semi").strip("_")
+    return Strategy(name, proxy, ACQUISITIONS[core] if core else "proxy", semi)
+
+
+def choose(spec):
+    """The strategies a --strategy value names: all (the paper's 12), extended (+4 BALD), or NAME[,NAME...].
+    `full` (the all-data reference) runs only when named, e.g. --strategy all,full."""
+    names = []
+    for part in (p.strip() for p in spec.split(",")):
+        names += PAPER if part == "all" else EXTENDED if part == "extended" else [part] if part else []
+    return [parse(n) for n in dict.fromkeys(names)]
