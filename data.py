@@ -10,13 +10,12 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
-from checks import atomic_save_npy, atomic_write_bytes, atomic_write_json
 
 # Paper settings: clip HU to these windows, then scale to [0, 1].
 TASK_WINDOWS_HU = {"Task03_Liver": (-21, 189), "Task08_HepaticVessel": (-3, 243)}
@@ -30,7 +29,44 @@ CACHE_VERSION = 1  # bump when the cached arrays change meaning; old entries the
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Writing NIfTI (atomically: checks.atomic_write).
+# 1. Atomic writes: every file this project writes goes through atomic_write, so a reader (or a rerun after a
+# kill or a full disk) sees the old file or the new one, never half of one.
+
+
+def atomic_write(path, write_fn) -> Path:
+    """Call write_fn(f) on an open binary file next to `path`, flush it to disk, then move it onto `path`
+    in one step. Returns the Path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; others sharing a data or cache folder must read them
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` atomically. Returns the Path."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path, obj) -> Path:
+    """Write `obj` as indented JSON to `path` atomically. Returns the Path."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+def atomic_save_npy(path, array: np.ndarray) -> Path:
+    """Save `array` as .npy to `path` atomically. Returns the Path."""
+    return atomic_write(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
+
 
 
 def write_nifti(path, array, affine):

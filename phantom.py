@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from checks import atomic_write_json
-from data import write_nifti
+from data import atomic_write_json, write_nifti
 
 PHANTOM_VERSION = 3  # bump when the generator changes; existing phantom folders are then rewritten
 

@@ -1,62 +1,28 @@
-"""The method's building blocks: pseudo labels, sliding-window and MC-dropout inference,
-noisy labels, and the training steps (proxy, supervised, semi-supervised).
+"""The method's building blocks, with any model of your own: pseudo labels (Algorithm 1 line 2),
+sliding-window and MC-dropout inference (lines 3, 9, 12, 15), noisy labels (line 10) and the semi-supervised
+loss (line 11), and the validation Dice.
 
-Arrays called `image` are windowed to [0, 1] (data.window); `image_hu` are Hounsfield units.
+This file ports on its own: it imports only torch, numpy, scipy and losses.py. `model` is any
+torch.nn.Module mapping (B, 1, X, Y, Z) float to logits (B, C, X, Y, Z), with dropout layers for MC dropout.
+Arrays called `image` are windowed to [0, 1]; `image_hu` are Hounsfield units.
 """
 import itertools
 import math
-import time
 import warnings
 from contextlib import nullcontext
 
 import numpy as np
 import scipy.ndimage as ndi
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from data import augment_intensity, sample_patch
 from losses import dice_ce_loss, dice_per_class
-from unet import enable_mc_dropout
-
-# ----------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Prints `tag i/n  elapsed  ETA` at most every `every_s` seconds (and at the end), after `prefix`."""
-    prefix, poll = "", None   # a study on several ranks sets its rank, and a check that stops it if another failed
-
-    def __init__(self, tag, total, every_s=10.0):
-        self.tag, self.total, self.every_s = tag, total, every_s
-        self.t0 = self.last = time.time()
-
-    def update(self, done, extra=""):
-        if self.poll:
-            self.poll()
-        now = time.time()
-        if (now - self.last < self.every_s and done < self.total) or self.total == 1:
-            return
-        self.last = now
-        elapsed = now - self.t0
-        eta = elapsed / max(done, 1) * (self.total - done)
-        print(f"{self.prefix}  {self.tag} {done}/{self.total}  {extra}  elapsed {fmt_s(elapsed)}  ETA {fmt_s(eta)}", flush=True)
-
-
-def fmt_s(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 # ----------------------------------------------------------------------------- devices
 
 
-def pick_device(name="auto"):
-    """'auto' -> cuda when available, else cpu. Turns on cudnn.benchmark on CUDA (fixed patch sizes)."""
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return device
-
-
-def autocast(device):
+def autocast(device: torch.device):
     """bf16 autocast on CUDA where supported, else fp16 (needs a grad scaler); plain float32 on the CPU."""
     if device.type != "cuda":
         return nullcontext()
@@ -64,13 +30,10 @@ def autocast(device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def needs_scaler(device):
-    return device.type == "cuda" and not torch.cuda.is_bf16_supported()
-
 # ----------------------------------------------------------------------------- pseudo labels
 
 
-def auto_hu_band(image_hu, width_hu=50.0):
+def auto_hu_band(image_hu: np.ndarray, width_hu: float = 50.0) -> tuple:
     """A band `width_hu` wide centred on the upper soft-tissue level of the case itself.
 
     Rule: the centre is the 75th percentile of the voxels in [0, 200] HU (soft tissue and contrast-
@@ -87,7 +50,7 @@ def auto_hu_band(image_hu, width_hu=50.0):
     return (centre - width_hu / 2, centre + width_hu / 2)
 
 
-def pseudo_label(image_hu, hu_band=(100, 150), case_id="case"):
+def pseudo_label(image_hu: np.ndarray, hu_band=(100, 150), case_id: str = "case") -> np.ndarray:
     """Binary proxy label: voxels in the HU band, largest 26-connected component (paper sec. 3.1).
 
     image_hu: (X, Y, Z) HU. hu_band: (lo_hu, hi_hu), inclusive, or "auto" (see auto_hu_band).
@@ -108,7 +71,7 @@ def pseudo_label(image_hu, hu_band=(100, 150), case_id="case"):
 # ----------------------------------------------------------------------------- inference
 
 
-def window_starts(size, roi, overlap):
+def window_starts(size: int, roi: int, overlap: float) -> list:
     """Evenly spaced window starts along one axis; the last window ends flush with the edge."""
     if not 0 <= overlap < 1:
         raise ValueError(f"sliding-window overlap must be in [0, 1), got {overlap}")
@@ -118,13 +81,14 @@ def window_starts(size, roi, overlap):
     return sorted(set(np.linspace(0, size - roi, n).round().astype(int).tolist()))
 
 
-def default_batch(device):
+def default_batch(device: torch.device) -> int:
     """Forward passes per batch: 4 on CUDA; 1 on the CPU, where a bigger batch is no faster and costs memory."""
     return 4 if device.type == "cuda" else 1
 
 
 @torch.inference_mode()
-def sliding_window(model, image, roi=(96, 96, 96), overlap=0.25, passes=1, batch_size=None):
+def sliding_window(model: nn.Module, image: np.ndarray, roi=(96, 96, 96), overlap: float = 0.25, passes: int = 1,
+                   batch_size: int = None) -> torch.Tensor:
     """Softmax of `passes` forward passes over evenly spaced windows, overlaps averaged (uniform weights).
     image: (X, Y, Z) float32 in [0, 1]. The model runs in whatever mode it is in (eval: deterministic;
     enable_mc_dropout: each pass draws its own dropout masks). A batch holds up to batch_size (window, pass)
@@ -156,7 +120,8 @@ def sliding_window(model, image, roi=(96, 96, 96), overlap=0.25, passes=1, batch
     return out.div_(count)[..., :X, :Y, :Z]
 
 
-def sliding_window_predict(model, image, roi=(96, 96, 96), overlap=0.25, batch_size=None):
+def sliding_window_predict(model: nn.Module, image: np.ndarray, roi=(96, 96, 96), overlap: float = 0.25,
+                           batch_size: int = None) -> np.ndarray:
     """Softmax probabilities (C, X, Y, Z) float32 numpy of `image` (X, Y, Z) in [0, 1].
 
     Uses the model in whatever mode it is in (call model.eval() for a deterministic result).
@@ -164,13 +129,23 @@ def sliding_window_predict(model, image, roi=(96, 96, 96), overlap=0.25, batch_s
     return sliding_window(model, image, roi, overlap, 1, batch_size)[0].cpu().numpy()
 
 
-def n_windows(shape, roi=(96, 96, 96), overlap=0.25):
+def n_windows(shape, roi=(96, 96, 96), overlap: float = 0.25) -> int:
     """Number of sliding windows over a volume of `shape` (after padding to at least `roi`)."""
     return math.prod(len(window_starts(max(s, r), r, overlap)) for s, r in zip(shape, roi))
 
 
+def enable_mc_dropout(model: nn.Module) -> nn.Module:
+    """Eval mode everywhere (norms use their eval behaviour) except dropout, which stays stochastic."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.train()
+    return model
+
+
 @torch.inference_mode()
-def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=None, return_map=False):
+def mc_scores(model: nn.Module, image: np.ndarray, m: int = 10, roi=(96, 96, 96), overlap: float = 0.25,
+              batch_size: int = None, return_map: bool = False) -> dict:
     """MC-dropout uncertainty of one volume under `model` (paper sec. 3.1).
     m stochastic passes (dropout on, norms in eval mode), each a full sliding-window prediction p_k.
     variance: per-voxel variance over the passes of the softmax (population variance, ddof 0),
@@ -218,13 +193,13 @@ def mc_scores(model, image, m=10, roi=(96, 96, 96), overlap=0.25, batch_size=Non
     return out
 
 
-def _entropy(probs):
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
     """Entropy in nats over the class axis of probs (C, *S), 0 log 0 = 0. Returns (*S).
     Class by class, so the temporaries are single volumes."""
     return -sum(q * q.clamp(min=1e-12).log() for q in probs)
 
 
-def noisy_label(probs, tau=0.9):
+def noisy_label(probs: np.ndarray, tau: float = 0.9) -> np.ndarray:
     """Argmax where the max softmax probability exceeds tau, background elsewhere (paper sec. 3.3).
 
     probs: (C, X, Y, Z) float. Returns uint8 (X, Y, Z).
@@ -232,101 +207,25 @@ def noisy_label(probs, tau=0.9):
     probs = np.asarray(probs)
     return np.where(probs.max(0) > tau, probs.argmax(0), 0).astype(np.uint8)
 
-# ----------------------------------------------------------------------------- training data
 
+def semi_loss(model: nn.Module, batch, alpha: float = 1.0, beta: float = 1e-3) -> torch.Tensor:
+    """alpha * DiceCE(labeled) + beta * DiceCE(view 2 logits, softmax of view 1, detached) (paper sec. 3.3).
 
-class PatchStream(torch.utils.data.IterableDataset):
-    """Endless foreground-balanced training patches, made in DataLoader workers off the training thread.
-    volumes: list of (image_hu (X, Y, Z), label (X, Y, Z) uint8, data.foreground_index of the label).
-    Yields (image (1, *P) float32 intensity-augmented, label (1, *P) int64), or with two_views (view 1 clean,
-    view 2 intensity-augmented) of one patch: the semi-supervised pair (the label only steers the centre).
+    batch: ((image (B, 1, *P), label (B, 1, *P) int64), (view1 (B, 1, *P), view2 (B, 1, *P))): a labeled
+    pair, and two views of one patch of a most-certain case (view 1 plain, view 2 intensity-augmented).
+    The view-1 target is computed in the model's current mode (training: dropout on), as a Pi-model does:
+    both views see the network as it trains, and the target's dropout noise is part of the regularisation.
+    Returns a scalar tensor.
     """
-
-    def __init__(self, volumes, patch_vox, fg_fraction, window_hu, seed, two_views=False):
-        self.volumes, self.patch_vox, self.fg_fraction = volumes, tuple(patch_vox), fg_fraction
-        self.window_hu, self.seed, self.two_views = window_hu, seed, two_views
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        rng = np.random.default_rng([self.seed, info.id if info else 0])
-        while True:
-            image_hu, label, fg_index = self.volumes[rng.integers(len(self.volumes))]
-            patch, lab = sample_patch(image_hu, label, self.patch_vox, self.fg_fraction, rng,
-                                      self.window_hu, fg_index=fg_index)
-            if self.two_views:
-                yield torch.from_numpy(patch[None]), torch.from_numpy(augment_intensity(patch, rng)[None])
-            else:
-                yield torch.from_numpy(augment_intensity(patch, rng)[None]), torch.from_numpy(lab[None].astype(np.int64))
-
-
-def batches(stream, batch_size, workers, device):
-    """An endless iterator of batches on `device` from a PatchStream."""
-    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=False, prefetch_factor=4 if workers else None)
-    for batch in loader:
-        yield [t.to(device, non_blocking=True) for t in batch]
-
-# ----------------------------------------------------------------------------- training steps
-
-
-def make_optimizer(model, lr, device):
-    """Adam (paper: lr 1e-4) and a grad scaler that is active only for fp16 autocast."""
-    return torch.optim.Adam(model.parameters(), lr=lr), torch.amp.GradScaler(device.type, enabled=needs_scaler(device))
-
-
-def lr_schedule(optimizer, steps, warmup_steps=0, cosine=False):
-    """Learning-rate factor per step: a linear warm-up over warmup_steps, then constant (the paper) or a
-    cosine decay that reaches 0 after `steps` (a short run then ends converged, not mid-training)."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        done = min(1.0, (step - warmup_steps + 1) / max(1, steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * done)) if cosine else 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def supervised_loss(model, batch):
-    image, label = batch                                                  # (B, 1, *P), (B, 1, *P)
-    return dice_ce_loss(model(image), label)
-
-
-def semi_loss(model, batch, alpha=1.0, beta=1e-3):
-    """alpha * DiceCE(labeled) + beta * DiceCE(view 2 logits, softmax of view 1, detached) (paper sec. 3.3)."""
-    sup_batch, (view1, view2) = batch                                     # labeled pair; (B, 1, *P) each
+    (image, label), (view1, view2) = batch
     with torch.no_grad():
         target = model(view1).float().softmax(1)                          # (B, C, *P)
-    return alpha * supervised_loss(model, sup_batch) + beta * dice_ce_loss(model(view2), target)
+    return alpha * dice_ce_loss(model(image), label) + beta * dice_ce_loss(model(view2), target)
+
+# ----------------------------------------------------------------------------- validation
 
 
-def train_steps(model, optimizer, scaler, step_loss, data, steps, device, tag="train", log_every_s=10.0,
-                schedule=None):
-    """Run `steps` optimiser steps of `step_loss(model, next(data))`, stepping the lr `schedule` if given.
-
-    Returns {"loss": mean loss, "step_s": seconds per step, "data_wait": share of time spent waiting for data}.
-    """
-    model.train()
-    progress = Progress(tag, steps, log_every_s)
-    total, wait, t0 = 0.0, 0.0, time.time()
-    for step in range(1, steps + 1):
-        t = time.time()
-        batch = next(data)
-        wait += time.time() - t
-        with autocast(device):
-            loss = step_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if schedule is not None:
-            schedule.step()
-        total += loss.item()
-        progress.update(step, f"loss {total / step:.4f}")
-    elapsed = max(time.time() - t0, 1e-9)
-    return {"loss": total / max(steps, 1), "step_s": elapsed / max(steps, 1), "data_wait": wait / elapsed}
-
-
-def evaluate(model, cases, num_classes, roi, overlap=0.25, batch_size=None):
+def evaluate(model: nn.Module, cases, num_classes: int, roi, overlap: float = 0.25, batch_size: int = None) -> np.ndarray:
     """Hard Dice per foreground class of each case: (n_cases, num_classes - 1) float64.
 
     cases: iterable of (image (X, Y, Z) in [0, 1], label (X, Y, Z) int), e.g. a generator that loads lazily.
@@ -339,32 +238,3 @@ def evaluate(model, cases, num_classes, roi, overlap=0.25, batch_size=None):
     return np.array(rows).reshape(len(rows), num_classes - 1)
 
 
-def train_proxy(model, volumes, val_cases, epochs, val_every, steps_per_epoch, device, seed, *,
-                patch_vox, batch_size, window_hu, lr, workers, roi, fg_fraction=0.5, warmup_steps=0, cosine=False):
-    """Proxy model on pseudo labels (Algorithm 1 line 2): `epochs` epochs, validation Dice on the validation
-    cases' pseudo labels every `val_every` epochs, the best weights kept (paper: 100 epochs, every 5).
-    val_cases: a function returning an iterable of (image, pseudo label) pairs, or None. warmup_steps,
-    cosine: the lr schedule over all epochs. Returns [(epoch, dice)]; the model ends with its best weights.
-    """
-    optimizer, scaler = make_optimizer(model, lr, device)
-    schedule = lr_schedule(optimizer, epochs * steps_per_epoch, warmup_steps, cosine)
-    data = batches(PatchStream(volumes, patch_vox, fg_fraction, window_hu, seed), batch_size, workers, device)
-    best, best_state, history = -1.0, None, []
-    for epoch in range(0, epochs, val_every):
-        chunk = min(val_every, epochs - epoch)
-        train_steps(model, optimizer, scaler, supervised_loss, data, chunk * steps_per_epoch, device,
-                    tag=f"proxy epochs {epoch + 1}-{epoch + chunk}/{epochs}", schedule=schedule)
-        if val_cases is None:  # nothing to validate on: keep the last weights
-            best_state = model.state_dict()
-            continue
-        scores = evaluate(model, val_cases(), 2, roi)
-        if len(scores) == 0:
-            raise ValueError("train_proxy: val_cases() gave no validation case; pass val_cases=None "
-                             "to train the proxy without validation")
-        dice = float(scores.mean())
-        history.append((epoch + chunk, dice))
-        print(f"  proxy epoch {epoch + chunk}/{epochs}: validation Dice on pseudo labels {dice:.4f}", flush=True)
-        if dice > best:
-            best, best_state = dice, {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    return history

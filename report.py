@@ -4,20 +4,18 @@ with matplotlib, dice_curve.png (the paper's Fig. 2).
 """
 import csv
 import io
-import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 
-import checks
 import data
+import strategies
 
 
 def write_csv(path, header, rows):
     text = io.StringIO()
     csv.writer(text).writerows([header] + [list(r) for r in rows])
-    checks.atomic_write_bytes(path, text.getvalue().encode())
+    data.atomic_write_bytes(path, text.getvalue().encode())
 
 
 def pseudo_label_report(out, rows, hu_band, spacing_mm):
@@ -60,15 +58,9 @@ def write_reports(out, state, task, n_pool, left_out=None):
     if left_out:
         summary += (f"\n## {len(left_out)} case(s) left out: their files could not be read\n\n"
                     + "".join(f"- {c}: {why}\n" for c, why in sorted(left_out.items())))
-    checks.atomic_write_bytes(out / "summary.md", summary.encode())
+    data.atomic_write_bytes(out / "summary.md", summary.encode())
     plot_curves(out, rows)
     return summary
-
-
-def report_run(out, root):
-    """The reports of the run folder `out` (data set `root`) from its state files; returns the summary."""
-    split = json.loads((Path(out) / "split.json").read_text())
-    return write_reports(Path(out), checks.read_states(out), data.read_task_info(root), len(split["pool"]))
 
 
 def summary_table(task_name, header, rows):
@@ -115,6 +107,14 @@ def wilcoxon_table(state):
     return "\n".join(lines) + "\n"
 
 
+def _semi(name):
+    """Whether a strategy named in a state file is semi-supervised (a name from an older version: False)."""
+    try:
+        return strategies.parse(name).semi
+    except ValueError:
+        return False
+
+
 def plot_curves(out, rows):
     """Dice against percent labeled: solid supervised, dashed semi-supervised (the paper's Fig. 2)."""
     try:
@@ -130,9 +130,9 @@ def plot_curves(out, rows):
             if r[0] == strategy:
                 pts.setdefault(r[4], []).append(r[-1])
         x = sorted(pts)
-        ax.plot(x, [np.mean(pts[p]) for p in x], "--" if strategy.endswith("_semi") else "-", marker="o", label=strategy)
+        ax.plot(x, [np.mean(pts[p]) for p in x], "--" if _semi(strategy) else "-", marker="o", label=strategy)
     ax.set(xlabel="% of pool labeled", ylabel="validation mean Dice")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    checks.atomic_write(out / "dice_curve.png", lambda f: fig.savefig(f, format="png"))
+    data.atomic_write(out / "dice_curve.png", lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

@@ -28,6 +28,9 @@ class Strategy:
     acquisition: str     # "random", "proxy" (the proxy ranking itself), "variance", "entropy", "bald", or "all"
     semi: bool           # lines 9-12: semi-supervised fine-tuning on the most certain unlabeled cases
 
+    def __str__(self):
+        return self.name
+
     @property
     def reference(self):
         """The all-data reference: no selection, Ms trained on the whole pool."""

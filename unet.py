@@ -92,15 +92,6 @@ class UNet(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def enable_mc_dropout(model):
-    """Eval mode everywhere (norms use their eval behaviour) except dropout, which stays stochastic."""
-    model.eval()
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.train()
-    return model
-
-
 def load_backbone(model, state_dict, head_from_proxy=False):
     """Load every weight whose name and shape match; keep the model's own head otherwise.
 

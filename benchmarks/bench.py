@@ -11,7 +11,7 @@ Stages, each timed as seconds per case unless said otherwise (cheap stages: medi
   1. preprocess   data.preprocess_case + data.window to 1.5 x 1.5 x 2 mm, next to a bare nibabel read of the files
   2. cached load  data.cached_case (memory-mapped .npy) plus reading every voxel
   3. patches      96^3 foreground-balanced patches per second, data.sample_patch with a precomputed foreground index
-  4. train step   batch 2 x 96^3 (AMP on CUDA) through proxy_al.train_steps, and the share spent waiting for data
+  4. train step   batch 2 x 96^3 (AMP on CUDA) through train.train_steps, and the share spent waiting for data
   5. MC scoring   proxy_al.mc_scores with m passes on the resampled case, and its peak extra memory
   6. peak RSS     of this process: sampled VmRSS per stage, and the kernel's high-water mark
 With --compare-monai, MONAI's equivalents run on the same file and the same network, alternating with ours:
@@ -45,11 +45,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import al_loop  # noqa: E402
-import checks  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import proxy_al  # noqa: E402
-from al_loop import opt  # noqa: E402
-from unet import UNet, enable_mc_dropout  # noqa: E402
+import strategies  # noqa: E402
+import train  # noqa: E402
+from cli import opt  # noqa: E402
+from proxy_al import enable_mc_dropout  # noqa: E402
+from unet import UNet  # noqa: E402
 
 T0 = time.time()
 
@@ -88,8 +91,8 @@ MONAI_SW_BATCH = 4                    # sliding_window_inference(sw_batch_size=4
 
 def parse_args(argv=None):
     """BenchConfig from the command line; --quick starts from the QUICK preset, given flags override."""
-    p = checks.config_parser(BenchConfig, PRESETS, __doc__)
-    given = checks.config_values(BenchConfig, vars(p.parse_args(argv)), p)
+    p = cli.config_parser(BenchConfig, PRESETS, __doc__)
+    given = cli.config_values(BenchConfig, vars(p.parse_args(argv)), p)
     cfg = dataclasses.replace(QUICK if given.get("quick") else FULL, **given)
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         p.error(f"--device {cfg.device}: choose cpu, cuda or auto")
@@ -116,7 +119,7 @@ def import_monai():
 
 def log(message):
     """Progress line with the time since the benchmark started."""
-    print(f"[{proxy_al.fmt_s(time.time() - T0)}] {message}", flush=True)
+    print(f"[{train.fmt_s(time.time() - T0)}] {message}", flush=True)
 
 
 def rss_mb():
@@ -354,21 +357,21 @@ def stage_patches(cfg, image_hu, label, monai, theirs, sampler):
 
 
 def stage_train(cfg, device, volume, num_classes, sampler):
-    """Stage 4: proxy_al.train_steps on batches from a PatchStream, after one untimed warm-up step.
+    """Stage 4: train.train_steps on batches from a PatchStream, after one untimed warm-up step.
 
     volume: (image_hu memmap, label memmap, fg_index). Returns (record, the trained model).
     """
     torch.manual_seed(cfg.seed)
     model = UNet(out_channels=num_classes).to(device)
-    optimizer, scaler = proxy_al.make_optimizer(model, 1e-4, device)   # paper: Adam, lr 1e-4
+    optimizer, scaler = train.make_optimizer(model, 1e-4, device)   # paper: Adam, lr 1e-4
     workers = cfg.workers if cfg.workers >= 0 else (6 if device.type == "cuda" else 1)
-    stream = proxy_al.PatchStream([volume], (cfg.patch_vox,) * 3, 0.5, WINDOW_HU, cfg.seed)  # paper: fg:bg 1:1
-    batches = proxy_al.batches(stream, cfg.batch_size, workers, device)
+    stream = train.PatchStream([volume], (cfg.patch_vox,) * 3, 0.5, WINDOW_HU, cfg.seed)  # paper: fg:bg 1:1
+    batches = train.batches(stream, cfg.batch_size, workers, device)
     with sampler.section("train") as mem:   # its own tag: backward at 96^3 dwarfs every other stage
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        proxy_al.train_steps(model, optimizer, scaler, proxy_al.supervised_loss, batches, 1, device, tag="warm-up step")
-        res = proxy_al.train_steps(model, optimizer, scaler, proxy_al.supervised_loss, batches, cfg.steps, device,
+        train.train_steps(model, optimizer, scaler, train.supervised_loss, batches, 1, device, tag="warm-up step")
+        res = train.train_steps(model, optimizer, scaler, train.supervised_loss, batches, cfg.steps, device,
                                    tag="train step")
     batches.close()   # stops the loader's worker processes
     res.update(workers=workers, batch_size=cfg.batch_size, extra_mb=mem["extra_mb"], peak_mb=mem["peak_mb"],
@@ -495,7 +498,7 @@ def stage_mc(cfg, model, image, device, monai, sampler):
     windows = proxy_al.n_windows(image.shape, roi, OVERLAP)
     per_window = window_seconds(model, cfg.patch_vox, device)
     log(f"MC scoring on {image.shape}: {windows} windows x {cfg.mc_passes} passes, one window (batch 1) "
-        f"{per_window:.2f} s -> about {proxy_al.fmt_s(windows * cfg.mc_passes * per_window)} per implementation")
+        f"{per_window:.2f} s -> about {train.fmt_s(windows * cfg.mc_passes * per_window)} per implementation")
 
     def runs_on(volume, seed):
         def ours():
@@ -609,18 +612,17 @@ def unit_work(pool=105, val=26, cfg=None):
     units = {"proxy": {**zero(), "train_steps": max(1, pool * cfg.proxy_patches_per_case // cfg.batch_size)
                        * cfg.proxy_epochs, "predictions": cfg.proxy_epochs // cfg.proxy_val_every * val},
              "score": {**zero(), "mc_volumes": 1}}                                # lines 1-3
-    for strategy in al_loop.STRATEGIES:
-        _, acquisition, semi = al_loop.parse_strategy(strategy)
-        n, labeled = units.setdefault(strategy, zero()), cfg.k                   # line 4: no scoring
+    for strategy in map(strategies.parse, strategies.PAPER):
+        n, labeled = units.setdefault(strategy.name, zero()), cfg.k                  # line 4: no scoring
         for j in range(cfg.iterations):
             n["train_steps"] += cfg.steps                                         # line 6
             n["predictions"] += val                                               # validation
-            if semi:                                                              # lines 8-10
+            if strategy.semi:                                                            # lines 8-10
                 n["mc_volumes"] += pool - labeled
                 n["predictions"] += labeled
                 n["semi_steps"] += cfg.semi_steps
             if j < cfg.iterations - 1:                                            # lines 11-13
-                n["mc_volumes"] += 0 if acquisition in ("proxy", "random") else pool - labeled
+                n["mc_volumes"] += pool - labeled if strategy.uses_mc else 0
                 labeled += cfg.k
     return units
 
@@ -636,8 +638,7 @@ def schedule_s(unit_s, pool=105, seeds=3, gpus=1):
     """Wall time of the study on `gpus` ranks (one per GPU): al_loop's queue simulated, units handed out in
     al_loop.plan's order to the first free rank; a case's scoring waits for its seed's proxy, a proxyrank run
     for its seed's scored pool. unit_s: {"proxy", "score", strategy: seconds} from unit_work and unit costs."""
-    cost = lambda s: 2 * al_loop.parse_strategy(s)[2] + (al_loop.parse_strategy(s)[1] in ("variance", "entropy"))
-    runs = sorted(((s, seed) for seed in range(seeds) for s in al_loop.STRATEGIES), key=lambda u: -cost(u[0]))
+    runs = sorted(((s, seed) for seed in range(seeds) for s in strategies.PAPER), key=lambda u: -strategies.parse(u[0]).cost)
     units = ([("proxy", seed) for seed in range(seeds)] + [("score", seed) for seed in range(seeds)
                                                             for _ in range(pool)] + runs)
     free, proxy_end, scored_end = [0.0] * gpus, {}, {}
@@ -646,7 +647,7 @@ def schedule_s(unit_s, pool=105, seeds=3, gpus=1):
         start = free[rank]
         if kind == "score":
             start = max(start, proxy_end[seed])
-        elif kind != "proxy" and al_loop.parse_strategy(kind)[0]:
+        elif kind != "proxy" and strategies.parse(kind).proxy:
             start = max(start, scored_end[seed])
         free[rank] = start + unit_s[kind]
         if kind == "proxy":

@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 import al_loop
-import checks
+import study
+import strategies
 import data
 import tiny
 from tiny import K
@@ -16,29 +17,33 @@ tiny_args = tiny.args
 
 def run(root, out, *extra):
     assert al_loop.main(tiny_args(root, out, *extra)) == 0
-    return checks.read_states(out)
+    return study.read_states(out)
 
 
 def test_parse_strategy_covers_table():
-    assert al_loop.parse_strategy("rand") == (False, "random", False)
-    assert al_loop.parse_strategy("ent_semi") == (False, "entropy", True)
-    assert al_loop.parse_strategy("proxyrank") == (True, "proxy", False)
-    assert al_loop.parse_strategy("proxyrank_var_semi") == (True, "variance", True)
-    assert len(set(al_loop.STRATEGIES)) == 12
+    fields = lambda name: (lambda s: (s.proxy, s.acquisition, s.semi))(strategies.parse(name))
+    assert fields("rand") == (False, "random", False)
+    assert fields("ent_semi") == (False, "entropy", True)
+    assert fields("proxyrank") == (True, "proxy", False)
+    assert fields("proxyrank_var_semi") == (True, "variance", True)
+    assert len(set(strategies.PAPER)) == 12
+    assert strategies.parse("full").reference and "full" not in [s.name for s in strategies.choose("all")]
+    with pytest.raises(ValueError, match="unknown nope; choose from all, extended, rand"):
+        strategies.parse("nope")
 
 
 def test_presets_and_overrides():
-    cfg = al_loop.parse_args([])
+    cfg = al_loop.parse_args([])[0]
     assert cfg.preset == "demo" and cfg.data == "demo"
-    cfg = al_loop.parse_args(["--data", "MSD_Task03", "--k", "3", "--patch-vox", "64,64,32"])
+    cfg = al_loop.parse_args(["--data", "MSD_Task03", "--k", "3", "--patch-vox", "64,64,32"])[0]
     assert cfg.preset == "paper" and cfg.k == 3 and cfg.patch_vox == (64, 64, 32) and cfg.steps == 2000
     with pytest.raises(SystemExit):
-        al_loop.parse_args(["--k", "three"])
+        al_loop.parse_args(["--k", "three"])[0]
 
 
 def test_help_lists_every_option_with_its_values(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        al_loop.parse_args(["--help"])
+        al_loop.parse_args(["--help"])[0]
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--proxy-epochs" in text and "paper: 100" in text and "--hu-band" in text
@@ -64,9 +69,9 @@ def test_all_strategies_two_iterations(phantom, tmp_path, monkeypatch):
     monkeypatch.setattr(al_loop, "score_cases", spy_score)
     state = run(phantom, tmp_path / "run", "--strategy", "all")["0"]
     split = json.loads((tmp_path / "run" / "split.json").read_text())
-    assert set(state) == set(al_loop.STRATEGIES)
+    assert set(state) == set(strategies.PAPER)
     for name, st in state.items():
-        proxy, _, semi = al_loop.parse_strategy(name)
+        proxy, semi = strategies.parse(name).proxy, strategies.parse(name).semi
         assert len(st["labeled"]) == len(set(st["labeled"])) == 2 * K, name          # k per iteration, distinct
         assert not set(st["labeled"]) & set(split["val"]), name                      # never a validation case
         assert [it["n_labeled"] for it in st["iterations"]] == [K, 2 * K]
@@ -122,7 +127,7 @@ def test_resume_after_stop_between_stages(phantom, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(phantom, tmp_path / "cut", *args)
     monkeypatch.setattr(al_loop, "semi_finetune", real_semi)
-    resumed = run(phantom, tmp_path / "cut", *args, "--resume")
+    resumed = run(phantom, tmp_path / "cut", *args, )
     for name in ("proxyrank_var_semi", "rand"):
         assert resumed["0"][name]["labeled"] == reference["0"][name]["labeled"]
         assert resumed["0"][name]["iterations"][-1]["dice"] == pytest.approx(reference["0"][name]["iterations"][-1]["dice"])
@@ -149,7 +154,7 @@ def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
         for row in rows:  # the "annotator" delivers the requested labels
             shutil.move(hidden / f"{row['case']}.nii.gz", root / "labelsTr")
         todo.unlink()
-    state = checks.read_states(out)
+    state = study.read_states(out)
     st = state["0"]["proxyrank_var_semi"]
     assert len(st["iterations"]) == 2 and attempt >= 2
     assert not set(st["labeled"]) & set(json.loads((out / "split.json").read_text())["val"])
@@ -185,11 +190,11 @@ def test_unreadable_case_is_left_out_with_a_warning(phantom, tmp_path):
     root = tmp_path / "bad"
     shutil.copytree(phantom, root)
     (root / "imagesTr" / "phantom_4.nii.gz").write_bytes(b"not a nifti file")
-    cfg = al_loop.parse_args(tiny_args(root, tmp_path / "run"))
+    cfg = al_loop.parse_args(tiny_args(root, tmp_path / "run"))[0]
     with pytest.warns(UserWarning, match="phantom_4"):
-        study = checks.preprocess_all(al_loop.Study(cfg))
-    assert "phantom_4" not in study.pool + study.val
-    assert len(study.pool) + len(study.val) == 9
+        s = study.preprocess_all(study.Study(cfg))
+    assert "phantom_4" not in s.pool + s.val
+    assert len(s.pool) + len(s.val) == 9
 
 
 def test_own_scans_without_any_label_get_no_validation_set(phantom, tmp_path):
@@ -197,13 +202,13 @@ def test_own_scans_without_any_label_get_no_validation_set(phantom, tmp_path):
     shutil.copytree(phantom, root)
     shutil.rmtree(root / "labelsTr")
     (root / "dataset.json").unlink()
-    study = al_loop.Study(al_loop.parse_args(tiny_args(root, tmp_path / "run")))
-    assert study.annotation and study.val == [] and len(study.pool) == 10
+    s = study.Study(al_loop.parse_args(tiny_args(root, tmp_path / "run"))[0])
+    assert s.annotation and s.val == [] and len(s.pool) == 10
 
 
 def test_help_comes_from_field_metadata(capsys):
     with pytest.raises(SystemExit):
-        al_loop.parse_args(["--help"])
+        al_loop.parse_args(["--help"])[0]
     text = capsys.readouterr().out
     for f in al_loop.dataclasses.fields(al_loop.Config):
         assert f.metadata["help"].split()[0] in text, f.name

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import al_loop
-import checks
+import study
+import strategies
 import data
 import tiny
 
@@ -55,7 +56,7 @@ def test_presegmentations_on_the_native_grid_and_labels_saved_from_them_continue
     # the annotator accepts the pre-segmentation as it is and saves it where the rerun looks for it
     shutil.copy(row["prediction"], root / "labelsTr" / f"{row['case']}.nii.gz")
     assert al_loop.main(args) == 0
-    st = checks.read_states(out)["0"]["proxyrank_var_semi"]
+    st = study.read_states(out)["0"]["proxyrank_var_semi"]
     assert st["labeled"][0] == row["case"] and len(st["iterations"]) >= 1   # it went on: iterations trained
     case = {c["id"]: c for c in data.read_msd(root)}[row["case"]]
     assert case["label"]                                                     # found without a json entry
@@ -76,14 +77,15 @@ def test_save_maps_writes_on_the_native_grid(phantom, tmp_path):
 
 
 def test_bald_strategies_run_apart_from_the_paper(phantom, tmp_path):
-    study = al_loop.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "s", "--strategy", "extended")))
-    assert al_loop.choose_strategies(study) == al_loop.EXTENDED and len(al_loop.EXTENDED) == 16
-    assert len(al_loop.choose_strategies(al_loop.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "a", "--strategy", "all"))))) == 12
-    assert al_loop.parse_strategy("proxyrank_bald_semi") == (True, "bald", True)
+    s = study.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "s", "--strategy", "extended"))[0])
+    assert [x.name for x in study.choose_strategies(s)] == list(strategies.EXTENDED) and len(strategies.EXTENDED) == 16
+    assert len(study.choose_strategies(study.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "a", "--strategy", "all"))[0]))) == 12
+    bald = strategies.parse("proxyrank_bald_semi")
+    assert (bald.proxy, bald.acquisition, bald.semi) == (True, "bald", True)
     out = tmp_path / "run"
     names = ["bald", "bald_semi", "proxyrank_bald", "proxyrank_bald_semi"]
     assert al_loop.main(tiny.args(phantom, out, "--strategy", ",".join(names))) == 0
-    state = checks.read_states(out)["0"]
+    state = study.read_states(out)["0"]
     assert sorted(state) == sorted(names) and all(len(st["iterations"]) == 2 for st in state.values())
     proxy = {c: json.loads((out / "scores" / "seed0" / f"{c}.json").read_text()) for c in json.loads(
         (out / "split.json").read_text())["pool"]}

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import al_loop
+import strategies
 from proxy_al import window_starts
 
 _spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py")
@@ -56,10 +57,10 @@ def test_command_line_quick_preset_and_overrides():
 
 
 def test_schedule_one_rank_is_the_sum_and_many_ranks_the_critical_path():
-    unit_s = {"proxy": 100.0, "score": 1.0, **{s: 10.0 * (i + 1) for i, s in enumerate(al_loop.STRATEGIES)}}
+    unit_s = {"proxy": 100.0, "score": 1.0, **{s: 10.0 * (i + 1) for i, s in enumerate(strategies.PAPER)}}
     total = 2 * (100 + 20 * 1 + sum(10.0 * (i + 1) for i in range(12)))
     assert bench.schedule_s(unit_s, pool=20, seeds=2, gpus=1) == pytest.approx(total)
     # enough ranks: a proxy, its pool scored in parallel (1 s), then the longest proxyrank run
-    longest_proxy_run = max(unit_s[s] for s in al_loop.STRATEGIES if s.startswith("proxyrank"))
+    longest_proxy_run = max(unit_s[s] for s in strategies.PAPER if strategies.parse(s).proxy)
     assert bench.schedule_s(unit_s, pool=20, seeds=2, gpus=200) == pytest.approx(100 + 1 + longest_proxy_run)
     assert total / 8 <= bench.schedule_s(unit_s, pool=20, seeds=2, gpus=8) < total / 4

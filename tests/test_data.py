@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import checks  # noqa: E402
 import data  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -423,8 +422,8 @@ def test_default_n_val():
 
 
 def test_atomic_writers_leave_no_temporaries(tmp_path):
-    checks.atomic_write_json(tmp_path / "s.json", {"a": [1, 2]})
-    checks.atomic_save_npy(tmp_path / "a.npy", np.arange(5))
+    data.atomic_write_json(tmp_path / "s.json", {"a": [1, 2]})
+    data.atomic_save_npy(tmp_path / "a.npy", np.arange(5))
     data.write_nifti(tmp_path / "v.nii.gz", np.ones((3, 4, 5), np.int16), LPS_AFFINE)
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": [1, 2]}
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.arange(5))

@@ -14,7 +14,8 @@ import pytest
 import torch.multiprocessing as mp
 
 import al_loop
-import checks
+import study
+import strategies
 import data
 import tiny
 from world import World
@@ -32,7 +33,7 @@ def torchrun(args, nproc=2, restarts=0):
 
 
 def results(out):
-    states = checks.read_states(out)
+    states = study.read_states(out)
     return {(seed, s): (st["labeled"], [r["mean_dice"] for r in st["iterations"]])
             for seed, by_s in states.items() for s, st in by_s.items()}
 
@@ -74,12 +75,12 @@ def _claim_all(rank, port, n, found):
 
 
 def test_queue_hands_every_unit_to_exactly_one_rank(phantom, tmp_path):
-    study = al_loop.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "run", *STUDY)))
-    units = al_loop.plan(study, ["rand", "proxyrank", "var_semi"])
+    s = study.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "run", *STUDY))[0])
+    units = al_loop.plan(s, strategies.choose("rand,proxyrank,var_semi"))
     scored = [(seed, c) for kind, seed, c in units if kind == "score"]
-    assert sorted(scored) == sorted((seed, c) for seed in (0, 1) for c in study.pool)   # each pool case once
+    assert sorted(scored) == sorted((seed, c) for seed in (0, 1) for c in s.pool)   # each pool case once
     assert units[:2] == [("proxy", 0, None), ("proxy", 1, None)]
-    assert [u[2] for u in units if u[0] == "run"][:2] == ["var_semi", "var_semi"]      # the costliest first
+    assert [str(u[2]) for u in units if u[0] == "run"][:2] == ["var_semi", "var_semi"]      # the costliest first
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

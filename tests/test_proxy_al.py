@@ -15,11 +15,14 @@ import torch.nn.functional as F
 import proxy_al
 from data import foreground_index, window
 from losses import dice_ce_loss
+import train
 from proxy_al import (
-    PatchStream, auto_hu_band, autocast, batches, evaluate, fmt_s, make_optimizer, mc_scores, n_windows,
-    needs_scaler, noisy_label, pick_device, pseudo_label, semi_loss, sliding_window, sliding_window_predict,
-    supervised_loss, train_proxy, train_steps, window_starts)
-from unet import UNet, enable_mc_dropout
+    auto_hu_band, autocast, enable_mc_dropout, evaluate, mc_scores, n_windows, noisy_label, pseudo_label, semi_loss,
+    sliding_window, sliding_window_predict, window_starts)
+from train import (
+    PatchStream, batches, fmt_s, make_optimizer, needs_scaler, pick_device, supervised_loss, train_proxy,
+    train_steps)
+from unet import UNet
 
 SMALL = (4, 8, 8, 8, 8)       # five levels, tiny widths: fast on the CPU
 ROI = (16, 16, 32)            # the cheapest window the 5-level UNet accepts (not 16 on every side)
@@ -755,15 +758,15 @@ def proxy_setup():
 
 
 def record_train_steps(monkeypatch):
-    """Wrap proxy_al.train_steps to capture the weights after every training chunk."""
-    snapshots, real = [], proxy_al.train_steps
+    """Wrap train.train_steps to capture the weights after every training chunk."""
+    snapshots, real = [], train.train_steps
 
     def wrapped(model, *args, **kwargs):
         out = real(model, *args, **kwargs)
         snapshots.append(weights(model))
         return out
 
-    monkeypatch.setattr(proxy_al, "train_steps", wrapped)
+    monkeypatch.setattr(train, "train_steps", wrapped)
     return snapshots
 
 
@@ -787,7 +790,7 @@ def test_train_proxy_keeps_best_epoch_weights(monkeypatch):
         evaluated.append(list(cases))
         return np.array([[next(dices)]])
 
-    monkeypatch.setattr(proxy_al, "evaluate", fake_evaluate)
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
     volumes, val, kw = proxy_setup()
     history = train_proxy(net, volumes, lambda: iter(val), epochs=5, val_every=2, steps_per_epoch=1, device=CPU,
                           seed=0, **kw)
@@ -839,7 +842,7 @@ def test_bad_overlap_and_empty_validation_are_clear_errors():
 def test_lr_schedule_warm_up_then_constant_or_cosine_to_zero():
     def lrs(**kw):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        schedule = proxy_al.lr_schedule(opt, 10, **kw)
+        schedule = train.lr_schedule(opt, 10, **kw)
         out = []
         for _ in range(10):
             out.append(opt.param_groups[0]["lr"])
@@ -849,6 +852,6 @@ def test_lr_schedule_warm_up_then_constant_or_cosine_to_zero():
     assert lrs() == [1.0] * 10                                    # the paper: constant
     warm = lrs(warmup_steps=4)
     assert warm[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and warm[4:] == [1.0] * 6
-    cos = lrs(warmup_steps=2, cosine=True)
+    cos = lrs(warmup_steps=2, decay="cosine")
     assert cos[:2] == pytest.approx([0.5, 1.0])
     assert all(a > b for a, b in zip(cos[2:], cos[3:])) and cos[-1] < 0.05   # decays to about 0 at the end

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import al_loop
-import checks
+import study
+import strategies
 import data
 import tiny
 
@@ -30,7 +31,7 @@ def tiny_args(root, out, *extra):
 
 def run(root, out, *extra):
     assert al_loop.main(tiny_args(root, out, *extra)) == 0
-    return checks.read_states(out)
+    return study.read_states(out)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_state_between_saves_follows_the_records(phantom, reference, tmp_path):
     """A state whose labeled list runs ahead of its records (a kill between two saves in older versions)
     is cut back to what the records say: no iteration trains on cases it did not have."""
     out = copy_run(reference, tmp_path)
-    path = checks.state_file(out, 0, "rand")
+    path = study.state_file(out, 0, "rand")
     st = json.loads(path.read_text())
     st["iterations"] = []
     path.write_text(json.dumps(st))
@@ -73,7 +74,7 @@ def test_checkpoint_of_other_cases_is_redone(phantom, reference, tmp_path):
     out = copy_run(reference, tmp_path)
     ckpt = out / "checkpoints" / "seed0" / "rand"
     shutil.copy(ckpt / "iter1_sup.pt", ckpt / "iter0_sup.pt")      # trained on 4 cases, not iteration 0's 2
-    path = checks.state_file(out, 0, "rand")
+    path = study.state_file(out, 0, "rand")
     st = json.loads(path.read_text())
     st["iterations"], st["labeled"] = [], st["labeled"][:2]
     path.write_text(json.dumps(st))
@@ -102,7 +103,7 @@ def test_retrained_proxy_scores_the_pool_again(phantom, reference, tmp_path):
                                   '{"labeled": [], "iterations": [{"n_labeled": "two"}], "scores": {}}'])
 def test_corrupt_state_file_names_it_and_rebuild_state_recovers(phantom, reference, tmp_path, text):
     out = copy_run(reference, tmp_path)
-    path = checks.state_file(out, 0, "proxyrank_var_semi")
+    path = study.state_file(out, 0, "proxyrank_var_semi")
     path.write_text(text)
     with pytest.raises(SystemExit, match=f"{path.name}.*--rebuild-state"):
         al_loop.main(tiny_args(phantom, out))
@@ -144,7 +145,7 @@ def test_atomic_write_fsyncs_before_the_rename(tmp_path, monkeypatch):
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: order.append("fsync") or real_fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: order.append("replace") or real_replace(a, b))
-    checks.atomic_write(tmp_path / "x.pt", lambda f: torch.save({"a": 1}, f))
+    data.atomic_write(tmp_path / "x.pt", lambda f: torch.save({"a": 1}, f))
     assert order == ["fsync", "replace"]
 
 
@@ -168,8 +169,8 @@ def test_killed_run_resumes_to_the_same_results(phantom, reference, tmp_path):
 def test_second_process_on_a_run_folder_stops_naming_the_holder(phantom, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import checks\n"
-            f"with checks.run_folder({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)")
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import study\n"
+            f"with study.run_folder({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -178,7 +179,7 @@ def test_second_process_on_a_run_folder_stops_naming_the_holder(phantom, tmp_pat
     finally:
         holder.send_signal(signal.SIGKILL)          # the OS drops a dead process's lock
         holder.wait()
-    with checks.run_folder(out):
+    with study.run_folder(out):
         assert (out / ".lock").read_text().strip() == str(os.getpid())
 
 
@@ -274,7 +275,7 @@ def test_pool_label_values_checked_when_selected(phantom, tmp_path, monkeypatch)
         break_label(root, ids.index(cid), "value")
     with pytest.raises(SystemExit, match="case phantom_.*labelsTr/phantom_.*label value 7"):
         al_loop.main(tiny_args(root, tmp_path / "run", "--strategy", "rand"))
-    assert checks.state_file(tmp_path / "run", 0, "rand").exists()   # the selection is kept
+    assert study.state_file(tmp_path / "run", 0, "rand").exists()   # the selection is kept
 
 
 # ------------------------------------------------------------------------------------ options and user mistakes

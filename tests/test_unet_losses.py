@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from losses import dice_ce_loss, dice_per_class
-from unet import UNet, enable_mc_dropout, load_backbone
+from proxy_al import enable_mc_dropout
+from unet import UNet, load_backbone
 
 SMALL = (4, 8, 8, 8, 8)  # five levels, tiny widths: fast on the CPU
 

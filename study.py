@@ -1,0 +1,501 @@
+"""One run of a study, around the method in al_loop.py: its folder and lock, its cases and split, its state
+files and checkpoints, the data checks before any training, and the queue of units on one or many ranks.
+
+Everything a rerun with the same --out needs to continue is on disk: state/ (a file per seed and strategy),
+scores/, split.json and checkpoints/. A mistake a user can make ends in SystemExit with a message naming the
+option or file and what to do, never in a traceback.
+"""
+import dataclasses
+import json
+import os
+import time
+import warnings
+import zlib
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import strategies
+from phantom import make_phantom_dataset
+from report import write_reports
+from train import Progress, fmt_s, pick_device
+from unet import UNet
+from world import World
+
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
+
+MSD_TASKS = {"MSD_Task03": "Task03_Liver", "MSD_Task08": "Task08_HepaticVessel"}
+
+
+class NeedLabels(Exception):
+    """Annotation mode: the selected cases need labels before the loop can go on."""
+
+
+def stage_seed(*parts):
+    """A seed per stage, so each stage is reproducible on its own (resume needs no saved RNG streams)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def resolve_data(cfg):
+    """Path of the task folder named by --data; the demo phantom set is generated once under data_root."""
+    root = Path(cfg.data_root)
+    if cfg.data == "demo":
+        return Path(make_phantom_dataset(root / "phantom", cfg.phantom_cases, seed=0))
+    path = root / MSD_TASKS[cfg.data] if cfg.data in MSD_TASKS else Path(cfg.data)
+    if not path.is_dir():
+        raise SystemExit(f"--data {cfg.data}: no folder at {path.resolve()}. Download the task from "
+                         f"http://medicaldecathlon.com (e.g. Task03_Liver.tar), unpack it under {root.resolve()} "
+                         f"(or set --data-root / MSD_DATA_ROOT), or pass the task folder itself.")
+    return path
+
+# ----------------------------------------------------------------------------- the run folder and its files
+
+
+@contextmanager
+def run_folder(out):
+    """Make the run folder and hold an exclusive lock on out/.lock while the block runs (the OS drops it
+    when the process dies, even by SIGKILL): a second process on the same folder stops at once, naming the
+    holder's pid. Temporary files an interrupted run left behind are deleted. Yields the folder's Path."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out}: is a file; give a folder for the run")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as f:
+        if fcntl is not None:   # POSIX; on Windows the folder is not locked
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                raise SystemExit(f"{out}: run folder in use by another proxy-al process (pid "
+                                 f"{f.read().strip() or 'unknown'}); wait for it to end, or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        leftovers = [p for p in out.rglob(".*.tmp") if p.is_file()]
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+        if leftovers:
+            warnings.warn(f"{out}: removed {len(leftovers)} temporary file(s) left by an interrupted run")
+        yield out
+
+
+def read_json(path, problem_of, fix):
+    """A run file's JSON, or SystemExit naming the file, what is wrong (not JSON, or problem_of(obj)) and the fix."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        problem = problem_of(obj)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = f"not valid JSON ({e})"
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror})"
+    if problem:
+        raise SystemExit(f"{path}: {problem}; {fix}")
+    return obj
+
+
+def state_problem(st):
+    """What is wrong with one (seed, strategy) state object, or None."""
+    if not isinstance(st, dict):
+        return f"expected a JSON object, got {type(st).__name__}"
+    if not (isinstance(st.get("labeled"), list) and all(isinstance(c, str) for c in st["labeled"])):
+        return "'labeled' must be a list of case ids"
+    if not isinstance(st.get("scores"), dict):
+        return "'scores' must be an object {case: score}"
+    iterations = st.get("iterations")
+    if not isinstance(iterations, list):
+        return "'iterations' must be a list"
+    for j, rec in enumerate(iterations):
+        if not (isinstance(rec, dict) and isinstance(rec.get("n_labeled"), int) and isinstance(rec.get("dice"), list)
+                and isinstance(rec.get("mean_dice"), (int, float)) and isinstance(rec.get("per_case"), dict)
+                and isinstance(rec.get("acquired", []), list)):
+            return f"iteration {j + 1} is not a record with n_labeled, dice, mean_dice, per_case"
+    return None
+
+
+def state_file(out, seed, strategy):
+    return Path(out) / "state" / f"seed{seed}_{strategy}.json"
+
+
+def read_states(out, rebuild=False):
+    """{seed: {strategy: state}} from out/state/. An invalid file stops the run naming it; with `rebuild`
+    it is set aside (.bad) and that run restarts, reloading its finished stages from the checkpoints."""
+    states, fix = {}, ("rerun with --rebuild-state to set it aside and rebuild it from the checkpoints "
+                       "(training is not redone), or restore it from a backup")
+    if (Path(out) / "state.json").exists() and not (Path(out) / "state").exists():
+        warnings.warn(f"{out}/state.json is from an older proxy-al: finished stages are reloaded from the checkpoints")
+    for path in sorted((Path(out) / "state").glob("seed*_*.json")):
+        seed, strategy = path.stem[4:].split("_", 1)
+        try:
+            states.setdefault(seed, {})[strategy] = read_json(path, state_problem, fix)
+        except SystemExit:
+            if not rebuild:
+                raise
+            os.replace(path, path.with_suffix(".bad"))
+            warnings.warn(f"{path}: invalid, moved to {path.with_suffix('.bad').name}; rebuilding it")
+    return states
+
+
+def read_task(root):
+    """(task info, {case id: case}) of a data folder (data.read_task_info, data.read_msd), or SystemExit."""
+    try:
+        task, cases = data.read_task_info(root), {c["id"]: c for c in data.read_msd(root)}
+    except (OSError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    if len(cases) < 2:
+        raise SystemExit(f"{root}: {len(cases)} case; active learning needs at least 2 cases (a pool to select "
+                         "from, and validation cases)")
+    if task["num_classes"] < 2:
+        raise SystemExit(f"{root}/dataset.json: the task has {task['num_classes']} class; segmentation needs "
+                         "background and at least one foreground class in 'labels'")
+    return task, cases
+
+# ----------------------------------------------------------------------------- the study
+
+
+class Study:
+    """Everything one run shares: config, cases and split, device, state; images, labels and models on demand."""
+
+    def __init__(self, cfg, world=None, rebuild_state=False, default_strategy=False):
+        self.cfg, self.t0, self.world = cfg, time.time(), world or World()
+        self.default_strategy = default_strategy      # --strategy left to the preset: annotation mode picks one
+        self.root = resolve_data(cfg)
+        self.out = Path(cfg.out)                  # made and locked by run_folder
+        self.cache = Path(cfg.cache_dir or Path(cfg.data_root) / ".cache")
+        self.task, self.cases = read_task(self.root)                        # headers and file names only
+        self.num_classes = self.task["num_classes"]
+        self.window_hu = data.task_window(self.task["name"], tuple(cfg.window_hu) or None)
+        self.device = pick_device(self.world.device(cfg.device))
+        many = self.world.size > 1
+        self.bar = partial(Progress, prefix=f"[rank {self.world.rank}]" if many else "", poll=self.world.check if many else None)
+        self.workers = cfg.workers if cfg.workers >= 0 else (6 if self.device.type == "cuda" else 0)
+        self.state = read_states(self.out, rebuild_state)
+        self.left_out = {}                                                 # case: why (unreadable files)
+        labeled = [cid for cid, c in self.cases.items() if c["label"]]
+        self.annotation = len(labeled) < len(self.cases)                  # some scans await annotation
+        split = self.load_split(labeled if self.annotation else list(self.cases))
+        self.pool, self.val = split["pool"], split["val"]
+        self.total = 0                                                     # active iterations, for the ETA
+        self.proxy_net, self.scoring = (None, None), {}                   # one seed's Mp; pool scoring progress
+
+    def load_split(self, val_candidates):
+        """split.json of the run: drawn once (validation from `val_candidates`, seed 0), then reloaded."""
+        path = self.out / "split.json"
+        if not path.exists() and (self.state or (self.out / "checkpoints").exists()):
+            raise SystemExit(f"{path}: missing, but this run has finished work; a new draw could move annotated "
+                             f"or trained-on cases into validation. Restore the file, or start a new --out")
+        try:
+            n_val = self.cfg.n_val or data.default_n_val(self.task["name"], len(self.cases))
+            if len(val_candidates) < 2:         # annotation mode with fewer than 2 labeled cases: no validation
+                n_val = 0
+            elif n_val >= 1:
+                n_val = min(int(n_val), len(val_candidates) - 1)       # keep a case for the pool
+            return data.split_cases(list(self.cases), n_val, 0, path, val_candidates)
+        except ValueError as err:
+            raise SystemExit(str(err))
+
+    def log(self, msg):
+        rank = f"rank {self.world.rank} " if self.world.size > 1 else ""
+        print(f"[{rank}{fmt_s(time.time() - self.t0)}] {msg}", flush=True)
+
+    def progress(self, count=0):
+        """Count finished active iterations (all ranks); rank 0 prints the study's progress and ETA."""
+        done = self.world.add("iterations", count)
+        if self.world.rank == 0 and done and (count or done != getattr(self, "shown", 0)):
+            self.shown, eta = done, (time.time() - self.t0) / done * (self.total - done)
+            self.log(f"study: {done}/{self.total} active iterations done, ETA {fmt_s(eta)}")
+
+    def signal(self, key):
+        """Count one more of `key` for the whole group (a proxy trained, a pool case scored); returns the count."""
+        return self.world.add(key)
+
+    def wait_for(self, key, count, what):
+        """Wait until the group has counted `count` of `key` (another rank may be doing that work)."""
+        self.world.wait(lambda: self.world.add(key, 0) >= count, what, self.log)
+
+    # --- state and checkpoints
+
+    def run_state(self, seed, strategy):
+        """The state of one (seed, strategy): labeled ids, iteration records, the scores that selected each case."""
+        st = self.state.setdefault(str(seed), {}).setdefault(strategy, {"labeled": [], "iterations": [], "scores": {}})
+        labeled = st["labeled"][:self.cfg.k] + [c for r in st["iterations"] for c in r.get("acquired", [])]
+        if st["labeled"] and labeled != st["labeled"]:        # only a hand-edited or foreign state gets here
+            warnings.warn(f"{state_file(self.out, seed, strategy)}: 'labeled' disagrees with the iteration records; "
+                          f"following the records ({len(labeled)} cases)")
+            st["labeled"] = labeled
+        return st
+
+    def save_state(self, seed, strategy):
+        """One (seed, strategy)'s state, in one atomic write: its records and the cases they acquired."""
+        data.atomic_write_json(state_file(self.out, seed, strategy), self.state[str(seed)][strategy])
+
+    def write_reports(self):
+        """results.csv, per_case_dice.csv, summary.md from every state file so far (other ranks' too)."""
+        return write_reports(self.out, read_states(self.out), self.task, len(self.pool), self.left_out)
+
+    def saved_array(self, name, make):
+        """out/<name> (.npy, memory-mapped) if it is there and readable, else make() saved there."""
+        path = self.out / name
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError):
+            array = make()
+            data.atomic_save_npy(path, array)
+            return array
+
+    def scores_file(self, seed, cid):
+        return self.out / "scores" / f"seed{seed}" / f"{cid}.json"
+
+    def has_scores(self, seed, cid):
+        """Whether a pool case's scores under the seed's proxy are saved and readable (a damaged file is
+        removed with a warning, and the case is scored again)."""
+        path = self.scores_file(seed, cid)
+        if not path.exists():
+            return False
+        try:
+            self.load_scores(seed, cid)
+            return True
+        except SystemExit as err:
+            warnings.warn(f"{err}; scoring that case again")
+            path.unlink(missing_ok=True)
+            return False
+
+    def save_scores(self, seed, cid, scores):
+        data.atomic_write_json(self.scores_file(seed, cid), scores)
+
+    def load_scores(self, seed, cid):
+        """{"variance", "entropy", "bald"} of a pool case under the seed's proxy."""
+        ok = lambda s: None if isinstance(s, dict) and all(isinstance(s.get(m), (int, float)) for m in
+                                                          strategies.MC_MEASURES) else "not a scores object"
+        return read_json(self.scores_file(seed, cid), ok, "delete it, and rerun to score that case again")
+
+    def new_model(self, out_channels, *seed_parts):
+        torch.manual_seed(stage_seed(*seed_parts))
+        return UNet(1, out_channels, tuple(self.cfg.channels), self.cfg.dropout).to(self.device)
+
+    def load_checkpoint(self, name, model, cases):
+        """Weights of a finished stage into `model`; returns the checkpoint dict, or None to redo the stage
+        (a stage restarts from its beginning with its own seed, so its results are all a resume needs).
+        `cases`: the ids the stage trains on; a checkpoint trained on others is redone."""
+        path = self.out / "checkpoints" / f"{name}.pt"
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+            if ckpt.get("cases") != list(cases):
+                warnings.warn(f"{path}: trained on other cases than this stage's {len(cases)}; redoing that stage")
+                return None
+            model.load_state_dict(ckpt["model"])    # after the check: a rejected one leaves `model` untouched
+            return ckpt
+        except FileNotFoundError:
+            return None
+        except Exception as err:  # a damaged checkpoint is redone, never trusted
+            warnings.warn(f"{path}: unreadable checkpoint ({err}); redoing that stage")
+            return None
+
+    def save_checkpoint(self, name, model, cases, **results):
+        ckpt = {"model": model.state_dict(), "cases": list(cases), "config": dataclasses.asdict(self.cfg), **results}
+        data.atomic_write(self.out / "checkpoints" / f"{name}.pt", lambda f: torch.save(ckpt, f))
+
+    def proxy(self, seed):
+        """Mp of a seed from its checkpoint, kept while this rank works on that seed."""
+        if self.proxy_net[0] != seed:
+            model = self.new_model(2, seed, "proxy")
+            self.load_checkpoint(f"seed{seed}/proxy", model, self.pool)
+            self.proxy_net = (seed, model)
+        return self.proxy_net[1]
+
+    def stage_model(self, name):
+        """The model a finished stage saved (checkpoints/<name>.pt), in eval mode."""
+        model = self.new_model(self.num_classes, name)
+        path = self.out / "checkpoints" / f"{name}.pt"
+        model.load_state_dict(torch.load(path, map_location=self.device, weights_only=False)["model"])
+        return model.eval()
+
+    # --- images and labels
+
+    def image(self, cid):
+        """Windowed image (X, Y, Z) float32 in [0, 1] on the cached, resampled grid."""
+        return data.window(self.image_hu(cid), *self.window_hu)
+
+    def image_hu(self, cid):
+        return data.cached_case(self.cases[cid], self.cache, self.cfg.spacing_mm, with_label=False)[0]
+
+    def label(self, cid):
+        """The annotation of a case. Read only for selected pool cases and validation cases (oracle mode);
+        a label that does not fit the task stops the run (finished iterations are saved)."""
+        try:
+            return data.cached_case(self.cases[cid], self.cache, self.cfg.spacing_mm, num_classes=self.num_classes)[1]
+        except (OSError, ValueError, data.CacheError) as err:
+            raise SystemExit(f"case {cid}: {err}") from None
+
+    def labeled_volume(self, cid, label=None):
+        """(image_hu, label, foreground index) for a PatchStream; label defaults to the annotation."""
+        label = self.label(cid) if label is None else label
+        return self.image_hu(cid), label, data.foreground_index(label)
+
+# ----------------------------------------------------------------------------- before the long work
+
+
+def choose_strategies(study):
+    """The strategies to run (Strategy values); annotation mode with the preset's choice runs the paper's best,
+    one seed."""
+    cfg = study.cfg
+    if study.annotation and study.default_strategy:
+        cfg.seeds = cfg.seeds[:1]
+        study.log(f"annotation mode ({sum(not c['label'] for c in study.cases.values())} unlabeled cases): "
+                  f"strategy proxyrank_var_semi, seed {cfg.seeds[0]} (set --strategy/--seeds to change)")
+        return [strategies.parse("proxyrank_var_semi")]
+    try:
+        return strategies.choose(cfg.strategy)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+
+
+def check_request(study, chosen):
+    """Every mistake in the request that can be seen before the long work starts."""
+    cfg = study.cfg
+    need = cfg.k * cfg.iterations
+    if need > len(study.pool):
+        raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool cases of "
+                         f"{len(study.pool) + len(study.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
+                         f"needs {need}; lower --n-val, --k or --iterations")
+    if study.annotation and study.world.size > 1:
+        raise SystemExit("annotation mode (pool cases without labels) runs as one process: use python al_loop.py, "
+                         "not torchrun")
+    if study.annotation and (len(chosen) > 1 or len(cfg.seeds) > 1):
+        raise SystemExit("annotation mode (pool cases without labels): choose one --strategy and one --seeds, "
+                         "e.g. --strategy proxyrank_var_semi --seeds 0")
+    unknown = {c for by_s in study.state.values() for st in by_s.values() for c in st["labeled"]} - set(study.pool)
+    if unknown:
+        raise SystemExit(f"{study.out}/state: names cases {sorted(unknown)[:5]} that are not in this run's pool "
+                         f"(split.json less unreadable cases); the data changed since the run began: use a new --out")
+
+
+def preprocess_all(study):
+    """Resample every image into the cache once. A case whose own file is unreadable is left out with a
+    warning (and listed in summary.md); a cache that cannot be written stops the run."""
+    world = study.world
+    if world.size > 1:      # each rank builds its share of the cache, then every rank reads it all
+        for case in list(study.cases.values())[world.rank::world.size]:
+            try:
+                data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
+            except data.CacheError as err:
+                raise SystemExit(str(err)) from None
+            except (OSError, ValueError):
+                pass        # reported by the pass below
+        world.add("preprocessed")
+        world.wait(lambda: world.add("preprocessed", 0) == world.size, "the other ranks' preprocessing", study.log)
+    progress = study.bar("preprocess", len(study.cases))
+    for i, (cid, case) in enumerate(list(study.cases.items()), 1):
+        try:
+            data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
+        except data.CacheError as err:
+            raise SystemExit(str(err)) from None
+        except (OSError, ValueError) as err:
+            warnings.warn(f"case {cid} left out: {err}")
+            study.left_out[cid] = str(err)
+            del study.cases[cid]
+        progress.update(i)
+    if not study.cases:
+        raise SystemExit(f"{study.root}: no readable case")
+    study.val = [c for c in study.val if c in study.cases]
+    study.pool = [c for c in study.pool if c in study.cases]
+    return study
+
+
+def check_labels(study):
+    """Before any training: every label file's grid against its image (headers only), and every validation
+    label's values. Pool labels' values are checked when their case is selected (the oracle's rule)."""
+    problems = []
+    for case in study.cases.values():
+        try:
+            if case["label"]:
+                data.check_same_grid(case["image"], case["label"])
+        except (OSError, ValueError) as err:
+            problems.append(str(err))
+    if problems:
+        raise SystemExit(f"{len(problems)} label file(s) do not fit their image:\n" + "\n".join(problems))
+    for cid in study.val:
+        study.label(cid)
+
+
+def start(study, chosen):
+    """Warn about changed settings, save config.json, and count the iterations ahead (for the ETA)."""
+    cfg = study.cfg
+    if not study.val:
+        warnings.warn("no labeled validation case: validation Dice is skipped (results will show nan)")
+    path = study.out / "config.json"
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    old = json.loads(path.read_text()) if path.exists() else new
+    same = ("strategy", "seeds", "device", "workers", "save_maps", "out", "cache_dir")
+    changed = [k for k in new if k not in same and old.get(k) != new[k]]
+    if changed and study.world.rank == 0:  # a rerun into an existing --out with other settings mixes results
+        warnings.warn(f"{path}: this rerun changes {', '.join(changed)}; finished stages keep their old settings "
+                      f"(use a new --out for a clean run)")
+    if study.world.rank == 0:
+        data.atomic_write_json(path, new)
+    study.total = sum(cfg.iterations - len(study.state.get(str(seed), {}).get(s.name, {}).get("iterations", []))
+                      for seed in cfg.seeds for s in chosen)
+    study.log(f"{study.task['name']}: {len(study.pool)} pool, {len(study.val)} validation cases; "
+              f"{len(chosen)} strategies x {len(cfg.seeds)} seeds; device {study.device}; out {study.out}"
+              + (f"; {study.world.size} ranks" if study.world.size > 1 else ""))
+
+# ----------------------------------------------------------------------------- the queue
+
+
+def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
+    """The whole study on this process: rank 0 holds the run folder for the group; every rank takes units of
+    plan(study, strategies) from the queue and runs run_unit(study, kind, seed, what); rank 0 then waits for
+    all and writes the reports. Annotation mode stops (exit 0) once the selected cases need labels."""
+    world = World()
+    try:
+        if world.rank == 0:
+            cfg.out = cfg.out or f"runs/{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            with run_folder(cfg.out):
+                world.set("out", cfg.out)
+                return _run(cfg, world, plan, run_unit, rebuild_state, default_strategy)
+        world.wait(lambda: world.store.check(["out"]), "rank 0 to lock the run folder", print)
+        cfg.out = world.get("out")
+        return _run(cfg, world, plan, run_unit, rebuild_state, default_strategy)
+    except NeedLabels as stop:
+        print(stop)
+        return 0
+    except BaseException as err:
+        world.fail(f"rank {world.rank}: {err!r}"[:2000])
+        raise
+    finally:
+        world.close()
+
+
+def _run(cfg, world, plan, run_unit, rebuild_state, default_strategy):
+    study = Study(cfg, world, rebuild_state, default_strategy)
+    chosen = choose_strategies(study)
+    check_request(study, chosen)
+    preprocess_all(study)
+    check_request(study, chosen)            # again: unreadable cases may have left the pool
+    check_labels(study)
+    start(study, chosen)
+    world.work(plan(study, chosen), lambda *unit: run_unit(study, *unit))
+    world.add("finished")
+    if world.rank:
+        return 0
+    world.wait(lambda: study.progress() or world.add("finished", 0) == world.size, "the other ranks", study.log)
+    print(study.write_reports())
+    study.log(f"done: results.csv, per_case_dice.csv, summary.md in {study.out}")
+    return 0
+
+
+def report_only(cfg):
+    """--report: the reports of --out from its state files so far, without touching a running study."""
+    out = Path(cfg.out)
+    saved = read_json(out / "config.json", lambda c: None, "give --out a run folder")
+    root = resolve_data(dataclasses.replace(cfg, **{k: saved[k] for k in ("data", "data_root", "phantom_cases")}))
+    split = read_json(out / "split.json", lambda s: None, "give --out a run folder")
+    print(write_reports(out, read_states(out), data.read_task_info(root), len(split["pool"])))
+    return 0
