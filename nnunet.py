@@ -1,0 +1,237 @@
+"""Hand an active-learning selection to nnU-Net v2: the cases a run had labeled at one iteration become an
+nnU-Net raw dataset (imagesTr/, labelsTr/, dataset.json) with the run's validation cases as fold 0's
+validation split (splits_final.json), ready for `nnUNetv2_plan_and_preprocess` and `nnUNetv2_train`.
+
+Reading nnU-Net raw datasets is data.read_msd's job; this module only writes them. Images are the original
+files, hard-linked where the file system allows (nothing here edits a file in place: writers replace files,
+so a link never sees a change made through the other name).
+"""
+import gzip
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+# nnU-Net's raw layout: one input channel as <case>_0000<ending>, the label as <case><ending>.
+FILE_ENDING = ".nii.gz"
+# "CT" makes nnU-Net use its CT normalisation (clip to the foreground's 0.5-99.5 percentiles, z-score).
+CHANNEL_NAMES = {"0": "CT"}
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # Dataset<id>_<name> must stay a plain folder name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Which cases: a run's training set at one iteration.
+
+
+def _pick(kinds, choices, wanted, option):
+    """The one of `choices` the user meant: `wanted`, or the only choice. kinds: 'seeds' / 'strategies'."""
+    if wanted is None:
+        if len(choices) == 1:
+            return choices[0]
+        raise ValueError(f"the run has {len(choices)} {kinds} {choices}; choose one with {option}")
+    if str(wanted) not in choices:
+        raise ValueError(f"{option} {wanted}: not in the run; its {kinds} are {choices}")
+    return str(wanted)
+
+
+def _seed_order(seed):
+    """Sort key for seed keys: numbers by value, then any others by name."""
+    return (0, int(seed), "") if seed.isdigit() else (1, 0, seed)
+
+
+def selection(states: dict, strategy: str | None = None, seed: int | str | None = None,
+              iteration: int | None = None) -> tuple[str, int, int, list[str]]:
+    """The cases the supervised model Ms of one strategy, seed and iteration was trained on.
+
+    states: {seed_str: {strategy: {"labeled": [ids], "iterations": [{"n_labeled": int, ...}], ...}}}, as
+    checks.read_states returns. iteration counts from 1; iteration j trained on the first n_labeled of
+    'labeled' (record j). Defaults: the run's only seed, its only strategy, the last finished iteration.
+    Returns (strategy, seed, iteration, case ids in the order they were labeled).
+    """
+    if not states:
+        raise ValueError("the run has no state yet; run al_loop.py first")
+    seed = _pick("seeds", sorted(states, key=_seed_order), seed, "--seed")
+    strategy = _pick("strategies", sorted(states[seed]), strategy, "--strategy")
+    st = states[seed][strategy]
+    records = st.get("iterations", [])
+    if not records:
+        raise ValueError(f"strategy {strategy} seed {seed}: no finished iteration yet; nothing was trained")
+    j = len(records) if iteration is None else int(iteration)
+    if not 1 <= j <= len(records):
+        raise ValueError(f"--iteration {iteration}: strategy {strategy} seed {seed} has finished iterations "
+                         f"1..{len(records)}")
+    n_labeled = records[j - 1]["n_labeled"]
+    if n_labeled > len(st["labeled"]):
+        raise ValueError(f"strategy {strategy} seed {seed}: iteration {j} trained on {n_labeled} cases but the "
+                         f"state lists {len(st['labeled'])}; the state file is damaged (--rebuild-state)")
+    return strategy, int(seed) if seed.isdigit() else seed, j, list(st["labeled"][:n_labeled])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Writing the dataset folder.
+
+
+def _write_json(path, obj):
+    """Write obj as indented JSON, atomically (temporary file next to it, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; nnU-Net may run as another user
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _place(source, target):
+    """Put the NIfTI `source` at `target` (.nii.gz): a hard link, else a copy; a .nii source is gzipped
+    byte for byte, so header, voxels and affine are those of the original."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not str(source).endswith(".gz"):
+        with open(source, "rb") as f, gzip.open(target, "wb", compresslevel=6) as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+        return
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed there
+        shutil.copyfile(source, target)
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    """'Dataset501_Liver' for (501, 'Liver'); nnU-Net numbers datasets 1..999 and finds them by that number."""
+    if not (re.fullmatch(r"\d{1,3}", str(dataset_id)) and 1 <= int(dataset_id) <= 999):
+        raise ValueError(f"--export-nnunet {dataset_id}: an nnU-Net dataset id is a number 1..999")
+    number = int(dataset_id)
+    if not DATASET_NAME.fullmatch(str(name)):
+        raise ValueError(f"dataset name {name!r}: use letters, digits, '_' and '-' (e.g. Liver)")
+    return f"Dataset{number:03d}_{name}"
+
+
+def _out_root(out_root):
+    """The nnU-Net raw folder: `out_root`, else $nnUNet_raw."""
+    out_root = out_root or os.environ.get("nnUNet_raw")
+    if not out_root:
+        raise ValueError("no folder for the nnU-Net dataset: set $nnUNet_raw (nnU-Net's raw data folder) "
+                         "or pass out_root")
+    return Path(out_root)
+
+
+def _check_target(folder, overwrite):
+    """Refuse an existing dataset folder unless overwrite, and a dataset id that nnU-Net already knows by
+    another name in any of its folders (nnU-Net then cannot tell which one is meant)."""
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder}: exists already; choose another dataset id, or pass --overwrite "
+                              "(overwrite=True) to replace it")
+    prefix = folder.name.split("_")[0] + "_"  # Dataset501_
+    roots = [folder.parent] + [Path(os.environ[v]) for v in ("nnUNet_preprocessed", "nnUNet_results")
+                               if os.environ.get(v)]
+    taken = sorted(str(p) for r in roots if r.is_dir() for p in r.glob(prefix + "*")
+                   if p.is_dir() and p.name != folder.name)
+    if taken:
+        raise FileExistsError(f"dataset id {int(prefix[7:10])} is taken by {taken}; nnU-Net finds datasets by id, "
+                              "so choose another id or remove those folders")
+
+
+def _check_cases(cases, train_ids, val_ids):
+    """Every exported case is known and labeled, training and validation do not overlap."""
+    unknown = [c for c in train_ids + val_ids if c not in cases]
+    unlabeled = [c for c in train_ids + val_ids if c in cases and not cases[c].get("label")]
+    both = sorted(set(train_ids) & set(val_ids))
+    if unknown:
+        raise ValueError(f"cases {unknown} are not in the data folder; export from the data the run used (--data)")
+    if unlabeled:
+        raise ValueError(f"cases {unlabeled} have no label file yet; annotate them (labelsTr/) before exporting")
+    if both:
+        raise ValueError(f"cases {both} are in both the training and the validation split")
+    if not train_ids:
+        raise ValueError("no training cases to export")
+
+
+def _dataset_json(labels, n_training, name, provenance):
+    """nnU-Net v2 dataset.json: labels name -> int, label 0 named 'background' as nnU-Net requires."""
+    by_name = {("background" if k == 0 else str(v)): int(k) for k, v in sorted(labels.items())}
+    if len(by_name) != len(labels) or sorted(labels) != list(range(len(labels))):
+        raise ValueError(f"labels {labels}: need classes 0..C-1 with distinct names")
+    info = {"name": name, "channel_names": CHANNEL_NAMES, "labels": by_name, "numTraining": n_training,
+            "file_ending": FILE_ENDING}
+    return {**info, "proxy_al": provenance} if provenance else info
+
+
+def preprocessed_splits_path(folder_name: str) -> Path | None:
+    """$nnUNet_preprocessed/<folder_name>/splits_final.json, where nnUNetv2_train reads the folds; None if unset."""
+    root = os.environ.get("nnUNet_preprocessed")
+    return Path(root) / folder_name / "splits_final.json" if root else None
+
+
+def export_dataset(cases: dict | list, train_ids: list[str], val_ids: list[str], labels: dict, dataset_id: int,
+                   name: str, out_root: str | Path | None = None, overwrite: bool = False,
+                   provenance: dict | None = None) -> Path:
+    """Write the nnU-Net v2 raw dataset out_root/Dataset<id:03d>_<name>/ and return its path.
+
+    cases: {id: {"image", "label"}} or read_msd's list; train_ids / val_ids: fold 0 of splits_final.json
+    (also written to $nnUNet_preprocessed/<folder>/ when that is set); labels: {int: name}; out_root:
+    default $nnUNet_raw. Images go to imagesTr/<case>_0000.nii.gz, labels to labelsTr/<case>.nii.gz.
+    The folder is built under a temporary name and renamed when complete.
+    """
+    cases = {c["id"]: c for c in cases} if isinstance(cases, list) else cases
+    train_ids, val_ids = list(train_ids), list(val_ids)
+    folder_name = dataset_folder_name(dataset_id, name)
+    out_root = _out_root(out_root)
+    folder = out_root / folder_name
+    _check_target(folder, overwrite)
+    _check_cases(cases, train_ids, val_ids)
+    info = _dataset_json(labels, len(train_ids) + len(val_ids), name, provenance)
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", dir=out_root))
+    try:
+        for cid in train_ids + val_ids:
+            _place(cases[cid]["image"], tmp / "imagesTr" / f"{cid}_0000{FILE_ENDING}")
+            _place(cases[cid]["label"], tmp / "labelsTr" / f"{cid}{FILE_ENDING}")
+        _write_json(tmp / "dataset.json", info)
+        _write_json(tmp / "splits_final.json", [{"train": train_ids, "val": val_ids}])
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left over when something failed
+    splits = preprocessed_splits_path(folder_name)
+    if splits:  # nnU-Net keeps an existing one there, so a re-export must replace it
+        _write_json(splits, [{"train": train_ids, "val": val_ids}])
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The run's export action: selection + dataset + what to type next.
+
+
+def export_run(run_dir: str | Path, cases: dict | list, states: dict, split: dict, labels: dict, dataset_id: int,
+               name: str, out_root: str | Path | None = None, strategy: str | None = None,
+               seed: int | str | None = None, iteration: int | None = None, overwrite: bool = False,
+               log=print) -> Path:
+    """Export the training set of one (strategy, seed, iteration) of the run in run_dir, with the run's
+    validation cases (split.json "val") as fold 0's validation split. Returns the dataset folder."""
+    strategy, seed, j, train_ids = selection(states, strategy, seed, iteration)
+    outside = [c for c in train_ids if c not in split["pool"]]
+    if outside:
+        raise ValueError(f"{Path(run_dir) / 'split.json'}: cases {outside} of the run state are not in its pool; "
+                         "the state and split.json are from different runs")
+    provenance = {"run": str(Path(run_dir).resolve()), "strategy": strategy, "seed": seed, "iteration": j}
+    folder = export_dataset(cases, train_ids, list(split["val"]), labels, dataset_id, name, out_root,
+                            overwrite, provenance)
+    number = int(dataset_id)
+    log(f"{folder}: {len(train_ids)} training + {len(split['val'])} validation cases "
+        f"({strategy}, seed {seed}, iteration {j})")
+    splits = preprocessed_splits_path(folder.name)
+    log(f"splits_final.json (fold 0 = the run's split): {splits}" if splits else
+        f"splits_final.json is in {folder}; nnUNetv2_plan_and_preprocess copies it to "
+        f"$nnUNet_preprocessed/{folder.name}/ (if your nnU-Net does not, copy it there before training)")
+    log(f"next: nnUNetv2_plan_and_preprocess -d {number} --verify_dataset_integrity && "
+        f"nnUNetv2_train {number} 3d_fullres 0")
+    return folder
