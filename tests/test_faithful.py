@@ -1,6 +1,10 @@
-"""The paper as stated: patch centres drawn by its 1:1 rule."""
+"""The paper as stated: patch centres drawn by its 1:1 rule, and the settings table of docs/method.md
+against the paper preset."""
+from pathlib import Path
+
 import numpy as np
 
+import al_loop
 import data
 
 WINDOW_HU = (-21, 189)
@@ -70,3 +74,54 @@ def test_the_same_seed_gives_the_same_centres():
     label = two_class_label()
     assert np.array_equal(centre_labels(label, 0.5, seed=7), centre_labels(label, 0.5, seed=7))
     assert not np.array_equal(centre_labels(label, 0.5, seed=7), centre_labels(label, 0.5, seed=8))
+
+# ----------------------------------------------------------------------------- docs/method.md against PAPER
+
+
+def table_rows(heading):
+    """(field, value, what) of each row that names a Config field, in the table under `### heading` of
+    docs/method.md."""
+    text = (Path(__file__).parents[1] / "docs" / "method.md").read_text(encoding="utf-8")
+    assert f"### {heading}" in text, f"docs/method.md: no section '### {heading}'"
+    section = text.split(f"### {heading}")[1].split("\n### ")[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("|")]
+    header = rows[0]
+    assert {"what", "field", "value"} <= set(header), \
+        f"docs/method.md, {heading}: the table needs what, field and value columns, has {header}"
+    f, v, w = header.index("field"), header.index("value"), header.index("what")
+    return [(r[f].strip("`"), r[v].strip("`"), r[w]) for r in rows[2:] if r[f].strip("`")]
+
+
+def as_text(value):
+    """A value as the table writes it: tuples comma-joined (also "100,150"), numbers as floats."""
+    if isinstance(value, str) and "," in value:
+        value = value.split(",")
+    if isinstance(value, (tuple, list)):
+        return ",".join(as_text(x) for x in value)
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def check_against_paper_preset(rows, heading):
+    missing = [f for f, _, _ in rows if not hasattr(al_loop.PAPER, f)]
+    assert not missing, (f"docs/method.md, {heading}: al_loop.Config has no field {', '.join(missing)} "
+                         "(add it to Config, or correct the table)")
+    for field, value, what in rows:
+        got = getattr(al_loop.PAPER, field)
+        assert as_text(got) == as_text(value), \
+            f"docs/method.md, {heading}, {what}: {field} = {value}, but al_loop.PAPER holds {got!r}"
+
+
+def test_the_stated_settings_match_the_paper_preset():
+    rows = table_rows("Stated by the paper")
+    assert len(rows) >= 19, f"only {len(rows)} rows of the stated table name a Config field"
+    check_against_paper_preset(rows, "Stated by the paper")
+
+
+def test_our_choices_match_the_paper_preset():
+    rows = table_rows("Not stated by the paper: our choice, with its source")
+    assert {"semi_steps", "batch_size"} <= {f for f, _, _ in rows}
+    check_against_paper_preset(rows, "Not stated by the paper")
