@@ -713,11 +713,14 @@ def cached_case(case, cache_dir, spacing_mm=(1.5, 1.5, 2.0), with_label=True, nu
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Patches: nnU-Net-style foreground oversampling (centre on a voxel of a present foreground class,
-# random crop otherwise), and the paper's intensity augmentation.
+# 6. Patches. The paper's 1:1: a patch is centred on foreground with probability fg_fraction, on a uniform
+# voxel of any foreground class (tumour centres in proportion to tumour voxels, as MONAI's
+# RandCropByPosNegLabeld), else on a background voxel. Beyond the paper, by_class: a present foreground class
+# first, uniformly, then a voxel of it (nnU-Net's oversampling; helps small classes such as tumours and vessels).
+# fg_fraction None: the proxy's "random selection of patches", a centre anywhere. Then the paper's augmentation.
 
 
-def foreground_index(label):
+def foreground_index(label: np.ndarray) -> dict[int, np.ndarray]:
     """Flat voxel indices of each foreground class present in label (X, Y, Z) uint8.
 
     Returns {class: int32 or int64 (N,) indices into label.ravel()}, only classes with N > 0.
@@ -730,16 +733,44 @@ def foreground_index(label):
     return {int(c): where[values == c].astype(index_dtype) for c in np.unique(values)}
 
 
-def _pick_centre(shape, label, fg_fraction, rng, fg_index):
-    """Patch centre (3,) int: with prob fg_fraction a voxel of a random present foreground class, else any voxel."""
-    if label is not None and rng.random() < fg_fraction:
-        if fg_index is None:
-            fg_index = foreground_index(label)
-        present = [c for c in sorted(fg_index) if c != 0 and len(fg_index[c])]
-        if present:
-            voxels = fg_index[present[rng.integers(len(present))]]
-            return np.array(np.unravel_index(int(voxels[rng.integers(len(voxels))]), shape))
-    return np.array([rng.integers(n) for n in shape])
+BACKGROUND_TRIES = 100  # a background centre by rejection: fails only where background is a tiny share of the volume
+
+
+def _foreground_voxel(fg_index, rng, by_class):
+    """A flat index: uniform over all foreground voxels, or (by_class) a uniform present class, then a voxel."""
+    classes = [c for c in sorted(fg_index) if c != 0 and len(fg_index[c])]
+    if by_class:
+        voxels = fg_index[classes[rng.integers(len(classes))]]
+        return int(voxels[rng.integers(len(voxels))])
+    counts = np.cumsum([len(fg_index[c]) for c in classes])     # the classes' voxels, end to end, never built
+    i = int(rng.integers(counts[-1]))
+    k = int(np.searchsorted(counts, i, side="right"))           # class c with probability n_c / N
+    return int(fg_index[classes[k]][i - (counts[k - 1] if k else 0)])
+
+
+def _background_voxel(shape, label, rng):
+    """A flat index of a voxel with label 0, by rejection; any voxel if BACKGROUND_TRIES draws found none."""
+    size = int(np.prod(shape))
+    for _ in range(BACKGROUND_TRIES):
+        i = int(rng.integers(size))
+        if label[np.unravel_index(i, shape)] == 0:
+            return i
+    return int(rng.integers(size))
+
+
+def _pick_centre(shape, label, fg_fraction, rng, fg_index, by_class=False):
+    """Patch centre (3,) int: with prob fg_fraction a foreground voxel, else a background one; any voxel
+    where fg_fraction is None, the label is None, or (for a foreground draw) the label has no foreground."""
+    size = int(np.prod(shape))
+    if fg_fraction is None or label is None:
+        flat = rng.integers(size)
+    elif rng.random() < fg_fraction:
+        fg_index = foreground_index(label) if fg_index is None else fg_index
+        has_fg = any(c != 0 and len(v) for c, v in fg_index.items())
+        flat = _foreground_voxel(fg_index, rng, by_class) if has_fg else rng.integers(size)
+    else:
+        flat = _background_voxel(shape, label, rng)
+    return np.array(np.unravel_index(int(flat), shape))
 
 
 def _crop_slices(shape, centre, patch_vox):
@@ -753,12 +784,21 @@ def _crop_slices(shape, centre, patch_vox):
     return tuple(src), tuple(dst)
 
 
-def sample_patch(image_hu, label, patch_vox, fg_fraction, rng, window_hu, fg_index=None):
+def sample_patch(image_hu: np.ndarray, label: np.ndarray | None, patch_vox: tuple[int, int, int],
+                 fg_fraction: float | None, rng: np.random.Generator, window_hu: tuple[float, float],
+                 fg_index: dict[int, np.ndarray] | None = None, by_class: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One training patch.
 
     image_hu (X, Y, Z) HU, float or an int16 memmap (only the crop is read); label uint8 (X, Y, Z) or None;
-    patch_vox (px, py, pz); fg_fraction: probability of centring on foreground (paper: 1:1 -> 0.5);
-    rng np.random.Generator; window_hu (lo_hu, hi_hu); fg_index from foreground_index (computed if None).
+    patch_vox (px, py, pz); rng np.random.Generator; window_hu (lo_hu, hi_hu); fg_index from
+    foreground_index (computed if None).
+    fg_fraction: probability of a foreground centre (paper: 1:1 -> 0.5; 9:1 -> 0.9 with noisy labels). A
+      foreground centre is uniform over all foreground voxels (each class in proportion to its voxels, as
+      MONAI's RandCropByPosNegLabeld); a background centre is a voxel with label 0. A label without
+      foreground, or label None: any voxel. None: any voxel, label ignored (the proxy's random patches).
+    by_class: beyond the paper, a foreground centre picks a present class uniformly, then a voxel of it, so
+      small classes (tumours, vessels) are centred on as often as large ones.
     Returns patch float32 (px, py, pz) windowed to [0, 1] and label_patch uint8 (px, py, pz) or None.
     Parts outside the volume are padded with 0 after windowing (image) and 0 = background (label).
     """
@@ -766,9 +806,11 @@ def sample_patch(image_hu, label, patch_vox, fg_fraction, rng, window_hu, fg_ind
     if len(patch_vox) != 3 or min(patch_vox) < 1 or np.ndim(image_hu) != 3:
         raise ValueError(f"sample_patch: need a 3-D image and 3 positive patch sizes; got image shape "
                          f"{np.shape(image_hu)}, patch_vox {patch_vox}")
+    if fg_fraction is not None and not 0 <= fg_fraction <= 1:
+        raise ValueError(f"sample_patch: fg_fraction {fg_fraction} must lie in [0, 1], or be None for any voxel")
     if label is not None and label.shape != image_hu.shape:
         raise ValueError(f"sample_patch: label shape {label.shape} differs from image shape {image_hu.shape}")
-    centre = _pick_centre(image_hu.shape, label, fg_fraction, rng, fg_index)
+    centre = _pick_centre(image_hu.shape, label, fg_fraction, rng, fg_index, by_class)
     src, dst = _crop_slices(image_hu.shape, centre, patch_vox)
     patch = np.zeros(patch_vox, dtype=np.float32)
     patch[dst] = window(image_hu[src], *window_hu)

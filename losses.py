@@ -41,18 +41,22 @@ def dice_ce_loss(logits, target, dice_weight=1.0, ce_weight=1.0):
     return dice_weight * dice + ce_weight * ce
 
 
-def dice_per_class(pred, target, num_classes):
-    """Hard Dice of each foreground class, (num_classes - 1,) float64.
+def dice_per_class(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
+    """Hard Dice of each foreground class 1..num_classes-1 of one case: (num_classes - 1,) float64.
 
-    pred, target: (*S) integer label arrays of the same shape. A class absent from both
-    scores 1.0 (nothing to find, nothing found); absent from one only, 0.0.
+    pred, target: (*S) integer label arrays of the same shape (prediction, annotation).
+    Dice = 2 |P and T| / (|P| + |T|) for a class present in target. A class absent from target is NaN,
+    whatever the prediction: the case has nothing to find for it and is left out of that class's mean
+    (as MONAI's DiceMetric with ignore_empty=True, the metric the paper reports). Average over cases with
+    np.nanmean.
     """
     pred, target = np.asarray(pred), np.asarray(target)
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from label shape {target.shape}")
-    out = np.empty(num_classes - 1)
+    out = np.full(num_classes - 1, np.nan)
     for c in range(1, num_classes):
         p, t = pred == c, target == c
-        total = p.sum() + t.sum()
-        out[c - 1] = 1.0 if total == 0 else 2.0 * np.logical_and(p, t).sum() / total
+        n_target = t.sum()
+        if n_target:
+            out[c - 1] = 2.0 * np.logical_and(p, t).sum() / (p.sum() + n_target)
     return out

@@ -1,6 +1,9 @@
 """The results files of a run, made from its state (per seed and strategy: labeled ids and per-iteration
-validation Dice): results.csv, per_case_dice.csv, summary.md (the paper's Table 1 with Wilcoxon tests) and,
-with matplotlib, dice_curve.png (the paper's Fig. 2).
+validation Dice): results.csv, per_case_dice.csv, summary.md (the paper's Table 1, the all-data reference and
+Wilcoxon tests of all pairs), wilcoxon.csv and, with matplotlib, dice_curve.png (the paper's Fig. 2).
+
+Dice follows MONAI's DiceMetric with ignore_empty=True, as the paper computed it: a class absent from a
+case's label has no Dice (NaN) for that case, and a mean over cases uses only the cases where it is present.
 """
 import csv
 import io
@@ -24,7 +27,8 @@ def pseudo_label_report(out, rows, hu_band, spacing_mm):
     ml = [n * float(np.prod(spacing_mm)) / 1000 for _, n, _ in rows]
     write_csv(out / "pseudo_labels.csv", ["case", "voxels", "volume_ml", "dice_vs_label"],
               [(c, n, round(v, 1), "" if d is None else round(float(d), 3)) for (c, n, d), v in zip(rows, ml)])
-    empty, dice = [c for c, n, _ in rows if n == 0], [d for _, _, d in rows if d is not None]
+    empty = [c for c, n, _ in rows if n == 0]
+    dice = [d for _, _, d in rows if d is not None and not np.isnan(d)]    # NaN: a label without foreground
     if empty:
         warnings.warn(f"{len(empty)} case(s) have no voxel in the pseudo-label band; try --hu-band auto")
     return (f"pseudo labels (band {hu_band} HU): median {np.median(ml):.0f} ml, {len(empty)} empty"
@@ -39,22 +43,56 @@ def records(state):
             for j, rec in enumerate(st["iterations"])]
 
 
-def write_reports(out, state, task, n_pool, left_out=None):
-    """results.csv, per_case_dice.csv, summary.md (and dice_curve.png with matplotlib) in the folder `out`.
+def kind(name):
+    """strategies.parse(name); a name it does not know (an older state file) counts as a supervised strategy."""
+    try:
+        return strategies.parse(name)
+    except ValueError:
+        return strategies.Strategy(name, proxy=False, acquisition="unknown", semi=False)
 
-    state: {seed: {strategy: {"iterations": [record]}}} as in state/; task: data.read_task_info;
-    n_pool: pool size (for pct_labeled); left_out: {case: why} of cases that could not be read.
-    Returns the summary text.
+
+def display_name(name):
+    """A strategy's name in tables, the all-data reference marked."""
+    return f"{name} (reference)" if kind(name).reference else name
+
+
+def nanmean(values, axis=None):
+    """np.nanmean without its warning: NaN where every value is NaN (a class absent from every case)."""
+    values = np.asarray(values, float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis) if values.size else np.nan
+
+
+def cell(x, digits=4):
+    """A Dice value for the CSV files: rounded; NaN (or None) stays NaN, which csv writes as "nan"."""
+    return float("nan") if x is None else round(float(x), digits)
+
+
+def write_reports(out, state, task, n_pool, left_out=None):
+    """results.csv, per_case_dice.csv, wilcoxon.csv, summary.md (and dice_curve.png with matplotlib) in `out`.
+
+    state: {seed: {strategy: {"iterations": [record]}}} as in state/, a record's per_case {case: per-class Dice}
+    holding NaN for a class absent from the case's label; task: data.read_task_info; n_pool: pool size (for
+    pct_labeled); left_out: {case: why} of cases that could not be read. A NaN is written "nan" in the CSV files;
+    per_case_dice.csv's mean_dice is the mean over the classes present in the case. Returns the summary text.
     """
-    names = [f"dice_{task['labels'].get(c, f'class{c}')}" for c in range(1, task["num_classes"])]
+    class_names = [task["labels"].get(c, f"class{c}") for c in range(1, task["num_classes"])]
+    names = [f"dice_{n}" for n in class_names]
     header = ["strategy", "seed", "iteration", "n_labeled", "pct_labeled"] + names + ["mean_dice"]
     rows = [[s, seed, j, rec["n_labeled"], round(100.0 * rec["n_labeled"] / max(n_pool, 1), 2)]
-            + [round(d, 4) for d in rec["dice"]] + [round(rec["mean_dice"], 4)] for s, seed, j, rec in records(state)]
+            + [cell(d) for d in rec["dice"]] + [cell(rec["mean_dice"])] for s, seed, j, rec in records(state)]
     write_csv(out / "results.csv", header, rows)
-    per_case = [[s, seed, j, c] + [round(x, 4) for x in d]
+    per_case = [[s, seed, j, c] + [cell(x) for x in d] + [cell(nanmean(d))]
                 for s, seed, j, rec in records(state) for c, d in rec["per_case"].items()]
-    write_csv(out / "per_case_dice.csv", ["strategy", "seed", "iteration", "case"] + names, per_case)
-    summary = summary_table(task["name"], header, rows) + "\n" + wilcoxon_table(state)
+    write_csv(out / "per_case_dice.csv", ["strategy", "seed", "iteration", "case"] + names + ["mean_dice"], per_case)
+    matrix = wilcoxon_matrix(state)
+    order, _, p = matrix
+    write_csv(out / "wilcoxon.csv", ["strategy"] + [display_name(s) for s in order],
+              [[display_name(a)] + ["" if a == b else "n/a" if p[a, b] is None else f"{p[a, b]:.6g}" for b in order]
+               for a in order])
+    summary = (summary_table(task["name"], header, rows) + empty_note(state, class_names) + "\n"
+               + wilcoxon_table(matrix))
     if left_out:
         summary += (f"\n## {len(left_out)} case(s) left out: their files could not be read\n\n"
                     + "".join(f"- {c}: {why}\n" for c, why in sorted(left_out.items())))
@@ -64,59 +102,109 @@ def write_reports(out, state, task, n_pool, left_out=None):
 
 
 def summary_table(task_name, header, rows):
-    """Mean +- std over seeds of the last iteration's validation Dice, per strategy (the paper's Table 1)."""
-    lines = [f"# {task_name}: validation Dice at the last iteration (mean +- std over seeds)", "",
-             "| strategy | seeds | n_labeled | " + " | ".join(header[5:]) + " |", "|---" * (len(header) - 2) + "|"]
+    """Mean +- std over seeds of the last iteration's validation Dice, per strategy (the paper's Table 1), and
+    the all-data reference (strategy `full`) in a table of its own under it. A seed's class Dice is already
+    the mean over the cases where the class is present; std has ddof 1 (the sample std), "-" for one seed."""
+    columns = " | ".join(header[5:])
+    table = lambda: ["| strategy | seeds | n_labeled | " + columns + " |", "|---" * (len(header) - 2) + "|"]
+    main, ref, single = table(), table(), False
     for strategy in dict.fromkeys(r[0] for r in rows):
         last = max(r[2] for r in rows if r[0] == strategy)
         sel = [r for r in rows if r[0] == strategy and r[2] == last]
-        dice = np.array([r[5:] for r in sel], float)
-        cells = [f"{m:.4f} +- {s:.4f}" for m, s in zip(dice.mean(0), dice.std(0))]
-        lines.append(f"| {strategy} | {len(sel)} | {sel[0][3]} | " + " | ".join(cells) + " |")
+        dice = np.array([r[5:] for r in sel], float)                      # (seeds, classes + 1)
+        cells = [spread(col) for col in dice.T]
+        single |= len(sel) == 1
+        (ref if kind(strategy).reference else main).append(
+            f"| {strategy} | {len(sel)} | {sel[0][3]} | " + " | ".join(cells) + " |")
+    lines = [f"# {task_name}: validation Dice at the last iteration (mean +- std over seeds; std with ddof 1, "
+             "the sample std)", ""] + (main if len(main) > 2 else [])
+    if len(ref) > 2:
+        lines += ["", "Reference (all pool cases labeled: the supplement's \"model that is using all the data\"):",
+                  ""] + ref
+    if single:
+        lines += ["", "A strategy with one seed (n=1) has no std: shown as -."]
     return "\n".join(lines) + "\n"
 
 
-def wilcoxon_table(state):
-    """Wilcoxon signed-rank p-values of every strategy against the best one, on per-case mean foreground Dice
-    at the last iteration, averaged over seeds (scipy). With n differing cases the exact two-sided test cannot
-    give p below 2 / 2^n, so under 6 cases the table says so instead of printing a p-value."""
+def spread(values):
+    """'mean +- std' over seeds of the non-NaN values (ddof 1), 'mean +- -' for one, 'n/a' for none."""
+    v = np.asarray(values, float)
+    v = v[~np.isnan(v)]
+    if not len(v):
+        return "n/a"
+    return f"{v.mean():.4f} +- " + (f"{v.std(ddof=1):.4f}" if len(v) > 1 else "-")
+
+
+def last_per_case(state):
+    """[(strategy, {case: per-class Dice list})] of every (seed, strategy) run's last finished iteration."""
+    return [(s, st["iterations"][-1]["per_case"]) for by_s in state.values() for s, st in by_s.items()
+            if st["iterations"]]
+
+
+def empty_note(state, class_names):
+    """One line per class that some validation cases lack: they are left out of that class's mean."""
+    cases, absent = set(), [set() for _ in class_names]
+    for _, per_case in last_per_case(state):
+        for c, d in per_case.items():
+            cases.add(c)
+            for i, x in enumerate(d):
+                if x is None or np.isnan(x):
+                    absent[i].add(c)
+    lines = [f"- {name}: {len(a)} of {len(cases)} validation cases have no {name} in their label and are left "
+             "out of its mean (MONAI's rule, DiceMetric ignore_empty)" for name, a in zip(class_names, absent) if a]
+    return ("\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def case_means(state):
+    """{strategy: {case: Dice}}: per case the mean over its present foreground classes, averaged over seeds.
+    A case without any foreground class has no value."""
+    values = {}
+    for strategy, per_case in last_per_case(state):
+        for c, d in per_case.items():
+            values.setdefault(strategy, {}).setdefault(c, []).append(nanmean(d))
+    return {s: {c: float(nanmean(v)) for c, v in cases.items() if not np.isnan(nanmean(v))}
+            for s, cases in values.items()}
+
+
+def wilcoxon_matrix(state):
+    """Wilcoxon signed-rank tests (two-sided, scipy) of every pair of strategies on the per-case values of
+    case_means, over the cases both have. Returns (strategies by mean Dice, the reference last; {strategy:
+    mean}; {(a, b): p-value, or None where fewer than 6 cases differ}). With n differing cases the exact
+    two-sided test cannot give p below 2 / 2^n, which reaches 0.05 only from n = 6."""
     from scipy.stats import wilcoxon
-    per_case = {}
-    for by_strategy in state.values():
-        for strategy, st in by_strategy.items():
-            for c, d in (st["iterations"][-1]["per_case"].items() if st["iterations"] else ()):
-                per_case.setdefault(strategy, {}).setdefault(c, []).append(float(np.mean(d)))
-    if len(per_case) < 2:
+    per_case = case_means(state)
+    means = {s: float(np.mean(list(v.values()))) if v else np.nan for s, v in per_case.items()}
+    order = sorted(means, key=lambda s: (kind(s).reference, -np.nan_to_num(means[s], nan=-1.0)))
+    p = {(a, a): None for a in order}
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            common = sorted(set(per_case[a]) & set(per_case[b]))
+            x, y = [per_case[a][c] for c in common], [per_case[b][c] for c in common]
+            n = int(np.count_nonzero(np.subtract(x, y)))
+            p[a, b] = p[b, a] = None if 2.0 / 2 ** n >= 0.05 else float(wilcoxon(x, y).pvalue)
+    return order, means, p
+
+
+def wilcoxon_table(matrix):
+    """wilcoxon_matrix(state) as markdown: a row per strategy with its mean and its p-values against each."""
+    order, means, p = matrix
+    if len(order) < 2:
         return ""
-    per_case = {s: {c: float(np.mean(v)) for c, v in cases.items()} for s, cases in per_case.items()}
-    means = {s: np.mean(list(v.values())) for s, v in per_case.items()}
-    best = max(means, key=means.get)
-    lines = [f"## Wilcoxon signed-rank test against {best} (per-case mean foreground Dice, last iteration)", "",
-             "| strategy | mean Dice | p-value |", "|---|---|---|"]
-    for s in sorted(means, key=lambda s: -means[s]):
-        common = sorted(set(per_case[s]) & set(per_case[best]))
-        a, b = [per_case[s][c] for c in common], [per_case[best][c] for c in common]
-        n = int(np.count_nonzero(np.subtract(a, b)))
-        if s == best:
-            cell = "-"
-        elif 2.0 / 2 ** n >= 0.05:
-            cell = f"not testable: {n} differing cases (p < 0.05 needs at least 6)"
-        else:
-            cell = f"{wilcoxon(a, b).pvalue:.3g}"
-        lines.append(f"| {s} | {means[s]:.4f} | {cell} |")
+    lines = ["## Wilcoxon signed-rank tests, all pairs (per-case mean foreground Dice, last iteration, "
+             "averaged over seeds)", "", "| strategy | per-case mean | " + " | ".join(map(display_name, order)) + " |",
+             "|---" * (len(order) + 2) + "|"]
+    for a in order:
+        cells = ["-" if a == b else "n/a" if p[a, b] is None else f"{p[a, b]:.3g}" for b in order]
+        lines.append(f"| {display_name(a)} | {means[a]:.4f} | " + " | ".join(cells) + " |")
+    lines += ["", "Two-sided p-values over the validation cases both strategies have a value for (a case's value is "
+              "the mean over its present foreground classes). n/a: fewer than 6 cases differ; with n differing "
+              "cases the exact two-sided test cannot give p below 2 / 2^n, so p < 0.05 needs n >= 6."]
     return "\n".join(lines) + "\n"
-
-
-def _semi(name):
-    """Whether a strategy named in a state file is semi-supervised (a name from an older version: False)."""
-    try:
-        return strategies.parse(name).semi
-    except ValueError:
-        return False
 
 
 def plot_curves(out, rows):
-    """Dice against percent labeled: solid supervised, dashed semi-supervised (the paper's Fig. 2)."""
+    """Dice against percent labeled: solid supervised, dashed semi-supervised (the paper's Fig. 2); the all-data
+    reference as a dotted horizontal line."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -130,7 +218,10 @@ def plot_curves(out, rows):
             if r[0] == strategy:
                 pts.setdefault(r[4], []).append(r[-1])
         x = sorted(pts)
-        ax.plot(x, [np.mean(pts[p]) for p in x], "--" if _semi(strategy) else "-", marker="o", label=strategy)
+        if kind(strategy).reference:
+            ax.axhline(nanmean(pts[x[-1]]), color="k", linestyle=":", label=f"{strategy} (all pool cases labeled)")
+        else:
+            ax.plot(x, [nanmean(pts[p]) for p in x], "--" if kind(strategy).semi else "-", marker="o", label=strategy)
     ax.set(xlabel="% of pool labeled", ylabel="validation mean Dice")
     ax.legend(fontsize=7)
     fig.tight_layout()

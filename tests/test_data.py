@@ -351,16 +351,21 @@ def test_sample_patch_foreground_ratio_and_class_balance():
     image = rng.normal(50, 100, (21, 19, 17)).astype(np.float32)
     label = np.zeros(image.shape, np.uint8)
     label[4:7, 5:8, 6:9] = 1            # 27 voxels = 0.4 % of the volume
-    label[15, 15, 15] = 2               # one voxel: still half of the foreground-centred draws
+    label[15, 15, 15] = 2               # one voxel: by class, still half of the foreground-centred draws
     fg_index = data.foreground_index(label)
     centres = []
     for _ in range(800):
-        patch, lab = data.sample_patch(image, label, (9, 8, 7), 0.3, rng, (-21, 189), fg_index)
+        patch, lab = data.sample_patch(image, label, (9, 8, 7), 0.3, rng, (-21, 189), fg_index, by_class=True)
         centres.append(lab[4, 4, 3])    # the centre voxel sits at patch_vox // 2
     centres = np.array(centres)
     assert patch.shape == (9, 8, 7) and patch.dtype == np.float32 and lab.dtype == np.uint8
-    assert abs((centres > 0).mean() - 0.3) < 0.06
+    assert abs((centres > 0).mean() - 0.3) < 0.06     # background centres land on background only
     assert abs((centres == 2).sum() / (centres > 0).sum() - 0.5) < 0.12
+
+
+def test_sample_patch_rejects_fg_fraction_outside_0_1():
+    with pytest.raises(ValueError, match="fg_fraction 1.5"):
+        data.sample_patch(np.zeros((4, 4, 4)), None, (2, 2, 2), 1.5, np.random.default_rng(0), (-21, 189))
 
 
 def test_sample_patch_pads_small_odd_volume_after_windowing(tmp_path):

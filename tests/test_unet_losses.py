@@ -195,8 +195,10 @@ def test_dice_ce_rejects_bad_target_shape():
 def test_dice_per_class_edge_cases():
     t = np.zeros((3, 4, 5), int)
     t[0, :2] = 1
-    assert np.allclose(dice_per_class(t, t, 3), [1.0, 1.0])          # class 2 absent from both -> 1
-    assert np.allclose(dice_per_class(np.zeros_like(t), t, 3), [0.0, 1.0])
+    assert np.array_equal(dice_per_class(t, t, 3), [1.0, np.nan], equal_nan=True)   # class 2 absent: NaN
+    assert np.array_equal(dice_per_class(np.zeros_like(t), t, 3), [0.0, np.nan], equal_nan=True)
+    assert np.isnan(dice_per_class(t * 2, t, 3)[1])                  # absent from the label, predicted: still NaN
+    assert dice_per_class(t, t * 2, 3)[1] == 0.0                     # present in the label, not predicted: 0
     p = t.copy()
     p[0, 0] = 0                                                       # 5 of 10 voxels found
     assert np.allclose(dice_per_class(p, t, 2), [2 * 5 / 15])
