@@ -23,7 +23,7 @@ from annotate import require_labels, save_maps
 from cli import LO_HI, SIDES, at_least, one_of, opt, within
 from losses import dice_per_class
 from proxy_al import evaluate, mc_scores, noisy_label, pseudo_label, semi_loss, sliding_window_predict
-from report import pseudo_label_report
+from report import nanmean, pseudo_label_report
 from study import stage_seed
 from train import PatchStream, Stage, batches, supervised_loss, train_proxy
 from unet import load_backbone
@@ -33,7 +33,8 @@ HU_BAND = (lambda v: v == "auto" or LO_HI[0](v.split(",")), "two numbers LO,HI w
 
 @dataclass
 class Config:
-    data: str = opt("demo", "task folder, MSD_Task03 / MSD_Task08 (under --data-root), or demo")
+    data: str = opt("demo", "data folder (MSD, nnU-Net raw, or paired by name), MSD_Task03 / MSD_Task08 (under "
+                    "--data-root), an nnU-Net name like Dataset003_Liver (under $nnUNet_raw), or demo")
     data_root: str = opt("data", "where MSD task folders and the demo data live (default: env MSD_DATA_ROOT)")
     out: str = opt("", "run folder; empty -> runs/<data>-<timestamp>; rerun with it to resume")
     strategy: str = opt("all", "NAME[,NAME...], all (the paper's 12 of supp. Table 1), extended (+4 BALD); "
@@ -72,6 +73,11 @@ class Config:
     alpha: float = opt(1.0, "weight of the supervised term in semi-supervised fine-tuning (paper: 1)", at_least(0))
     beta: float = opt(0.001, "weight of the consistency term (paper: 0.001)", at_least(0))
     fg_fraction: float = opt(0.5, "share of supervised patches centred on foreground (paper: 1:1)", within(0, 1))
+    fg_draw: str = opt("voxels", "a foreground centre: voxels (uniform over foreground voxels, paper's 1:1 as MONAI) "
+                       "or classes (a present class first: beyond the paper, for tumours and vessels)",
+                       one_of("voxels", "classes"))
+    proxy_patches: str = opt("random", "proxy patch centres: random (paper: random selection of patches) or "
+                             "balanced (as --fg-fraction and --fg-draw)", one_of("random", "balanced"))
     semi_fg_fraction: float = opt(0.9, "share of semi-supervised patches centred on foreground (paper: 9:1)",
                                   within(0, 1))
     device: str = opt("auto", "auto, cpu, cuda or cuda:N", (lambda v: v in ("auto", "cpu", "cuda") or
@@ -142,7 +148,8 @@ def proxy_model(study, seed):
                               study.device, stage_seed(seed, "proxy"), patch_vox=cfg.patch_vox,
                               batch_size=cfg.batch_size, window_hu=study.window_hu, lr=cfg.lr,
                               workers=study.workers, roi=cfg.roi_vox, overlap=cfg.overlap,
-                              fg_fraction=cfg.fg_fraction, warmup_steps=cfg.warmup_steps, decay=cfg.lr_decay,
+                              fg_fraction=None if cfg.proxy_patches == "random" else cfg.fg_fraction,
+                              by_class=cfg.fg_draw == "classes", warmup_steps=cfg.warmup_steps, decay=cfg.lr_decay,
                               progress=study.bar)
         study.save_checkpoint(f"seed{seed}/proxy", model, study.pool, history=history)
     study.proxy_net = (seed, model)
@@ -181,14 +188,15 @@ def initial_scores(study, seed, strategy, proxy):
 def run_strategy(study, strategy, seed, proxy):
     """Lines 5-18 for one strategy and seed; its state is saved once per iteration."""
     cfg = study.cfg
-    st = study.run_state(seed, strategy.name)
+    st = study.run_state(seed, strategy)
     if not st["labeled"]:
-        annotate(st, initial_scores(study, seed, strategy, proxy), cfg.k)                   # line 5
+        annotate(st, initial_scores(study, seed, strategy, proxy), study.first_pool(strategy))  # line 5
         study.save_state(seed, strategy.name)
-    for j in range(len(st["iterations"]), cfg.iterations):                                   # line 6
+    iterations = strategy.iterations(cfg.iterations)
+    for j in range(len(st["iterations"]), iterations):                                       # line 6
         require_labels(study, st, seed, strategy)
         tag, labeled = f"seed{seed}/{strategy.name}/iter{j}", list(st["labeled"])
-        study.log(f"{strategy.name} seed {seed} iteration {j + 1}/{cfg.iterations}: {len(labeled)} labeled")
+        study.log(f"{strategy.name} seed {seed} iteration {j + 1}/{iterations}: {len(labeled)} labeled")
         model = supervised(study, labeled, proxy.weights if strategy.proxy else None, tag)   # line 7: Ms
         record = {"n_labeled": len(labeled)}
         if strategy.semi:                                                                    # line 8
@@ -197,7 +205,7 @@ def run_strategy(study, strategy, seed, proxy):
             model = semi_finetune(study, model, labeled, record["certain"], tag)             # lines 10-11: Msemi
         record.update(validate(study, model))
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}: validation mean Dice {record['mean_dice']:.4f}")
-        if j < cfg.iterations - 1 or study.annotation:
+        if j < iterations - 1 or study.annotation:
             scores = acquisition_scores(study, model, st, seed, strategy, proxy, j)         # lines 12 / 15
             record["acquired"], record["scores"] = annotate(st, scores, cfg.k), scores       # lines 13 / 16
         st["iterations"].append(record)
@@ -223,7 +231,7 @@ def supervised(study, labeled, init_state, tag):
         if init_state is not None:
             load_backbone(model, init_state, head_from_proxy=cfg.head_init == "proxy")
         stream = PatchStream([study.labeled_volume(c) for c in labeled], cfg.patch_vox, cfg.fg_fraction,
-                             study.window_hu, stage_seed(tag, "sup"))
+                             study.window_hu, stage_seed(tag, "sup"), by_class=cfg.fg_draw == "classes")
         stats = train(study, model, supervised_loss, batches(stream, cfg.batch_size, study.workers, study.device),
                       cfg.steps, stage_seed(tag, "dropout"), "supervised")
         study.save_checkpoint(tag + "_sup", model, labeled, stats=stats)
@@ -245,9 +253,9 @@ def semi_finetune(study, model, labeled, certain, tag):
     noisy = {c: noisy_label(sliding_window_predict(model, study.image(c), cfg.roi_vox, cfg.overlap), cfg.tau)
              for c in certain}                                                                   # line 10
     sup = PatchStream([study.labeled_volume(c) for c in labeled], cfg.patch_vox, cfg.fg_fraction,
-                      study.window_hu, stage_seed(tag, "semi-sup"))
+                      study.window_hu, stage_seed(tag, "semi-sup"), by_class=cfg.fg_draw == "classes")
     two = PatchStream([study.labeled_volume(c, noisy[c]) for c in certain], cfg.patch_vox, cfg.semi_fg_fraction,
-                      study.window_hu, stage_seed(tag, "semi-unl"), two_views=True)
+                      study.window_hu, stage_seed(tag, "semi-unl"), two_views=True, by_class=cfg.fg_draw == "classes")
     workers = max(study.workers // 2, 1) if study.workers else 0
     pairs = zip(batches(sup, cfg.batch_size, workers, study.device), batches(two, cfg.batch_size, workers, study.device))
     stats = train(study, model, lambda m, b: semi_loss(m, b, cfg.alpha, cfg.beta), pairs, cfg.semi_steps,   # line 11
@@ -290,12 +298,14 @@ def score_cases(study, model, ids, tag):
 
 
 def validate(study, model):
-    """Validation Dice per foreground class: mean over cases, and per case (for significance tests)."""
+    """Validation Dice per foreground class, per case (NaN where the case's label lacks the class: MONAI's
+    rule) and its mean over the cases that have it; mean_dice is the mean of the class means."""
     if not study.val:
         return {"dice": [float("nan")] * (study.num_classes - 1), "mean_dice": float("nan"), "per_case": {}}
     per_case = evaluate(model, ((study.image(c), study.label(c)) for c in study.val), study.num_classes,
                         study.cfg.roi_vox, study.cfg.overlap)
-    return {"dice": per_case.mean(0).tolist(), "mean_dice": float(per_case.mean()),
+    dice = nanmean(per_case, 0)
+    return {"dice": dice.tolist(), "mean_dice": float(nanmean(dice)),
             "per_case": {c: row.tolist() for c, row in zip(study.val, per_case)}}
 
 # ----------------------------------------------------------------------------- the study's units of work
@@ -330,6 +340,8 @@ def main(argv=None):
     cli.check_options(cfg)                   # every check before the long work
     if actions.report:
         return runs.report_only(cfg)
+    if actions.export_nnunet is not None:
+        return runs.export_nnunet(cfg, actions)
     return runs.run(cfg, plan, run_unit, actions.rebuild_state, actions.default_strategy)
 
 

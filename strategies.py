@@ -46,6 +46,10 @@ class Strategy:
         """Whether its acquisition scores the pool by MC dropout (lines 12 and 15)."""
         return self.acquisition in MC_MEASURES
 
+    def iterations(self, iterations):
+        """Its active iterations in a study of `iterations`: the reference trains once, on the whole pool."""
+        return 1 if self.reference else iterations
+
     @property
     def cost(self):
         """Its relative cost, for the order of the queue: semi-supervised first, then MC acquisition."""

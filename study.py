@@ -8,6 +8,7 @@ option or file and what to do, never in a traceback.
 import dataclasses
 import json
 import os
+import re
 import time
 import warnings
 import zlib
@@ -32,6 +33,7 @@ except ImportError:
     fcntl = None
 
 MSD_TASKS = {"MSD_Task03": "Task03_Liver", "MSD_Task08": "Task08_HepaticVessel"}
+NNUNET_NAME = re.compile(r"Dataset\d{3}_[\w-]+")
 
 
 class NeedLabels(Exception):
@@ -44,10 +46,16 @@ def stage_seed(*parts):
 
 
 def resolve_data(cfg):
-    """Path of the task folder named by --data; the demo phantom set is generated once under data_root."""
+    """Path of the data folder named by --data: demo (the phantom set, generated once under data_root), an MSD
+    task under data_root, a folder, or an nnU-Net dataset name (Dataset003_Liver) under $nnUNet_raw."""
     root = Path(cfg.data_root)
     if cfg.data == "demo":
         return Path(make_phantom_dataset(root / "phantom", cfg.phantom_cases, seed=0))
+    if cfg.data not in MSD_TASKS and not Path(cfg.data).is_dir() and NNUNET_NAME.fullmatch(cfg.data):
+        try:
+            return data.nnunet_raw_path(cfg.data)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--data {err}") from None
     path = root / MSD_TASKS[cfg.data] if cfg.data in MSD_TASKS else Path(cfg.data)
     if not path.is_dir():
         raise SystemExit(f"--data {cfg.data}: no folder at {path.resolve()}. Download the task from "
@@ -222,12 +230,17 @@ class Study:
 
     # --- state and checkpoints
 
+    def first_pool(self, strategy):
+        """How many cases line 5 selects: k, or every pool case for the all-data reference."""
+        return len(self.pool) if strategy.reference else self.cfg.k
+
     def run_state(self, seed, strategy):
-        """The state of one (seed, strategy): labeled ids, iteration records, the scores that selected each case."""
-        st = self.state.setdefault(str(seed), {}).setdefault(strategy, {"labeled": [], "iterations": [], "scores": {}})
-        labeled = st["labeled"][:self.cfg.k] + [c for r in st["iterations"] for c in r.get("acquired", [])]
+        """The state of one (seed, Strategy): labeled ids, iteration records, the scores that selected each case."""
+        st = self.state.setdefault(str(seed), {}).setdefault(strategy.name, {"labeled": [], "iterations": [], "scores": {}})
+        first = st["labeled"][:self.first_pool(strategy)]
+        labeled = first + [c for r in st["iterations"] for c in r.get("acquired", [])]
         if st["labeled"] and labeled != st["labeled"]:        # only a hand-edited or foreign state gets here
-            warnings.warn(f"{state_file(self.out, seed, strategy)}: 'labeled' disagrees with the iteration records; "
+            warnings.warn(f"{state_file(self.out, seed, strategy.name)}: 'labeled' disagrees with the iteration records; "
                           f"following the records ({len(labeled)} cases)")
             st["labeled"] = labeled
         return st
@@ -368,6 +381,9 @@ def check_request(study, chosen):
     if study.annotation and study.world.size > 1:
         raise SystemExit("annotation mode (pool cases without labels) runs as one process: use python al_loop.py, "
                          "not torchrun")
+    if study.annotation and any(s.reference for s in chosen):
+        raise SystemExit(f"--strategy {strategies.REFERENCE}: the all-data reference needs every pool case labeled; "
+                         "run it on a fully labeled data set")
     if study.annotation and (len(chosen) > 1 or len(cfg.seeds) > 1):
         raise SystemExit("annotation mode (pool cases without labels): choose one --strategy and one --seeds, "
                          "e.g. --strategy proxyrank_var_semi --seeds 0")
@@ -440,7 +456,7 @@ def start(study, chosen):
                       f"(use a new --out for a clean run)")
     if study.world.rank == 0:
         data.atomic_write_json(path, new)
-    study.total = sum(cfg.iterations - len(study.state.get(str(seed), {}).get(s.name, {}).get("iterations", []))
+    study.total = sum(s.iterations(cfg.iterations) - len(study.state.get(str(seed), {}).get(s.name, {}).get("iterations", []))
                       for seed in cfg.seeds for s in chosen)
     study.log(f"{study.task['name']}: {len(study.pool)} pool, {len(study.val)} validation cases; "
               f"{len(chosen)} strategies x {len(cfg.seeds)} seeds; device {study.device}; out {study.out}"
@@ -491,11 +507,32 @@ def _run(cfg, world, plan, run_unit, rebuild_state, default_strategy):
     return 0
 
 
-def report_only(cfg):
-    """--report: the reports of --out from its state files so far, without touching a running study."""
+def saved_run(cfg):
+    """(data folder, split) of the run folder --out, from its config.json and split.json."""
     out = Path(cfg.out)
     saved = read_json(out / "config.json", lambda c: None, "give --out a run folder")
     root = resolve_data(dataclasses.replace(cfg, **{k: saved[k] for k in ("data", "data_root", "phantom_cases")}))
-    split = read_json(out / "split.json", lambda s: None, "give --out a run folder")
-    print(write_reports(out, read_states(out), data.read_task_info(root), len(split["pool"])))
+    return root, read_json(out / "split.json", lambda s: None, "give --out a run folder")
+
+
+def export_nnunet(cfg, actions):
+    """--export-nnunet ID: the cases one (strategy, seed, iteration) of the run had labeled, and the run's
+    validation cases, as the nnU-Net raw dataset DatasetID_<task name> (nnunet.export_run)."""
+    import nnunet
+    root, split = saved_run(cfg)
+    task, cases = read_task(root)
+    strategy = None if actions.default_strategy else cfg.strategy
+    try:
+        nnunet.export_run(cfg.out, cases, read_states(cfg.out), split, task["labels"], actions.export_nnunet,
+                          re.sub(r"\W+", "", task["name"].title()) or "Selection", actions.export_to or None,
+                          strategy, actions.seed, actions.iteration, actions.overwrite)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--export-nnunet: {err}") from None
+    return 0
+
+
+def report_only(cfg):
+    """--report: the reports of --out from its state files so far, without touching a running study."""
+    root, split = saved_run(cfg)
+    print(write_reports(Path(cfg.out), read_states(cfg.out), data.read_task_info(root), len(split["pool"])))
     return 0

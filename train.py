@@ -58,14 +58,15 @@ def needs_scaler(device):
 
 
 class PatchStream(torch.utils.data.IterableDataset):
-    """Endless foreground-balanced training patches, made in DataLoader workers off the training thread.
+    """Endless training patches, made in DataLoader workers off the training thread.
     volumes: list of (image_hu (X, Y, Z), label (X, Y, Z) uint8, data.foreground_index of the label).
+    fg_fraction, by_class: the centre's draw, as data.sample_patch (fg_fraction None: anywhere).
     Yields (image (1, *P) float32 intensity-augmented, label (1, *P) int64), or with two_views (view 1 clean,
     view 2 intensity-augmented) of one patch: the semi-supervised pair (the label only steers the centre).
     """
 
-    def __init__(self, volumes, patch_vox, fg_fraction, window_hu, seed, two_views=False):
-        self.volumes, self.patch_vox, self.fg_fraction = volumes, tuple(patch_vox), fg_fraction
+    def __init__(self, volumes, patch_vox, fg_fraction, window_hu, seed, two_views=False, by_class=False):
+        self.volumes, self.patch_vox, self.fg_fraction, self.by_class = volumes, tuple(patch_vox), fg_fraction, by_class
         self.window_hu, self.seed, self.two_views = window_hu, seed, two_views
 
     def __iter__(self):
@@ -74,7 +75,7 @@ class PatchStream(torch.utils.data.IterableDataset):
         while True:
             image_hu, label, fg_index = self.volumes[rng.integers(len(self.volumes))]
             patch, lab = sample_patch(image_hu, label, self.patch_vox, self.fg_fraction, rng,
-                                      self.window_hu, fg_index=fg_index)
+                                      self.window_hu, fg_index=fg_index, by_class=self.by_class)
             if self.two_views:
                 yield torch.from_numpy(patch[None]), torch.from_numpy(augment_intensity(patch, rng)[None])
             else:
@@ -162,14 +163,17 @@ class Stage:
 
 
 def train_proxy(model, volumes, val_cases, epochs, val_every, steps_per_epoch, device, seed, *, patch_vox,
-                batch_size, window_hu, lr, workers, roi, overlap=0.25, fg_fraction=0.5, warmup_steps=0,
+                batch_size, window_hu, lr, workers, roi, overlap=0.25, fg_fraction=None, by_class=False, warmup_steps=0,
                 decay="constant", progress=Progress):
     """Proxy model on pseudo labels (Algorithm 1 line 3): `epochs` epochs, validation Dice on the validation
     cases' pseudo labels every `val_every` epochs, the best weights kept (paper: 100 epochs, every 5).
-    val_cases: a function returning an iterable of (image, pseudo label) pairs, or None. warmup_steps,
-    decay: the lr schedule over all epochs. Returns [(epoch, dice)]; the model ends with its best weights.
+    val_cases: a function returning an iterable of (image, pseudo label) pairs, or None. fg_fraction: None for
+    the paper's "random selection of patches" (centres anywhere), or a foreground share. warmup_steps, decay:
+    the lr schedule over all epochs. Returns [(epoch, dice)]; the model ends with its best weights (the last
+    ones when no validation case has a pseudo label to score against).
     """
-    data = batches(PatchStream(volumes, patch_vox, fg_fraction, window_hu, seed), batch_size, workers, device)
+    data = batches(PatchStream(volumes, patch_vox, fg_fraction, window_hu, seed, by_class=by_class), batch_size,
+                   workers, device)
     stage = Stage(model, supervised_loss, data, epochs * steps_per_epoch, device, lr, warmup_steps, decay,
                   progress=progress)
     best, best_state, history = -1.0, None, []
@@ -183,10 +187,10 @@ def train_proxy(model, volumes, val_cases, epochs, val_every, steps_per_epoch, d
         if len(scores) == 0:
             raise ValueError("train_proxy: val_cases() gave no validation case; pass val_cases=None "
                              "to train the proxy without validation")
-        dice = float(scores.mean())
+        dice = float(np.nanmean(scores)) if np.isfinite(scores).any() else -1.0   # NaN: an empty pseudo label
         history.append((epoch + chunk, dice))
         print(f"  proxy epoch {epoch + chunk}/{epochs}: validation Dice on pseudo labels {dice:.4f}", flush=True)
-        if dice > best:
+        if dice > best or best_state is None:
             best, best_state = dice, {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     return history
