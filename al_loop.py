@@ -86,7 +86,7 @@ class Config:
                        (lambda v: v >= -1, "must be >= 0, or -1 for the default"))
     save_maps: int = opt(0, "write MC variance maps of the N top-ranked cases as NIfTI", at_least(0))
     phantom_cases: int = opt(20, "demo: number of phantom cases", at_least(1))
-    cache_dir: str = opt("", "preprocessed cache, shared by runs; empty -> <data-root>/.cache")
+    cache_dir: str = opt("", "preprocessed cache, shared by runs; empty -> $XDG_CACHE_HOME or ~/.cache, /proxy-al")
     preset: str = opt("", "demo or paper; empty -> demo without --data, paper with it")
 
 
@@ -97,13 +97,15 @@ PAPER = Config()
 #  - 160 supervised and 80 semi-supervised steps that end trained: lr 5e-3, a 20-step warm-up and a cosine
 #    decay to 0 (the paper's 1e-4, constant, needs thousands of steps to train from random weights);
 #  - the 3-class head starts from the proxy's 2-class head: a random one did not always train in time;
-#  - a proxy trained to the end (16 epochs), so that its ranking repeats from seed to seed.
+#  - a proxy trained to the end (16 epochs), so that its ranking repeats from seed to seed, on foreground-
+#    balanced patches: from the paper's random patches it learned nothing in 16 epochs (validation Dice 0).
 DEMO = dataclasses.replace(
     PAPER, data="demo", strategy="rand,proxyrank,proxyrank_var_semi", seeds=(0,), k=3, iterations=2, n_val=8,
     spacing_mm=(3.0, 3.0, 3.0), patch_vox=(32, 32, 32), roi_vox=(48, 48, 48), steps=160, semi_steps=80,
     proxy_epochs=16, proxy_val_every=4, mc_passes=4, channels=(8, 16, 32, 64, 128), lr=5e-3, lr_decay="cosine",
-    warmup_steps=20, head_init="proxy", phantom_cases=24)
+    warmup_steps=20, head_init="proxy", proxy_patches="balanced", phantom_cases=24)
 PRESETS = {"paper": PAPER, "demo": DEMO}
+PHANTOM_ONLY = ("n_val", "phantom_cases")   # sized for the 24 phantoms: a user's folder gets the paper's rule
 
 
 @dataclass
@@ -189,7 +191,7 @@ def run_strategy(study, strategy, seed, proxy):
     """Lines 5-18 for one strategy and seed; its state is saved once per iteration."""
     cfg = study.cfg
     st = study.run_state(seed, strategy)
-    if not st["labeled"]:
+    if st["labeled"] == st.get("given", []):                             # nothing selected yet
         annotate(st, initial_scores(study, seed, strategy, proxy), study.first_pool(strategy))  # line 5
         study.save_state(seed, strategy.name)
     iterations = strategy.iterations(cfg.iterations)
@@ -199,8 +201,12 @@ def run_strategy(study, strategy, seed, proxy):
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}/{iterations}: {len(labeled)} labeled")
         model = supervised(study, labeled, proxy.weights if strategy.proxy else None, tag)   # line 7: Ms
         record = {"n_labeled": len(labeled)}
-        if strategy.semi:                                                                    # line 8
-            unlabeled = [c for c in study.pool if c not in labeled]
+        unlabeled = [c for c in study.pool if c not in labeled]
+        if strategy.semi and not unlabeled:     # nothing left to fine-tune on: Ms stands in for Msemi
+            warnings.warn(f"{strategy.name} seed {seed} iteration {j + 1}: every pool case is labeled, so lines "
+                          "9-11 (semi-supervised fine-tuning on the most certain unlabeled cases) are skipped")
+            record["certain"] = []
+        elif strategy.semi:                                                                  # line 8
             record["certain"] = most_certain(study, model, unlabeled, len(labeled), strategy, tag)  # line 9
             model = semi_finetune(study, model, labeled, record["certain"], tag)             # lines 10-11: Msemi
         record.update(validate(study, model))
@@ -331,8 +337,12 @@ def run_unit(study, kind, seed, what):
 
 
 def parse_args(argv=None):
-    """(Config, actions) from the command line: unset flags keep the preset's value."""
-    return cli.parse_args(Config, PRESETS, __doc__, argv)
+    """(Config, actions) from the command line: unset flags keep the preset's value. The demo preset's
+    phantom-only settings (PHANTOM_ONLY) apply only to the phantom data."""
+    cfg, actions = cli.parse_args(Config, PRESETS, __doc__, argv)
+    if cfg.preset == "demo" and cfg.data != "demo":
+        cfg = dataclasses.replace(cfg, **{k: getattr(PAPER, k) for k in PHANTOM_ONLY if k not in actions.given})
+    return cfg, actions
 
 
 def main(argv=None):

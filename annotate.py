@@ -23,7 +23,8 @@ def require_labels(study, st, seed, strategy):
     for cid in missing if model else ():
         write_maps(study, model, cid, folder)
     found = lambda c, kind: str(folder / f"{c}_{kind}.nii.gz") if (folder / f"{c}_{kind}.nii.gz").exists() else ""
-    rows = [(c, study.cases[c]["image"], f"{st['scores'][c]:.6g}", st["labeled"].index(c) + 1, found(c, "pred"),
+    rank = lambda c: st["labeled"].index(c) - len(st.get("given", [])) + 1       # among the selected cases
+    rows = [(c, study.cases[c]["image"], f"{st['scores'][c]:.6g}", rank(c), found(c, "pred"),
              found(c, "uncertainty")) for c in pending]
     write_csv(study.out / "to_annotate.csv", ["case", "image", "score", "rank", "prediction", "uncertainty"], rows)
     raise NeedLabels(f"{len(pending)} case(s) need labels: see {study.out / 'to_annotate.csv'}.\n"

@@ -127,7 +127,7 @@ def parse_args(cls, presets, description, argv=None):
         p.error("--report and --export-nnunet need --out: the run folder to read")
     if actions.export_nnunet is None and (actions.seed is not None or actions.iteration is not None):
         p.error("--seed and --iteration choose what --export-nnunet exports; the study's seeds are --seeds")
-    actions.default_strategy = "strategy" not in given
+    actions.default_strategy, actions.given = "strategy" not in given, set(given)
     return dataclasses.replace(presets[preset], preset=preset, **given), actions
 
 

@@ -21,6 +21,9 @@ def write_csv(path, header, rows):
     data.atomic_write_bytes(path, text.getvalue().encode())
 
 
+BAND_MISSES = 0.1  # a median pseudo-label Dice below this: the band finds something else than the labeled organ
+
+
 def pseudo_label_report(out, rows, hu_band, spacing_mm):
     """pseudo_labels.csv from rows (case, voxels, Dice against its label or None); warns about empty ones.
     Returns a one-line summary for the log."""
@@ -31,6 +34,11 @@ def pseudo_label_report(out, rows, hu_band, spacing_mm):
     dice = [d for _, _, d in rows if d is not None and not np.isnan(d)]    # NaN: a label without foreground
     if empty:
         warnings.warn(f"{len(empty)} case(s) have no voxel in the pseudo-label band; try --hu-band auto")
+    if dice and np.median(dice) < BAND_MISSES:
+        warnings.warn(f"the pseudo-label band {hu_band} HU misses the labeled organ: its Dice against the validation "
+                      f"labels is {np.median(dice):.2f} (median of {len(dice)}), so the proxy learns another structure. "
+                      "Try --hu-band auto (a band at each case's own soft-tissue level) or --hu-band LO,HI around the "
+                      "organ's HU (pseudo_labels.csv lists each case)")
     return (f"pseudo labels (band {hu_band} HU): median {np.median(ml):.0f} ml, {len(empty)} empty"
             + (f" ({', '.join(empty[:10])})" if empty else "")
             + (f"; Dice against the validation labels: median {np.median(dice):.2f}, lowest {min(dice):.2f}"

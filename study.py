@@ -7,12 +7,14 @@ option or file and what to do, never in a traceback.
 """
 import dataclasses
 import json
+import errno
 import os
 import re
+import signal
 import time
 import warnings
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +45,12 @@ class NeedLabels(Exception):
 def stage_seed(*parts):
     """A seed per stage, so each stage is reproducible on its own (resume needs no saved RNG streams)."""
     return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def default_cache():
+    """The preprocessed cache when --cache-dir is not given: the user's cache folder ($XDG_CACHE_HOME or
+    ~/.cache)/proxy-al, shared by every run (entries are named by their source file and grid)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "proxy-al"
 
 
 def resolve_data(cfg):
@@ -115,6 +123,8 @@ def state_problem(st):
         return f"expected a JSON object, got {type(st).__name__}"
     if not (isinstance(st.get("labeled"), list) and all(isinstance(c, str) for c in st["labeled"])):
         return "'labeled' must be a list of case ids"
+    if not (isinstance(st.get("given", []), list) and all(isinstance(c, str) for c in st.get("given", []))):
+        return "'given' must be a list of case ids"
     if not isinstance(st.get("scores"), dict):
         return "'scores' must be an object {case: score}"
     iterations = st.get("iterations")
@@ -176,7 +186,7 @@ class Study:
         self.default_strategy = default_strategy      # --strategy left to the preset: annotation mode picks one
         self.root = resolve_data(cfg)
         self.out = Path(cfg.out)                  # made and locked by run_folder
-        self.cache = Path(cfg.cache_dir or Path(cfg.data_root) / ".cache")
+        self.cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache()
         self.task, self.cases = read_task(self.root)                        # headers and file names only
         self.num_classes = self.task["num_classes"]
         self.window_hu = data.task_window(self.task["name"], tuple(cfg.window_hu) or None)
@@ -194,7 +204,8 @@ class Study:
         self.proxy_net, self.scoring = (None, None), {}                   # one seed's Mp; pool scoring progress
 
     def load_split(self, val_candidates):
-        """split.json of the run: drawn once (validation from `val_candidates`, seed 0), then reloaded."""
+        """The run's split: split.json if the run has one, else drawn (validation from `val_candidates`, seed 0)
+        and written by start(), once every check has passed. A saved split of another size is named."""
         path = self.out / "split.json"
         if not path.exists() and (self.state or (self.out / "checkpoints").exists()):
             raise SystemExit(f"{path}: missing, but this run has finished work; a new draw could move annotated "
@@ -205,11 +216,19 @@ class Study:
                 n_val = 0
             elif n_val >= 1:
                 n_val = min(int(n_val), len(val_candidates) - 1)       # keep a case for the pool
-            return data.split_cases(list(self.cases), n_val, 0, path, val_candidates)
+            split = data.split_cases(list(self.cases), n_val, 0, path if path.exists() else None, val_candidates)
         except ValueError as err:
             raise SystemExit(str(err))
+        wanted = data.split_cases(list(self.cases), n_val, 0, None, val_candidates)["val"] if path.exists() else None
+        if wanted is not None and len(wanted) != len(split["val"]):
+            warnings.warn(f"{path}: this run's saved split has {len(split['val'])} validation cases, but the options "
+                          f"ask for {len(wanted)} (--n-val {self.cfg.n_val:g}); the saved split is kept (use a new "
+                          "--out for another split)")
+        self.new_split = None if path.exists() else split
+        return split
 
     def log(self, msg):
+        LAST_LOG[0] = msg
         rank = f"rank {self.world.rank} " if self.world.size > 1 else ""
         print(f"[{rank}{fmt_s(time.time() - self.t0)}] {msg}", flush=True)
 
@@ -235,10 +254,15 @@ class Study:
         return len(self.pool) if strategy.reference else self.cfg.k
 
     def run_state(self, seed, strategy):
-        """The state of one (seed, Strategy): labeled ids, iteration records, the scores that selected each case."""
-        st = self.state.setdefault(str(seed), {}).setdefault(strategy.name, {"labeled": [], "iterations": [], "scores": {}})
-        first = st["labeled"][:self.first_pool(strategy)]
-        labeled = first + [c for r in st["iterations"] for c in r.get("acquired", [])]
+        """The state of one (seed, Strategy): labeled ids, iteration records, the scores that selected each case.
+        In annotation mode, the pool cases that had labels when the run began ("given") are in Tl from the start:
+        only unlabeled cases are ranked, selected and listed for annotation."""
+        given = [c for c in self.pool if self.cases[c]["label"]] if self.annotation else []
+        st = self.state.setdefault(str(seed), {}).setdefault(
+            strategy.name, {"given": given, "labeled": list(given), "iterations": [], "scores": {}})
+        given = st.get("given", [])
+        first = st["labeled"][len(given):len(given) + self.first_pool(strategy)]
+        labeled = given + first + [c for r in st["iterations"] for c in r.get("acquired", [])]
         if st["labeled"] and labeled != st["labeled"]:        # only a hand-edited or foreign state gets here
             warnings.warn(f"{state_file(self.out, seed, strategy.name)}: 'labeled' disagrees with the iteration records; "
                           f"following the records ({len(labeled)} cases)")
@@ -374,7 +398,12 @@ def check_request(study, chosen):
     """Every mistake in the request that can be seen before the long work starts."""
     cfg = study.cfg
     need = cfg.k * cfg.iterations
-    if need > len(study.pool):
+    if study.annotation:
+        unlabeled = [c for c in study.pool if not study.cases[c]["label"]]
+        if need > len(unlabeled):
+            raise SystemExit(f"--k {cfg.k} x --iterations {cfg.iterations} asks for {need} cases to annotate, but "
+                             f"{len(unlabeled)} pool cases have no label yet; lower --k or --iterations")
+    elif need > len(study.pool):
         raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool cases of "
                          f"{len(study.pool) + len(study.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
                          f"needs {need}; lower --n-val, --k or --iterations")
@@ -387,6 +416,9 @@ def check_request(study, chosen):
     if study.annotation and (len(chosen) > 1 or len(cfg.seeds) > 1):
         raise SystemExit("annotation mode (pool cases without labels): choose one --strategy and one --seeds, "
                          "e.g. --strategy proxyrank_var_semi --seeds 0")
+    if any(s.semi for s in chosen) and need >= len(study.pool) and not study.annotation:
+        warnings.warn(f"--k {cfg.k} x --iterations {cfg.iterations} labels all {len(study.pool)} pool cases: the "
+                      "last iteration of a _semi strategy has no unlabeled case left and skips its fine-tuning")
     unknown = {c for by_s in study.state.values() for st in by_s.values() for c in st["labeled"]} - set(study.pool)
     if unknown:
         raise SystemExit(f"{study.out}/state: names cases {sorted(unknown)[:5]} that are not in this run's pool "
@@ -426,8 +458,9 @@ def preprocess_all(study):
 
 
 def check_labels(study):
-    """Before any training: every label file's grid against its image (headers only), and every validation
-    label's values. Pool labels' values are checked when their case is selected (the oracle's rule)."""
+    """Before any training: every label file's grid against its image (headers only), and its values (read
+    into the cache; a pool label is still used only once its case is selected). A validation label without
+    foreground is named: it is left out of every class's mean (MONAI's rule)."""
     problems = []
     for case in study.cases.values():
         try:
@@ -437,8 +470,12 @@ def check_labels(study):
             problems.append(str(err))
     if problems:
         raise SystemExit(f"{len(problems)} label file(s) do not fit their image:\n" + "\n".join(problems))
-    for cid in study.val:
-        study.label(cid)
+    for cid, case in study.cases.items():
+        if case["label"]:
+            label = study.label(cid)
+            if cid in study.val and not label.any():
+                warnings.warn(f"{case['label']}: validation label without foreground; this case counts in no "
+                              "class's Dice (MONAI's rule). Check the file, or relabel it")
 
 
 def start(study, chosen):
@@ -456,10 +493,14 @@ def start(study, chosen):
                       f"(use a new --out for a clean run)")
     if study.world.rank == 0:
         data.atomic_write_json(path, new)
+        if study.new_split:                     # the split is fixed only now that every check has passed
+            data.atomic_write_json(study.out / "split.json", {"seed": 0, "n_val": len(study.new_split["val"]),
+                                                              **study.new_split})
     study.total = sum(s.iterations(cfg.iterations) - len(study.state.get(str(seed), {}).get(s.name, {}).get("iterations", []))
                       for seed in cfg.seeds for s in chosen)
     study.log(f"{study.task['name']}: {len(study.pool)} pool, {len(study.val)} validation cases; "
-              f"{len(chosen)} strategies x {len(cfg.seeds)} seeds; device {study.device}; out {study.out}"
+              f"{len(chosen)} strategies x {len(cfg.seeds)} seeds; device {study.device}; out {study.out}; "
+              f"cache {study.cache}"
               + (f"; {study.world.size} ranks" if study.world.size > 1 else ""))
 
 # ----------------------------------------------------------------------------- the queue
@@ -470,9 +511,13 @@ def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
     plan(study, strategies) from the queue and runs run_unit(study, kind, seed, what); rank 0 then waits for
     all and writes the reports. Annotation mode stops (exit 0) once the selected cases need labels."""
     world = World()
+    previous = signal.signal(signal.SIGTERM, _terminated)    # what SLURM sends before it preempts a job
+    fresh = False
     try:
         if world.rank == 0:
             cfg.out = cfg.out or f"runs/{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            check_out(cfg)
+            fresh = not Path(cfg.out).exists()
             with run_folder(cfg.out):
                 world.set("out", cfg.out)
                 return _run(cfg, world, plan, run_unit, rebuild_state, default_strategy)
@@ -482,11 +527,54 @@ def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
     except NeedLabels as stop:
         print(stop)
         return 0
+    except Terminated:
+        print(f"SIGTERM: stopped during \"{LAST_LOG[0]}\". Every finished stage is saved in {cfg.out}; rerun the "
+              "same command to continue from there.", flush=True)
+        world.fail(f"rank {world.rank}: SIGTERM")
+        return 128 + signal.SIGTERM
     except BaseException as err:
         world.fail(f"rank {world.rank}: {err!r}"[:2000])
+        full = disk_full(err)
+        if full:
+            raise SystemExit(f"{full.filename or cfg.out}: no space left on the disk ({full.strerror}). Free space "
+                             f"there (or choose another --out / --cache-dir) and rerun the same command: every "
+                             f"finished stage is kept and nothing was corrupted") from None
         raise
     finally:
+        if fresh and not (Path(cfg.out) / "config.json").exists():   # refused before it began: leave no trace
+            (Path(cfg.out) / ".lock").unlink(missing_ok=True)
+            with suppress(OSError):
+                Path(cfg.out).rmdir()
+        signal.signal(signal.SIGTERM, previous)
         world.close()
+
+
+class Terminated(Exception):
+    """SIGTERM arrived."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+LAST_LOG = ["start"]    # the last progress line, for the SIGTERM message
+
+
+def disk_full(err):
+    """The OSError 'no space left' (or quota) somewhere in err's chain (torch.save wraps it), or None."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def check_out(cfg):
+    """--out must not be, or lie inside, the data folder: a run never writes into a data set."""
+    root, out = resolve_data(cfg).resolve(), Path(cfg.out).resolve()
+    if out == root or root in out.parents:
+        raise SystemExit(f"--out {cfg.out}: lies inside the data folder {root}; a run writes config.json, split.json, "
+                         "state/ and checkpoints there. Choose a folder outside the data set, e.g. runs/<name>")
 
 
 def _run(cfg, world, plan, run_unit, rebuild_state, default_strategy):

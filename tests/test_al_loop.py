@@ -97,18 +97,19 @@ def test_all_strategies_two_iterations(phantom, tmp_path, monkeypatch):
     assert (tmp_path / "run" / "per_case_dice.csv").read_text().count("\n") == 1 + 24 * 2
 
 
-def test_oracle_reads_only_selected_labels(phantom, tmp_path, monkeypatch):
-    read = []
-    real_read = data._read_nifti_ras  # every voxel data.py reads goes through it
-    monkeypatch.setattr(data, "_read_nifti_ras", lambda path: read.append(str(path)) or real_read(path))
+def test_oracle_uses_only_selected_labels(phantom, tmp_path, monkeypatch):
+    """Every label file is checked before training; after the checks, the method uses only the labels of
+    validation cases and of the cases it selected."""
+    used, checked = [], []
+    real_label, real_check = study.Study.label, study.check_labels
+    monkeypatch.setattr(study.Study, "label", lambda self, cid: used.append(cid) or real_label(self, cid))
+    monkeypatch.setattr(study, "check_labels", lambda s: real_check(s) or checked.extend(used) or used.clear())
     state = run(phantom, tmp_path / "run", "--strategy", "proxyrank_var_semi,var")["0"]
     split = json.loads((tmp_path / "run" / "split.json").read_text())
-    cases = {c["id"]: c for c in data.read_msd(phantom)}
     allowed = set(split["val"]) | {c for st in state.values() for c in st["labeled"]}
-    labels_read = {cid for cid, c in cases.items() if c["label"] in read}
-    assert labels_read  # the spy works: selected and validation labels are read
-    assert labels_read <= allowed
-    assert set(split["pool"]) - allowed  # some pool labels were never needed, and never read
+    assert set(checked) == set(split["pool"]) | set(split["val"])  # the checks read every label up front
+    assert used and set(used) <= allowed                           # the method: validation and selected only
+    assert set(split["pool"]) - allowed                            # some pool labels were never used
 
 
 def test_resume_after_stop_between_stages(phantom, tmp_path, monkeypatch):

@@ -57,7 +57,10 @@ def test_presegmentations_on_the_native_grid_and_labels_saved_from_them_continue
     shutil.copy(row["prediction"], root / "labelsTr" / f"{row['case']}.nii.gz")
     assert al_loop.main(args) == 0
     st = study.read_states(out)["0"]["proxyrank_var_semi"]
-    assert st["labeled"][0] == row["case"] and len(st["iterations"]) >= 1   # it went on: iterations trained
+    given = st["given"]                                                      # labels in hand count from the start
+    in_hand = {c["id"] for c in data.read_msd(root) if c["label"]} - {row["case"]}
+    assert given and set(given) <= in_hand and st["labeled"][:len(given)] == given
+    assert st["labeled"][len(given)] == row["case"] and len(st["iterations"]) >= 1   # it went on: iterations trained
     case = {c["id"]: c for c in data.read_msd(root)}[row["case"]]
     assert case["label"]                                                     # found without a json entry
     label = data.cached_case(case, tmp_path / "cache", (6.0, 6.0, 6.0), num_classes=3)[1]
