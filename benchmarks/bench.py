@@ -810,7 +810,7 @@ def json_default(value):
 def main(argv=None):
     cfg = parse_args(argv)
     monai = import_monai() if cfg.compare_monai else None
-    device = proxy_al.pick_device(cfg.device)
+    device = train.pick_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {cfg.device}: torch sees no CUDA device; use --device cpu or auto")
     work = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="proxy-al-bench-"))
@@ -825,7 +825,7 @@ def main(argv=None):
     print("\n" + format_table(rows) + "\n" + "\n".join(notes(report, device)), flush=True)
     if cfg.json:
         import json
-        checks.atomic_write_bytes(cfg.json, (json.dumps(report, indent=2, default=json_default) + "\n").encode())
+        data.atomic_write_bytes(cfg.json, (json.dumps(report, indent=2, default=json_default) + "\n").encode())
         log(f"wrote {cfg.json}")
 
 
