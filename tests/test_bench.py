@@ -50,10 +50,16 @@ def test_command_line_quick_preset_and_overrides():
                             "--compare-monai"])
     assert (cfg.quick, cfg.patch_vox, cfg.steps, cfg.compare_monai) == (True, 64, 5, True)
     assert cfg.shape_vox == (64, 64, 32) and cfg.spacing_mm == (1.5, 1.5, 2)
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--patch-vox", "50"])
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--shape-vox", "64,64"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--patch-vox", "50"], "--patch-vox a multiple of 16"),
+    (["--shape-vox", "64,64"], "--shape-vox and --spacing-mm take three values: X,Y,Z")])
+def test_bad_command_line_is_a_parser_error_naming_the_flag(capsys, argv, message):
+    with pytest.raises(SystemExit, match="^2$"):          # argparse prints the message and exits with 2
+        bench.parse_args(argv)
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err, err
 
 
 def test_schedule_one_rank_is_the_sum_and_many_ranks_the_critical_path():
