@@ -89,6 +89,8 @@ def join_negative_values(argv):
     not a plain number for a flag."""
     out = list(argv)
     for i in range(len(out) - 1):
+        if out[i] is None:              # the value just joined to the flag before it
+            continue
         if out[i].startswith("--") and "=" not in out[i] and re.fullmatch(r"-[\d.]+(,-?[\d.]+)+", out[i + 1]):
             out[i], out[i + 1] = f"{out[i]}={out[i + 1]}", None
     return [a for a in out if a is not None]
