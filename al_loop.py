@@ -142,7 +142,7 @@ def proxy_model(study, seed):
     if study.load_checkpoint(f"seed{seed}/proxy", model, study.pool) is None:
         shutil.rmtree(study.out / "scores" / f"seed{seed}", ignore_errors=True)    # scores of an older Mp
         study.log(f"seed {seed}: proxy model on pseudo labels ({cfg.proxy_epochs} epochs)")
-        labels = pseudo_labels(study, study.pool + study.val)                                 # line 2
+        labels = pseudo_labels(study, study.pool + study.val)    # lines 1-2: U (and validation, for Mp's check)
         volumes = [study.labeled_volume(c, labels[c]) for c in study.pool]
         val_cases = (lambda: ((study.image(c), labels[c]) for c in study.val)) if study.val else None
         steps = max(1, len(study.pool) * cfg.proxy_patches_per_case // cfg.batch_size)
@@ -211,13 +211,13 @@ def run_strategy(study, strategy, seed, proxy):
             model = semi_finetune(study, model, labeled, record["certain"], tag)             # lines 10-11: Msemi
         record.update(validate(study, model))
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}: validation mean Dice {record['mean_dice']:.4f}")
-        if j < iterations - 1 or study.annotation:
+        if j < iterations - 1 or study.annotation:          # lines 14 / 17: else (no Msemi), Ms scores U
             scores = acquisition_scores(study, model, st, seed, strategy, proxy, j)         # lines 12 / 15
             record["acquired"], record["scores"] = annotate(st, scores, cfg.k), scores       # lines 13 / 16
         st["iterations"].append(record)
         study.save_state(seed, strategy.name)        # the record and the cases it acquired, in one write
         study.write_reports()
-        study.progress(1)
+        study.progress(1)                                                                   # line 18
     require_labels(study, st, seed, strategy)
 
 

@@ -297,21 +297,21 @@ class Study:
         if not path.exists():
             return False
         try:
-            self.load_scores(seed, cid)
+            self.load_scores(seed, cid, fix="scoring that case again")
             return True
         except SystemExit as err:
-            warnings.warn(f"{err}; scoring that case again")
+            warnings.warn(str(err))
             path.unlink(missing_ok=True)
             return False
 
     def save_scores(self, seed, cid, scores):
         data.atomic_write_json(self.scores_file(seed, cid), scores)
 
-    def load_scores(self, seed, cid):
+    def load_scores(self, seed, cid, fix="delete it, and rerun to score that case again"):
         """{"variance", "entropy", "bald"} of a pool case under the seed's proxy."""
         ok = lambda s: None if isinstance(s, dict) and all(isinstance(s.get(m), (int, float)) for m in
                                                           strategies.MC_MEASURES) else "not a scores object"
-        return read_json(self.scores_file(seed, cid), ok, "delete it, and rerun to score that case again")
+        return read_json(self.scores_file(seed, cid), ok, fix)
 
     def new_model(self, out_channels, *seed_parts):
         torch.manual_seed(stage_seed(*seed_parts))
@@ -404,7 +404,7 @@ def check_request(study, chosen):
             raise SystemExit(f"--k {cfg.k} x --iterations {cfg.iterations} asks for {need} cases to annotate, but "
                              f"{len(unlabeled)} pool cases have no label yet; lower --k or --iterations")
     elif need > len(study.pool):
-        raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool cases of "
+        raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool case(s) of "
                          f"{len(study.pool) + len(study.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
                          f"needs {need}; lower --n-val, --k or --iterations")
     if study.annotation and study.world.size > 1:
@@ -573,7 +573,8 @@ def check_out(cfg):
     """--out must not be, or lie inside, the data folder: a run never writes into a data set."""
     root, out = resolve_data(cfg).resolve(), Path(cfg.out).resolve()
     if out == root or root in out.parents:
-        raise SystemExit(f"--out {cfg.out}: lies inside the data folder {root}; a run writes config.json, split.json, "
+        where = "is the data folder" if out == root else f"lies inside the data folder {root}"
+        raise SystemExit(f"--out {cfg.out}: {where}; a run writes config.json, split.json, "
                          "state/ and checkpoints there. Choose a folder outside the data set, e.g. runs/<name>")
 
 

@@ -187,9 +187,11 @@ def train_proxy(model, volumes, val_cases, epochs, val_every, steps_per_epoch, d
         if len(scores) == 0:
             raise ValueError("train_proxy: val_cases() gave no validation case; pass val_cases=None "
                              "to train the proxy without validation")
-        dice = float(np.nanmean(scores)) if np.isfinite(scores).any() else -1.0   # NaN: an empty pseudo label
+        scored = np.isfinite(scores).any()          # NaN: a case whose pseudo label is empty
+        dice = float(np.nanmean(scores)) if scored else -1.0
         history.append((epoch + chunk, dice))
-        print(f"  proxy epoch {epoch + chunk}/{epochs}: validation Dice on pseudo labels {dice:.4f}", flush=True)
+        print(f"  proxy epoch {epoch + chunk}/{epochs}: validation Dice on pseudo labels "
+              + (f"{dice:.4f}" if scored else "none (every validation pseudo label is empty)"), flush=True)
         if dice > best or best_state is None:
             best, best_state = dice, {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)

@@ -179,7 +179,7 @@ def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (("--strategy", "rand,nope"), "unknown nope"),
-    (("--k", "50"), "--n-val 2 leaves 8 pool cases of 10, but --k 50 x --iterations 2 needs 100"),
+    (("--k", "50"), "--n-val 2 leaves 8 pool case(s) of 10, but --k 50 x --iterations 2 needs 100"),
     (("--patch-vox", "20,20,20"), "positive multiple of 16"),
 ])
 def test_bad_requests_fail_before_work(phantom, tmp_path, extra, message):

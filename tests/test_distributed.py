@@ -150,22 +150,14 @@ def test_killed_worker_is_restarted_and_the_study_ends_the_same(phantom, one_ran
 
 
 def test_a_failing_rank_stops_the_others_naming_rank_and_unit(phantom, tmp_path):
-    root = tmp_path / "data"
-    import shutil
-    shutil.copytree(phantom, root)
-    ids = [c["id"] for c in data.read_msd(root)]
-    pool = data.split_cases(ids, 2, 0, None)["pool"]
-    import nibabel as nib
-    for case in data.read_msd(root):            # every pool label has a class the task lacks
-        if case["id"] in pool:
-            img = nib.load(case["label"])
-            label = np.asarray(img.dataobj).astype(np.uint8)
-            label[label > 0] = 7
-            nib.save(nib.Nifti1Image(label, img.affine), case["label"])
-    proc = torchrun(tiny.args(root, tmp_path / "run", *STUDY))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "scores").write_text("a file where the pool's score folders go")   # every score unit fails to write
+    proc = torchrun(tiny.args(phantom, out, *STUDY))
     log = finish(proc)                          # every rank stops: torchrun exits (no rank waits on the others)
     assert proc.returncode != 0
-    assert "failed in unit run seed" in log and "label value 7" in log
+    assert "failed in unit score seed" in log and "NotADirectoryError" in log
+    assert not list(out.glob("state/*.json"))   # no run unit started after the failure
 
 
 def test_annotation_mode_refuses_a_world_of_two(phantom, tmp_path):
