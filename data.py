@@ -272,7 +272,7 @@ def _check_label_files(root, cases, same_name_pairs):
     if len(orphans) == len(files):
         raise ValueError(f"{labels_dir}: none of its {len(orphans)} label files ({_few(orphans)}) pairs with an "
                          f"image in {root / 'imagesTr'}; {fix}")
-    warnings.warn(f"{labels_dir}: {len(orphans)} label file(s) pair with no image and are not used "
+    warnings.warn(f"{labels_dir}: {len(orphans)} label file{'s' * (len(orphans) != 1)} pair{'s' * (len(orphans) == 1)} with no image and are not used "
                   f"({_few(orphans)}); {fix}")
 
 

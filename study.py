@@ -404,7 +404,7 @@ def check_request(study, chosen):
             raise SystemExit(f"--k {cfg.k} x --iterations {cfg.iterations} asks for {need} cases to annotate, but "
                              f"{len(unlabeled)} pool cases have no label yet; lower --k or --iterations")
     elif need > len(study.pool):
-        raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool case(s) of "
+        raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool case{'s' * (len(study.pool) != 1)} of "
                          f"{len(study.pool) + len(study.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
                          f"needs {need}; lower --n-val, --k or --iterations")
     if study.annotation and study.world.size > 1:
@@ -534,7 +534,7 @@ def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
         return 128 + signal.SIGTERM
     except BaseException as err:
         world.fail(f"rank {world.rank}: {err!r}"[:2000])
-        full = disk_full(err)
+        full = None if isinstance(err, SystemExit) else disk_full(err)     # a SystemExit is its own message
         if full:
             raise SystemExit(f"{full.filename or cfg.out}: no space left on the disk ({full.strerror}). Free space "
                              f"there (or choose another --out / --cache-dir) and rerun the same command: every "
@@ -570,8 +570,10 @@ def disk_full(err):
 
 
 def check_out(cfg):
-    """--out must not be, or lie inside, the data folder: a run never writes into a data set."""
+    """--out must not be, or lie inside, the data folder: a run never writes into a data set. (A folder that is
+    no data set is named as such first.)"""
     root, out = resolve_data(cfg).resolve(), Path(cfg.out).resolve()
+    read_task(root)
     if out == root or root in out.parents:
         where = "is the data folder" if out == root else f"lies inside the data folder {root}"
         raise SystemExit(f"--out {cfg.out}: {where}; a run writes config.json, split.json, "

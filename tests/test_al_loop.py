@@ -179,7 +179,7 @@ def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (("--strategy", "rand,nope"), "unknown nope"),
-    (("--k", "50"), "--n-val 2 leaves 8 pool case(s) of 10, but --k 50 x --iterations 2 needs 100"),
+    (("--k", "50"), "--n-val 2 leaves 8 pool cases of 10, but --k 50 x --iterations 2 needs 100"),
     (("--patch-vox", "20,20,20"), "positive multiple of 16"),
 ])
 def test_bad_requests_fail_before_work(phantom, tmp_path, extra, message):
@@ -199,7 +199,7 @@ def test_one_class_task_is_refused(phantom, tmp_path):
     info = json.loads((root / "dataset.json").read_text())
     info["labels"] = {"0": "background"}
     (root / "dataset.json").write_text(json.dumps(info))
-    with pytest.raises(SystemExit, match=r"dataset.json: 'labels' keys must be 0\.\.C-1 with C >= 2 .*got \[0\]"):
+    with pytest.raises(SystemExit, match=r"dataset.json: 'labels' must number the classes 0\.\.C-1 with C >= 2 .*got \[0\]"):
         al_loop.main(tiny_args(root, tmp_path / "run"))
 
 

@@ -26,17 +26,7 @@ from phantom import make_phantom_dataset
 from report import nanmean
 from test_annotator import own_scans, to_annotate
 
-REPO = Path(__file__).resolve().parents[1]
-STRATEGIES = ("--strategy", "rand,proxyrank_var_semi")
-
-
-def tiny_args(root, out, *extra):
-    return tiny.args(root, out, *STRATEGIES, *extra)
-
-
-def run(root, out, *extra):
-    assert al_loop.main(tiny_args(root, out, *extra)) == 0
-    return study.read_states(out)
+from test_reliability import REPO, STRATEGIES, run, tiny_args
 
 
 def same_results(a, b):
@@ -125,7 +115,7 @@ def test_semi_strategy_with_every_pool_case_labeled_under_torchrun(phantom12, tm
 
 def test_refused_request_leaves_no_split_and_the_corrected_one_runs(phantom, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"--n-val 2 leaves 8 pool case(s) of 10, but --k 10 x --iterations 2 needs "
+    with pytest.raises(SystemExit, match=r"--n-val 2 leaves 8 pool cases of 10, but --k 10 x --iterations 2 needs "
                                          r"20; lower --n-val, --k or --iterations"):
         al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--k", "10"))
     assert not out.exists()                                   # no folder, so no split.json fixed by a refused run
@@ -143,7 +133,7 @@ def test_refused_request_leaves_no_split_and_the_corrected_one_runs(phantom, tmp
 
 def test_too_many_validation_cases_refused_then_a_smaller_count_is_not(phantom, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"--n-val 20 leaves 1 pool case(s) of 10, but --k 2 x --iterations 2 needs 4"):
+    with pytest.raises(SystemExit, match=r"--n-val 20 leaves 1 pool case of 10, but --k 2 x --iterations 2 needs 4"):
         al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--n-val", "20"))
     assert not out.exists()
     assert al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--n-val", "4")) == 0   # not refused
@@ -216,7 +206,7 @@ def test_labels_named_by_case_are_used_and_an_orphan_is_named(phantom, tmp_path)
     shutil.copy(root / "labelsTr" / "phantom_0.nii.gz", root / "labelsTr" / "ghost_9.nii.gz")
     assert not (root / "dataset.json").exists() and not (root / "labelsTr" / "phantom_0_0000.nii.gz").exists()
     out = tmp_path / "run"
-    with pytest.warns(UserWarning, match=r"labelsTr: 1 label file\(s\) pair with no image and are not used "
+    with pytest.warns(UserWarning, match=r"labelsTr: 1 label file pairs with no image and are not used "
                                          r"\(ghost_9.nii.gz\)"):
         s = study.Study(al_loop.parse_args(tiny_args(root, out))[0])
     assert not s.annotation and len(s.cases) == 10 and all(c["label"] for c in s.cases.values())

@@ -109,7 +109,7 @@ def test_label_pairing_with_no_image_is_warned(msd, tmp_path):
     root = tmp_path / "msd"
     shutil.copytree(msd, root)
     shutil.copy(root / "labelsTr" / "phantom_0.nii.gz", root / "labelsTr" / "ghost_7.nii.gz")
-    with pytest.warns(UserWarning, match=r"1 label file\(s\) pair with no image.*ghost_7.nii.gz.*rename or remove"):
+    with pytest.warns(UserWarning, match=r"1 label file pairs with no image.*ghost_7.nii.gz.*rename or remove"):
         cases = data.read_msd(root)
     assert all(c["label"] for c in cases)
     raw = nnunet_copy(msd, tmp_path / "raw")

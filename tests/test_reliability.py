@@ -301,9 +301,9 @@ def test_multiclass_labels_without_dataset_json_are_a_clear_error(phantom, tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_pool_label_values_checked_when_selected(phantom, tmp_path, monkeypatch):
-    """Simulation mode reads a pool label only once its case is selected; a bad one then stops the run with
-    a message naming the file, and the finished work is kept."""
+def test_pool_label_values_checked_before_training(phantom, tmp_path, monkeypatch):
+    """Every pool label's values are checked before any training (none is used for selection before its case
+    is selected): a bad one stops the run at once with a message naming the file, and nothing is trained."""
     root = tmp_path / "data"
     shutil.copytree(phantom, root)
     split = data.split_cases([c["id"] for c in data.read_msd(root)], 2, 0, None)
@@ -312,7 +312,7 @@ def test_pool_label_values_checked_when_selected(phantom, tmp_path, monkeypatch)
         break_label(root, ids.index(cid), "value")
     with pytest.raises(SystemExit, match="case phantom_.*labelsTr/phantom_.*label value 7"):
         al_loop.main(tiny_args(root, tmp_path / "run", "--strategy", "rand"))
-    assert study.state_file(tmp_path / "run", 0, "rand").exists()   # the selection is kept
+    assert not list((tmp_path / "run").glob("**/*.pt")) and not study.state_file(tmp_path / "run", 0, "rand").exists()
 
 
 # ------------------------------------------------------------------------------------ options and user mistakes
