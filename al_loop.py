@@ -122,6 +122,7 @@ def pseudo_labels(study, ids):
     with its Dice against the annotated foreground where a validation label exists (pool labels stay unread)."""
     band = "auto" if study.cfg.hu_band == "auto" else tuple(float(x) for x in study.cfg.hu_band.split(","))
     report, labels = [], {}
+
     def make(cid):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an empty band is reported in the table below instead
