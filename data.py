@@ -69,7 +69,7 @@ def atomic_save_npy(path, array: np.ndarray) -> Path:
 
 
 
-def write_nifti(path, array, affine):
+def write_nifti(path, array: np.ndarray, affine: np.ndarray) -> Path:
     """Write array (X, Y, Z) with its 4x4 voxel-to-world affine (mm) as NIfTI atomically.
 
     Gzipped when the name ends in .gz. qform and sform are both set
@@ -362,7 +362,7 @@ def _match_task(task_name):
     return next((task for task, aliases in _TASK_ALIASES.items() if any(a in name for a in aliases)), None)
 
 
-def task_window(task_name, override=None):
+def task_window(task_name: str, override=None) -> tuple[float, float]:
     """HU window (lo_hu, hi_hu) for a task: `override` wins, then the paper's per-task window, else the default."""
     if override is not None:
         lo_hu, hi_hu = (float(v) for v in override)
@@ -437,7 +437,7 @@ def _apply_scaling(volume, slope, inter):
     return volume
 
 
-def load_ct(path):
+def load_ct(path) -> tuple[np.ndarray, np.ndarray]:
     """Read a CT volume in RAS orientation.
 
     Returns volume float32 (X, Y, Z) C-contiguous, in HU (scl_slope / scl_inter applied), and spacing_mm
@@ -472,7 +472,7 @@ def _read_image_resampled(path, spacing_mm):
     return _apply_scaling(resample_image(raw, native_mm, spacing_mm), slope, inter)
 
 
-def check_same_grid(image_path, label_path):
+def check_same_grid(image_path, label_path) -> tuple[tuple, np.ndarray]:
     """Image and label must share shape and affine (in RAS) - checked from the headers only."""
     _, image_shape, image_affine = _ras_geometry(_open_nifti(image_path), image_path)
     _, label_shape, label_affine = _ras_geometry(_open_nifti(label_path), label_path)
@@ -542,20 +542,20 @@ def _resample(volume, spacing_mm, target_spacing_mm, along_axis, dtype):
     return np.ascontiguousarray(work.T if transposed else work, dtype=dtype)
 
 
-def resample_image(volume, spacing_mm, target_spacing_mm):
+def resample_image(volume: np.ndarray, spacing_mm, target_spacing_mm) -> np.ndarray:
     """Trilinear resampling of volume (X, Y, Z), any numeric dtype and memory order, to target_spacing_mm.
     Only the gathered rows are converted to float32. Returns float32 (X', Y', Z') C-contiguous with
     X' = max(1, round(X * spacing / target)) and so on."""
     return _resample(volume, spacing_mm, target_spacing_mm, _linear_axis, np.float32)
 
 
-def resample_label(label, spacing_mm, target_spacing_mm):
+def resample_label(label: np.ndarray, spacing_mm, target_spacing_mm) -> np.ndarray:
     """Nearest-neighbour resampling of a label map (X, Y, Z), values 0..255 kept exactly; uint8 (X', Y', Z')
     on the same grid as resample_image gives for the same shape and spacings."""
     return _resample(label, spacing_mm, target_spacing_mm, _nearest_axis, np.uint8)
 
 
-def window(image_hu, lo_hu, hi_hu):
+def window(image_hu: np.ndarray, lo_hu: float, hi_hu: float) -> np.ndarray:
     """Clip HU to [lo_hu, hi_hu] and scale to [0, 1]. Returns float32 of the same shape (input untouched)."""
     if not hi_hu > lo_hu:
         raise ValueError(f"window: need lo_hu < hi_hu, got ({lo_hu}, {hi_hu})")
@@ -565,7 +565,7 @@ def window(image_hu, lo_hu, hi_hu):
     return out
 
 
-def preprocess_case(image_path, label_path=None, spacing_mm=(1.5, 1.5, 2.0)):
+def preprocess_case(image_path, label_path=None, spacing_mm=(1.5, 1.5, 2.0)) -> tuple[np.ndarray, np.ndarray | None]:
     """Load one case in RAS and resample it to spacing_mm (paper: 1.5 x 1.5 x 2.0 mm).
 
     Returns image_hu float32 (X, Y, Z) (trilinear) and label uint8 (X, Y, Z) (nearest) on the same grid,
@@ -579,7 +579,7 @@ def preprocess_case(image_path, label_path=None, spacing_mm=(1.5, 1.5, 2.0)):
     return _read_image_resampled(image_path, spacing_mm), resample_label(label, label_mm, spacing_mm)
 
 
-def to_native_grid(volume, image_path, spacing_mm, nearest):
+def to_native_grid(volume: np.ndarray, image_path, spacing_mm, nearest: bool) -> np.ndarray:
     """Map a volume on the resampled RAS grid of image_path back onto the image file's own voxel grid.
 
     volume (X', Y', Z'): the grid preprocess_case / cached_case give for image_path at spacing_mm.
@@ -605,7 +605,7 @@ def to_native_grid(volume, image_path, spacing_mm, nearest):
     return np.ascontiguousarray(nib.orientations.apply_orientation(ras, ras_to_file))
 
 
-def write_native(path, volume, image_path, spacing_mm, nearest):
+def write_native(path, volume: np.ndarray, image_path, spacing_mm, nearest: bool) -> Path:
     """to_native_grid, then write NIfTI with the image file's own affine (qform and sform, as write_nifti), so
     it overlays the image in any viewer and passes check_same_grid. Segmentations (nearest=True) are stored
     uint8, maps float32. Returns the Path."""
@@ -688,7 +688,8 @@ def _cached_label(case, cache_dir, spacing_mm, expected_shape):
     return label
 
 
-def cached_case(case, cache_dir, spacing_mm=(1.5, 1.5, 2.0), with_label=True, num_classes=None):
+def cached_case(case: dict, cache_dir, spacing_mm=(1.5, 1.5, 2.0), with_label: bool = True,
+                num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Preprocessed case from the cache, building missing entries once.
 
     case: {"id", "image", "label"} from read_msd. Returns image_hu int16 memmap (X, Y, Z) and label uint8
@@ -821,7 +822,8 @@ def sample_patch(image_hu: np.ndarray, label: np.ndarray | None, patch_vox: tupl
     return patch, label_patch
 
 
-def augment_intensity(patch, rng, shift=0.1, scale=0.1, noise_std=0.1):
+def augment_intensity(patch: np.ndarray, rng: np.random.Generator, shift: float = 0.1, scale: float = 0.1,
+                      noise_std: float = 0.1) -> np.ndarray:
     """The paper's augmentation (intensity shift, intensity scale, gaussian noise), each with probability 0.5.
 
     patch float32 (any shape) in window units [0, 1]; returns a new float32 array of the same shape.
@@ -844,7 +846,7 @@ def augment_intensity(patch, rng, shift=0.1, scale=0.1, noise_std=0.1):
 # 7. Pool / validation split: fixed by seed and saved, so every strategy and repeat sees the same split.
 
 
-def default_n_val(task_name, n_cases):
+def default_n_val(task_name: str, n_cases: int) -> int:
     """Validation size: the paper's for Task03 (26) and Task08 (61) when the set is big enough, else 20 %.
 
     Always leaves at least one pool case and one validation case.
@@ -892,7 +894,7 @@ def _reload_split(path, case_ids):
     return {"pool": pool, "val": val}
 
 
-def split_cases(case_ids, n_val, seed, path, candidates=None):
+def split_cases(case_ids: list, n_val, seed: int, path, candidates: list | None = None) -> dict:
     """Split case ids into {"pool": [ids], "val": [ids]}, deterministic by seed.
 
     If `path` exists the saved split is reloaded (and checked against case_ids); otherwise n_val validation

@@ -1,11 +1,12 @@
 """DiceCE loss for training and the hard Dice metric for validation (paper sec. 3: DiceCE, weights 1 and 1)."""
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 SMOOTH = 1e-5  # in numerator and denominator, as MONAI's DiceCELoss defaults (smooth_nr = smooth_dr = 1e-5)
 
 
-def soft_dice_loss(probs, target_probs):
+def soft_dice_loss(probs: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """1 - soft Dice per sample and class (background included), averaged.
 
     probs, target_probs: (B, C, *S) float. Sums run over the spatial axes only.
@@ -16,7 +17,8 @@ def soft_dice_loss(probs, target_probs):
     return (1.0 - (2.0 * inter + SMOOTH) / (denom + SMOOTH)).mean()
 
 
-def dice_ce_loss(logits, target, dice_weight=1.0, ce_weight=1.0):
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
+                 ce_weight: float = 1.0) -> torch.Tensor:
     """Soft Dice + cross-entropy, weights 1 and 1 (the DiceCE that the paper cites).
 
     logits: (B, C, *S) float.

@@ -76,14 +76,15 @@ class UNet(nn.Module):
     sliding-window inference pads to that.
     """
 
-    def __init__(self, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256), dropout=0.2):
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, channels: tuple = (16, 32, 64, 128, 256),
+                 dropout: float = 0.2):
         super().__init__()
         self.divisor = 2 ** (len(channels) - 1)
         self.out_channels = out_channels
         self.encoder = Encoder(in_channels, channels, dropout)
         self.decoder = Decoder(channels, out_channels, dropout)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % self.divisor for s in x.shape[2:]):
             raise ValueError(f"UNet input sides {tuple(x.shape[2:])} must be multiples of {self.divisor}; pad first")
         if all(s == self.divisor for s in x.shape[2:]):
@@ -92,7 +93,7 @@ class UNet(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def load_backbone(model, state_dict, head_from_proxy=False):
+def load_backbone(model: nn.Module, state_dict: dict, head_from_proxy: bool = False) -> list:
     """Load every weight whose name and shape match; keep the model's own head otherwise.
 
     A 2-class proxy checkpoint loaded into a model with more classes keeps every layer but the 1x1x1 head
