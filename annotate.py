@@ -25,11 +25,17 @@ def require_labels(study, st, seed, strategy):
     found = lambda c, kind: str(folder / f"{c}_{kind}.nii.gz") if (folder / f"{c}_{kind}.nii.gz").exists() else ""
     rank = lambda c: st["labeled"].index(c) - len(st.get("given", [])) + 1       # among the selected cases
     rows = [(c, study.cases[c]["image"], f"{st['scores'][c]:.6g}", rank(c), found(c, "pred"),
-             found(c, "uncertainty")) for c in pending]
-    write_csv(study.out / "to_annotate.csv", ["case", "image", "score", "rank", "prediction", "uncertainty"], rows)
+             found(c, "uncertainty"), study.cases[c]["label_to"]) for c in pending]
+    write_csv(study.out / "to_annotate.csv", ["case", "image", "score", "rank", "prediction", "uncertainty",
+                                              "save_label_as"], rows)
     raise NeedLabels(f"{len(pending)} case(s) need labels: see {study.out / 'to_annotate.csv'}.\n"
                      f"Open each scan with its pre-segmentation and uncertainty map from {folder} (on the scan's "
-                     f"grid), correct it, save it as labelsTr/<case>.nii.gz in {study.root}, and rerun the same command.")
+                     f"grid), correct it, save it as labelsTr/<case>{_ending(study.cases[pending[0]]['label_to'])} in "
+                     f"{study.root}, and rerun the same command (to_annotate.csv: save_label_as).")
+
+
+def _ending(path):
+    return ".nii.gz" if path.endswith(".nii.gz") else ".nii"
 
 
 def selecting_model(study, st, seed, strategy):

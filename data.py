@@ -158,15 +158,11 @@ def _cases_from_json(root, json_path, info):
         if not image.is_file():
             raise FileNotFoundError(f"{image}: listed in {json_path} but missing; restore the file "
                                     "or remove its entry from 'training'")
-        if entry.get("label"):
-            label = root / entry["label"]
-            if not label.is_file():
-                warnings.warn(f"{label}: listed in {json_path} but missing; case treated as unlabeled")
-                label = None
-        else:  # unlabeled scans: a label annotated later is found by the image's file name
-            label = root / "labelsTr" / image.name
-            label = label if label.is_file() else None
-        cases.append({"id": _case_id(image), "image": str(image), "label": None if label is None else str(label)})
+        # unlabeled scans: a label annotated later is found by the image's file name
+        label_to = root / entry["label"] if entry.get("label") else root / "labelsTr" / image.name
+        if entry.get("label") and not label_to.is_file():
+            warnings.warn(f"{label_to}: listed in {json_path} but missing; case treated as unlabeled")
+        cases.append(_case(_case_id(image), image, label_to))
     if not cases:
         raise ValueError(f"{json_path}: the 'training' list is empty; list the cases or delete dataset.json")
     return cases
@@ -223,9 +219,7 @@ def _cases_from_nnunet(root, json_path, info):
     if not ids:
         raise ValueError(f"{images_dir}: no images named <case>{suffix}; an nnU-Net raw dataset has "
                          f"imagesTr/<case>{suffix} (file_ending from {json_path})")
-    labels = [root / "labelsTr" / f"{cid}{ending}" for cid in ids]
-    return [{"id": cid, "image": str(images_dir / f"{cid}{suffix}"),
-             "label": str(label) if label.is_file() else None} for cid, label in zip(ids, labels)]
+    return [_case(cid, images_dir / f"{cid}{suffix}", root / "labelsTr" / f"{cid}{ending}") for cid in ids]
 
 
 def _cases_from_folders(root):
@@ -245,9 +239,15 @@ def _cases_from_folders(root):
         stem = _case_id(image)
         case_id = stem[:-len(NNUNET_CHANNEL)] if channel_named else stem
         candidates = [root / "labelsTr" / (case_id + image.name[len(stem):]), root / "labelsTr" / image.name]
-        label = next((p for p in candidates if p.is_file()), None)
-        cases.append({"id": case_id, "image": str(image), "label": None if label is None else str(label)})
+        cases.append(_case(case_id, image, next((p for p in candidates if p.is_file()), candidates[0])))
     return cases
+
+
+def _case(case_id, image, label_to):
+    """A case: {"id", "image", "label": the label file or None while it is missing, "label_to": where its label
+    is, or where a label saved later is found}."""
+    return {"id": case_id, "image": str(image), "label": str(label_to) if label_to.is_file() else None,
+            "label_to": str(label_to)}
 
 
 def _few(names, n=5):
@@ -281,9 +281,10 @@ def read_msd(root: str | Path) -> list[dict]:
 
     root: folder with dataset.json (MSD: its 'training' list; nnU-Net v2: its file_ending, imagesTr/<case>_0000
     and labelsTr/<case>) or, without it, imagesTr/ and labelsTr/ paired by file name. Returns
-    [{"id": str, "image": str path, "label": str path or None}] in natural order of id (liver_2 before
-    liver_10). A case without a label file is unlabeled (label None). Label files that pair with no image
-    are warned about, or an error when none pairs.
+    [{"id": str, "image": str path, "label": str path or None, "label_to": str path}] in natural order of id
+    (liver_2 before liver_10). A case without a label file is unlabeled (label None); "label_to" is where its
+    label is, or where a label saved later is found. Label files that pair with no image are warned about,
+    or an error when none pairs.
     """
     root = Path(root)
     if not root.is_dir():

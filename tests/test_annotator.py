@@ -54,7 +54,8 @@ def test_presegmentations_on_the_native_grid_and_labels_saved_from_them_continue
     uncertainty = same_grid(row["uncertainty"], row["image"])
     assert uncertainty.dtype == np.float32 and uncertainty.min() >= 0 and uncertainty.max() > 0
     # the annotator accepts the pre-segmentation as it is and saves it where the rerun looks for it
-    shutil.copy(row["prediction"], root / "labelsTr" / f"{row['case']}.nii.gz")
+    assert row["save_label_as"] == str(root / "labelsTr" / f"{row['case']}.nii.gz")   # where the rerun looks
+    shutil.copy(row["prediction"], row["save_label_as"])
     assert al_loop.main(args) == 0
     st = study.read_states(out)["0"]["proxyrank_var_semi"]
     given = st["given"]                                                      # labels in hand count from the start
