@@ -167,7 +167,7 @@ def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
             break
         with open(todo) as f:
             rows = list(csv.DictReader(f))
-        assert rows and set(rows[0]) == {"case", "image", "score", "rank", "prediction", "uncertainty"}
+        assert rows and set(rows[0]) == {"case", "image", "score", "rank", "prediction", "uncertainty", "save_label_as"}
         for row in rows:  # the "annotator" delivers the requested labels
             shutil.move(hidden / f"{row['case']}.nii.gz", root / "labelsTr")
         todo.unlink()
