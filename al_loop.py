@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import cli
-import study as runs
+import study as runs          # (a study is the local name of one run: study.Study)
 from annotate import require_labels, save_maps
 from cli import LO_HI, SIDES, at_least, one_of, opt, within
 from losses import dice_per_class
@@ -86,7 +86,7 @@ class Config:
                        (lambda v: v >= -1, "must be >= 0, or -1 for the default"))
     save_maps: int = opt(0, "write MC variance maps of the N top-ranked cases as NIfTI", at_least(0))
     phantom_cases: int = opt(20, "demo: number of phantom cases", at_least(1))
-    cache_dir: str = opt("", "preprocessed cache, shared by runs; empty -> $XDG_CACHE_HOME or ~/.cache, /proxy-al")
+    cache_dir: str = opt("", "preprocessed cache, shared by runs; empty -> $XDG_CACHE_HOME/proxy-al (else ~/.cache/proxy-al)")
     preset: str = opt("", "demo or paper; empty -> demo without --data, paper with it")
 
 

@@ -1,7 +1,7 @@
-"""Data for proxy-ranked active learning on 3D CT, top to bottom: 1. atomic file writes, 2. the Medical
-Segmentation Decathlon (MSD) layout, 3. NIfTI reading in RAS (nibabel only there and in write_nifti),
-4. resampling and HU windowing (pure numpy), 5. the memory-mapped preprocessed cache, 6. foreground-balanced
-patches and intensity augmentation, 7. the pool / validation split.
+"""Data for proxy-ranked active learning on 3D CT, top to bottom: 1. atomic file writes, 2. the data folder
+(Medical Segmentation Decathlon, nnU-Net v2 raw, or paired by file name), 3. NIfTI reading in RAS (nibabel
+only there and in write_nifti), 4. resampling and HU windowing (pure numpy), 5. the memory-mapped
+preprocessed cache, 6. patches (the paper's 1:1 draw) and intensity augmentation, 7. the pool / validation split.
 
 Arrays are (X, Y, Z) in RAS order: index X grows toward the patient's Right, Y toward Anterior, Z toward Superior.
 """

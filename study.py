@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import signal
+import threading
 import time
 import warnings
 import zlib
@@ -511,7 +512,8 @@ def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
     plan(study, strategies) from the queue and runs run_unit(study, kind, seed, what); rank 0 then waits for
     all and writes the reports. Annotation mode stops (exit 0) once the selected cases need labels."""
     world = World()
-    previous = signal.signal(signal.SIGTERM, _terminated)    # what SLURM sends before it preempts a job
+    main_thread = threading.current_thread() is threading.main_thread()     # only there can it take signals
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None   # SLURM's preemption
     fresh = False
     try:
         if world.rank == 0:
@@ -545,7 +547,8 @@ def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
             (Path(cfg.out) / ".lock").unlink(missing_ok=True)
             with suppress(OSError):
                 Path(cfg.out).rmdir()
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         world.close()
 
 
