@@ -7,12 +7,13 @@ files, hard-linked where the file system allows (nothing here edits a file in pl
 so a link never sees a change made through the other name).
 """
 import gzip
-import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from data import atomic_write_json
 
 # nnU-Net's raw layout: one input channel as <case>_0000<ending>, the label as <case><ending>.
 FILE_ENDING = ".nii.gz"
@@ -71,22 +72,6 @@ def selection(states: dict, strategy: str | None = None, seed: int | str | None 
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. Writing the dataset folder.
-
-
-def _write_json(path, obj):
-    """Write obj as indented JSON, atomically (temporary file next to it, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; nnU-Net may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _place(source, target):
@@ -193,8 +178,8 @@ def export_dataset(cases: dict | list, train_ids: list[str], val_ids: list[str],
         for cid in train_ids + val_ids:
             _place(cases[cid]["image"], tmp / "imagesTr" / f"{cid}_0000{FILE_ENDING}")
             _place(cases[cid]["label"], tmp / "labelsTr" / f"{cid}{FILE_ENDING}")
-        _write_json(tmp / "dataset.json", info)
-        _write_json(tmp / "splits_final.json", [{"train": train_ids, "val": val_ids}])
+        atomic_write_json(tmp / "dataset.json", info)
+        atomic_write_json(tmp / "splits_final.json", [{"train": train_ids, "val": val_ids}])
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
         if folder.exists():
             shutil.rmtree(folder)
@@ -203,7 +188,7 @@ def export_dataset(cases: dict | list, train_ids: list[str], val_ids: list[str],
         shutil.rmtree(tmp, ignore_errors=True)  # only left over when something failed
     splits = preprocessed_splits_path(folder_name)
     if splits:  # nnU-Net keeps an existing one there, so a re-export must replace it
-        _write_json(splits, [{"train": train_ids, "val": val_ids}])
+        atomic_write_json(splits, [{"train": train_ids, "val": val_ids}])
     return folder
 
 
