@@ -9,6 +9,7 @@ seed (`pseudo_labels`, `proxy_model`, `proxy_score`, `initial_scores`) and lines
 strategy (`run_strategy`). The run around the method (its folder, state files and queue) is study.py.
 """
 import dataclasses
+import os
 import shutil
 import sys
 import warnings
@@ -129,10 +130,13 @@ def pseudo_labels(study, ids):
             return pseudo_label(study.image_hu(cid), band, cid)
 
     for cid in ids:
-        labels[cid] = study.saved_array(f"pseudo_labels/{cid}.npy", lambda: make(cid))
+        source = os.stat(study.cases[cid]["image"])
+        key = [study.cfg.hu_band, study.cfg.spacing_mm, study.cases[cid]["image"], source.st_size, source.st_mtime_ns]
+        labels[cid] = study.saved_array(f"pseudo_labels/{cid}", lambda: make(cid), key)
         dice = dice_per_class(labels[cid], np.asarray(study.label(cid)) > 0, 2)[0] if cid in study.val else None
         report.append((cid, int(labels[cid].sum()), dice))
-    study.log(pseudo_label_report(study.out, report, study.cfg.hu_band, study.cfg.spacing_mm))
+    labeled_hu = lambda: np.concatenate([np.asarray(study.image_hu(c))[np.asarray(study.label(c)) > 0] for c in study.val])
+    study.log(pseudo_label_report(study.out, report, study.cfg.hu_band, study.cfg.spacing_mm, labeled_hu))
     return labels
 
 
@@ -189,14 +193,21 @@ def initial_scores(study, seed, strategy, proxy):
 
 
 def run_strategy(study, strategy, seed, proxy):
-    """Lines 5-18 for one strategy and seed; its state is saved once per iteration."""
+    """Lines 5-18 for one strategy and seed; its state is saved once per iteration. The cases already acquired
+    are kept whatever --k a rerun gives (it sizes the acquisitions still to come), and a finished run given more
+    --iterations first acquires after its last iteration, as an uninterrupted run would have."""
     cfg = study.cfg
     st = study.run_state(seed, strategy)
-    if st["labeled"] == st.get("given", []):                             # nothing selected yet
-        annotate(st, initial_scores(study, seed, strategy, proxy), study.first_pool(strategy))  # line 5
+    if not st["initial"]:                                                # nothing selected yet
+        st["initial"] = annotate(st, initial_scores(study, seed, strategy, proxy), study.first_pool(strategy))  # line 5
         study.save_state(seed, strategy.name)
     iterations = strategy.iterations(cfg.iterations)
     for j in range(len(st["iterations"]), iterations):                                       # line 6
+        if j and "acquired" not in st["iterations"][-1]:     # the run ended at j - 1 before: its lines 12-16 now
+            last = st["iterations"][-1]
+            acquire(study, study.final_model(seed, strategy, j - 1, last) if strategy.uses_mc else None, st, last,
+                    seed, strategy, proxy, j - 1)
+            study.save_state(seed, strategy.name)
         require_labels(study, st, seed, strategy)
         tag, labeled = f"seed{seed}/{strategy.name}/iter{j}", list(st["labeled"])
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}/{iterations}: {len(labeled)} labeled")
@@ -213,13 +224,22 @@ def run_strategy(study, strategy, seed, proxy):
         record.update(validate(study, model))
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}: validation mean Dice {record['mean_dice']:.4f}")
         if j < iterations - 1 or study.annotation:          # lines 14 / 17: else (no Msemi), Ms scores U
-            scores = acquisition_scores(study, model, st, seed, strategy, proxy, j)         # lines 12 / 15
-            record["acquired"], record["scores"] = annotate(st, scores, cfg.k), scores       # lines 13 / 16
+            acquire(study, model, st, record, seed, strategy, proxy, j)
         st["iterations"].append(record)
         study.save_state(seed, strategy.name)        # the record and the cases it acquired, in one write
         study.write_reports()
         study.progress(1)                                                                   # line 18
     require_labels(study, st, seed, strategy)
+    done, waiting = len(st["iterations"]), st["iterations"][-1].get("acquired")
+    if waiting:                 # annotation mode's last acquisition (or a run cut back by --iterations)
+        study.log(f"{strategy.name} seed {seed}: the {len(waiting)} case(s) acquired after iteration {done} are "
+                  f"labeled but not trained on; rerun with --iterations {done + 1} to train on them")
+
+
+def acquire(study, model, st, record, seed, strategy, proxy, j):
+    """Lines 12-16 after iteration j: the unlabeled pool scored under its final model, the top k join Tl."""
+    scores = acquisition_scores(study, model, st, seed, strategy, proxy, j)                 # lines 12 / 15
+    record["acquired"], record["scores"] = annotate(st, scores, study.cfg.k), scores         # lines 13 / 16
 
 
 def annotate(st, scores, k):

@@ -43,8 +43,7 @@ def selecting_model(study, st, seed, strategy):
     else the last iteration's Msemi or Ms. None for a random first pool (no model has seen the data yet)."""
     if not st["iterations"]:
         return study.proxy(seed).eval() if strategy.proxy else None
-    tag = f"seed{seed}/{strategy.name}/iter{len(st['iterations']) - 1}"
-    return study.stage_model(f"{tag}_{'semi' if strategy.semi else 'sup'}")
+    return study.final_model(seed, strategy, len(st["iterations"]) - 1, st["iterations"][-1])
 
 
 def save_maps(study, model, scores, tag):

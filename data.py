@@ -33,12 +33,16 @@ CACHE_VERSION = 1  # bump when the cached arrays change meaning; old entries the
 # kill or a full disk) sees the old file or the new one, never half of one.
 
 
+TMP_SUFFIX = ".proxy-al.tmp"    # atomic_write's temporary files: .<name>.<8 random characters>.proxy-al.tmp
+OWN_TMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX))
+
+
 def atomic_write(path, write_fn) -> Path:
     """Call write_fn(f) on an open binary file next to `path`, flush it to disk, then move it onto `path`
-    in one step. Returns the Path."""
+    in one step. The temporary file's name matches OWN_TMP, so a rerun deletes only its own. Returns the Path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; others sharing a data or cache folder must read them
     try:
         with os.fdopen(fd, "wb") as f:
@@ -873,8 +877,9 @@ def _resolve_n_val(n_val, n_cases):
     return int(n_val)
 
 
-def _reload_split(path, case_ids):
-    """Read a saved split and check it names only known cases, each once."""
+def read_split(path) -> dict:
+    """A saved split {"pool": [ids], "val": [ids]}, checked: lists of case ids, each once. ValueError naming
+    the file otherwise."""
     try:
         saved = json.loads(Path(path).read_text(encoding="utf-8"))
         pool, val = list(saved["pool"]), list(saved["val"])
@@ -883,16 +888,23 @@ def _reload_split(path, case_ids):
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a valid split file ({e}); restore it from a backup, or start a new run "
                          "folder (a new split would move cases between pool and validation)") from e
-    unknown = sorted(set(pool + val) - set(case_ids))
+    if len(set(pool + val)) != len(pool) + len(val):
+        raise ValueError(f"{path}: a case appears twice in pool/val; delete the split file to make a new one")
+    return {"pool": pool, "val": val}
+
+
+def _reload_split(path, case_ids):
+    """Read a saved split and check it names only known cases."""
+    split = read_split(path)
+    unknown = sorted(set(split["pool"] + split["val"]) - set(case_ids))
     if unknown:
         raise ValueError(f"{path}: names cases not in the data set: {unknown[:10]}; "
                          "delete the split file or point to the data set it was made for")
-    if len(set(pool + val)) != len(pool) + len(val):
-        raise ValueError(f"{path}: a case appears twice in pool/val; delete the split file to make a new one")
-    missing = set(case_ids) - set(pool + val)
+    missing = set(case_ids) - set(split["pool"] + split["val"])
     if missing:
-        warnings.warn(f"{path}: {len(missing)} cases of the data set are in neither pool nor val; they are unused")
-    return {"pool": pool, "val": val}
+        warnings.warn(f"{path}: {len(missing)} cases of the data set are in neither pool nor val ({_few(missing)}); "
+                      "they are unused")
+    return split
 
 
 def split_cases(case_ids: list, n_val, seed: int, path, candidates: list | None = None) -> dict:

@@ -24,21 +24,35 @@ def write_csv(path, header, rows):
 BAND_MISSES = 0.1  # a median pseudo-label Dice below this: the band finds something else than the labeled organ
 
 
-def pseudo_label_report(out, rows, hu_band, spacing_mm):
-    """pseudo_labels.csv from rows (case, voxels, Dice against its label or None); warns about empty ones.
-    Returns a one-line summary for the log."""
+def band_from_labels(hu):
+    """A pseudo-label band from the HU inside labeled foreground (its 25th-75th percentile): "LO,HI"."""
+    lo, hi = np.percentile(hu, [25, 75])
+    return f"{np.floor(lo):.0f},{max(np.ceil(hi), np.floor(lo) + 1):.0f}"
+
+
+def pseudo_label_report(out, rows, hu_band, spacing_mm, labeled_hu=None):
+    """pseudo_labels.csv from rows (case, voxels, Dice against its label or None); warns about empty ones and
+    a band that misses the labeled organ, suggesting a band from labeled_hu() (the HU inside the validation
+    labels' foreground), computed only then. Returns a one-line summary for the log."""
     ml = [n * float(np.prod(spacing_mm)) / 1000 for _, n, _ in rows]
     write_csv(out / "pseudo_labels.csv", ["case", "voxels", "volume_ml", "dice_vs_label"],
               [(c, n, round(v, 1), "" if d is None else round(float(d), 3)) for (c, n, d), v in zip(rows, ml)])
     empty = [c for c, n, _ in rows if n == 0]
     dice = [d for _, _, d in rows if d is not None and not np.isnan(d)]    # NaN: a label without foreground
+    misses = bool(dice) and np.median(dice) < BAND_MISSES
+    suggest = ""
+    if empty or misses:
+        hu = labeled_hu() if labeled_hu else np.zeros(0)
+        own = (f"--hu-band {band_from_labels(hu)} (the 25th-75th percentile of HU inside the validation labels' "
+               "foreground)") if hu.size else ""
+        suggest = " or ".join(([] if hu_band == "auto" else ["--hu-band auto"]) + ([own] if own else [])) \
+            or "--hu-band LO,HI around the organ's HU"
     if empty:
-        warnings.warn(f"{len(empty)} case(s) have no voxel in the pseudo-label band; try --hu-band auto")
-    if dice and np.median(dice) < BAND_MISSES:
+        warnings.warn(f"{len(empty)} case(s) have no voxel in the pseudo-label band; try {suggest}")
+    if misses:
         warnings.warn(f"the pseudo-label band {hu_band} HU misses the labeled organ: its Dice against the validation "
                       f"labels is {np.median(dice):.2f} (median of {len(dice)}), so the proxy learns another structure. "
-                      "Try --hu-band auto (a band at each case's own soft-tissue level) or --hu-band LO,HI around the "
-                      "organ's HU (pseudo_labels.csv lists each case)")
+                      f"Try {suggest} (pseudo_labels.csv lists each case)")
     return (f"pseudo labels (band {hu_band} HU): median {np.median(ml):.0f} ml, {len(empty)} empty"
             + (f" ({', '.join(empty[:10])})" if empty else "")
             + (f"; Dice against the validation labels: median {np.median(dice):.2f}, lowest {min(dice):.2f}"

@@ -75,14 +75,41 @@ def resolve_data(cfg):
 # ----------------------------------------------------------------------------- the run folder and its files
 
 
-@contextmanager
-def run_folder(out):
-    """Make the run folder and hold an exclusive lock on out/.lock while the block runs (the OS drops it
-    when the process dies, even by SIGKILL): a second process on the same folder stops at once, naming the
-    holder's pid. Temporary files an interrupted run left behind are deleted. Yields the folder's Path."""
-    out = Path(out)
+MARKER = ".proxy-al-run"     # written first into every run folder: a rerun recognises its own folder by it
+RUN_KEYS = {"data", "strategy", "seeds", "k", "iterations", "mc_passes", "hu_band"}   # config.json of an older run
+
+
+def is_run_folder(out):
+    """Whether `out` is a run folder this project made: its marker, or (made before the marker) a config.json
+    with the project's keys."""
+    if (out / MARKER).is_file():
+        return True
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and RUN_KEYS <= saved.keys()
+
+
+def check_own_folder(out):
+    """A run writes only into a new or empty folder, or into a run folder of its own: never into a user's."""
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out {out}: is a file; give a folder for the run")
+    others = sorted(p.name for p in out.iterdir() if p.name not in (".lock", MARKER)) if out.is_dir() else []
+    if others and not is_run_folder(out):
+        raise SystemExit(f"--out {out}: holds {len(others)} file(s) or folder(s) ({data._few(others)}) and is no "
+                         f"proxy-al run folder (it has no {MARKER} and no config.json of a run); a run writes only "
+                         f"into a new or empty folder, or its own run folder. Choose a new --out, e.g. {out / 'run'}")
+
+
+@contextmanager
+def run_folder(out):
+    """Make the run folder (or take an empty one, or one this project made) and hold an exclusive lock on
+    out/.lock while the block runs (the OS drops it when the process dies, even by SIGKILL): a second process
+    on the same folder stops at once, naming the holder's pid. The temporary files an interrupted run left
+    behind (named as data.atomic_write names them, nothing else) are deleted. Yields the folder's Path."""
+    out = Path(out)
+    check_own_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "a+") as f:
         if fcntl is not None:   # POSIX; on Windows the folder is not locked
@@ -96,7 +123,8 @@ def run_folder(out):
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
-        leftovers = [p for p in out.rglob(".*.tmp") if p.is_file()]
+        (out / MARKER).touch()
+        leftovers = [p for p in out.rglob("*") if data.OWN_TMP.fullmatch(p.name) and p.is_file()]
         for p in leftovers:
             p.unlink(missing_ok=True)
         if leftovers:
@@ -126,6 +154,8 @@ def state_problem(st):
         return "'labeled' must be a list of case ids"
     if not (isinstance(st.get("given", []), list) and all(isinstance(c, str) for c in st.get("given", []))):
         return "'given' must be a list of case ids"
+    if not (isinstance(st.get("initial", []), list) and all(isinstance(c, str) for c in st.get("initial", []))):
+        return "'initial' must be a list of case ids"
     if not isinstance(st.get("scores"), dict):
         return "'scores' must be an object {case: score}"
     iterations = st.get("iterations")
@@ -160,6 +190,33 @@ def read_states(out, rebuild=False):
             os.replace(path, path.with_suffix(".bad"))
             warnings.warn(f"{path}: invalid, moved to {path.with_suffix('.bad').name}; rebuilding it")
     return states
+
+
+# A rerun may change what extends or runs the study; every other setting made its saved stages (pseudo labels,
+# checkpoints, scores, the split), so a change would mix two studies under one config.json.
+MAY_CHANGE = ("strategy", "seeds", "iterations", "k", "device", "workers", "save_maps", "out", "cache_dir", "data",
+              "data_root", "preset")
+
+
+def check_rerun_settings(cfg):
+    """A rerun into a run folder keeps every setting its saved stages were made with (all but MAY_CHANGE)."""
+    path = Path(cfg.out) / "config.json"
+    if not path.exists():
+        return
+    old = read_json(path, lambda c: None if isinstance(c, dict) else "not a JSON object",
+                    "restore it from a backup, or start a new --out")
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    show = lambda v: ",".join(map(show, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
+    changed = [f"--{k.replace('_', '-')} {show(new[k])} (the run has {show(old[k])})"
+               for k in new if k not in MAY_CHANGE and k in old and old[k] != new[k]]
+    if changed:
+        raise SystemExit(f"{path}: this rerun asks for {'; '.join(changed)}. The run's saved stages (pseudo labels, "
+                         "checkpoints, scores, split) were made with its own values, and a rerun may change only "
+                         "--strategy, --seeds, --iterations, --k (for the acquisitions still to come), --device, "
+                         "--workers, --save-maps and --cache-dir. Rerun with the run's values, or start a new --out")
+    older = [k for k in new if k not in MAY_CHANGE and k not in old]
+    if older:
+        warnings.warn(f"{path}: made by an older proxy-al without {', '.join(older)}; taking this rerun's values")
 
 
 def read_task(root):
@@ -200,33 +257,64 @@ class Study:
         labeled = [cid for cid, c in self.cases.items() if c["label"]]
         self.annotation = len(labeled) < len(self.cases)                  # some scans await annotation
         split = self.load_split(labeled if self.annotation else list(self.cases))
-        self.pool, self.val = split["pool"], split["val"]
+        self.pool, self.val = list(split["pool"]), list(split["val"])
+        self.follow_split()
+        self.annotation = any(not c["label"] for c in self.cases.values())     # over the split's cases
         self.total = 0                                                     # active iterations, for the ETA
         self.proxy_net, self.scoring = (None, None), {}                   # one seed's Mp; pool scoring progress
 
     def load_split(self, val_candidates):
         """The run's split: split.json if the run has one, else drawn (validation from `val_candidates`, seed 0)
-        and written by start(), once every check has passed. A saved split of another size is named."""
+        and written by start(), once every check has passed."""
         path = self.out / "split.json"
-        if not path.exists() and (self.state or (self.out / "checkpoints").exists()):
+        self.new_split = None
+        if path.exists():
+            try:
+                return data.read_split(path)
+            except ValueError as err:
+                raise SystemExit(str(err)) from None
+        if self.state or (self.out / "checkpoints").exists():
             raise SystemExit(f"{path}: missing, but this run has finished work; a new draw could move annotated "
                              f"or trained-on cases into validation. Restore the file, or start a new --out")
+        n_val = self.cfg.n_val or data.default_n_val(self.task["name"], len(self.cases))
+        if len(val_candidates) < 2:         # annotation mode with fewer than 2 labeled cases: no validation
+            n_val = 0
+        elif n_val >= 1:
+            n_val = min(int(n_val), len(val_candidates) - 1)       # keep a case for the pool
         try:
-            n_val = self.cfg.n_val or data.default_n_val(self.task["name"], len(self.cases))
-            if len(val_candidates) < 2:         # annotation mode with fewer than 2 labeled cases: no validation
-                n_val = 0
-            elif n_val >= 1:
-                n_val = min(int(n_val), len(val_candidates) - 1)       # keep a case for the pool
-            split = data.split_cases(list(self.cases), n_val, 0, path if path.exists() else None, val_candidates)
+            self.new_split = data.split_cases(list(self.cases), n_val, 0, None, val_candidates)
         except ValueError as err:
-            raise SystemExit(str(err))
-        wanted = data.split_cases(list(self.cases), n_val, 0, None, val_candidates)["val"] if path.exists() else None
-        if wanted is not None and len(wanted) != len(split["val"]):
-            warnings.warn(f"{path}: this run's saved split has {len(split['val'])} validation cases, but the options "
-                          f"ask for {len(wanted)} (--n-val {self.cfg.n_val:g}); the saved split is kept (use a new "
-                          "--out for another split)")
-        self.new_split = None if path.exists() else split
-        return split
+            raise SystemExit(str(err)) from None
+        return self.new_split
+
+    def follow_split(self):
+        """A rerun on a data folder that changed since split.json was written: images added are not used (the
+        split is fixed), a removed pool image that no strategy selected is left out, like an unreadable one; a
+        removed validation image, or one a strategy selected, stops the run naming it. One message says it all."""
+        path, split_ids = self.out / "split.json", set(self.pool + self.val)
+        added = [c for c in self.cases if c not in split_ids]
+        removed = [c for c in self.pool + self.val if c not in self.cases]
+        selected = {c for by_s in self.state.values() for st in by_s.values() for c in st["labeled"]}
+        stop = [c for c in removed if c in self.val or c in selected]
+        if stop:
+            raise SystemExit(f"{self.root}/imagesTr: the image(s) of {data._few(stop)} are gone since this run began, "
+                             "but the run validates on them or has selected them (split.json, state/); put the "
+                             "files back and rerun, or start a new --out for the data as it is now")
+        for c in added:
+            del self.cases[c]
+        for c in removed:
+            self.left_out[c] = "image removed from the data folder after the run began (never selected)"
+        self.pool = [c for c in self.pool if c not in removed]
+        if added or removed:
+            misplaced = [c for c in added if any(c.startswith(f"{o}_") for o in split_ids)]
+            hint = (f" ({data._few(misplaced)}: a label saved among the images? A label goes in labelsTr/, named "
+                    "as its image)" if misplaced else "")
+            warnings.warn(f"{self.root} changed since this run began ({path} fixes its pool and validation): "
+                          + (f"{len(added)} image(s) added ({data._few(added)}) are not used{hint}; " if added else "")
+                          + (f"{len(removed)} pool image(s) removed ({data._few(removed)}), never selected, are "
+                             "left out; " if removed else "")
+                          + f"the run goes on with {len(self.pool)} pool and {len(self.val)} validation cases. "
+                          "A new --out draws a split that uses every case")
 
     def log(self, msg):
         LAST_LOG[0] = msg
@@ -257,18 +345,33 @@ class Study:
     def run_state(self, seed, strategy):
         """The state of one (seed, Strategy): labeled ids, iteration records, the scores that selected each case.
         In annotation mode, the pool cases that had labels when the run began ("given") are in Tl from the start:
-        only unlabeled cases are ranked, selected and listed for annotation."""
+        only unlabeled cases are ranked, selected and listed for annotation. Tl is given + line 5's selection
+        ("initial") + every record's acquisitions, each case once, whatever --k this rerun has."""
         given = [c for c in self.pool if self.cases[c]["label"]] if self.annotation else []
         st = self.state.setdefault(str(seed), {}).setdefault(
-            strategy.name, {"given": given, "labeled": list(given), "iterations": [], "scores": {}})
-        given = st.get("given", [])
-        first = st["labeled"][len(given):len(given) + self.first_pool(strategy)]
-        labeled = given + first + [c for r in st["iterations"] for c in r.get("acquired", [])]
+            strategy.name, {"given": given, "initial": [], "labeled": list(given), "iterations": [], "scores": {}})
+        given = st.setdefault("given", [])
+        if "initial" not in st:                  # a state of an older proxy-al: line 5 took the first k
+            st["initial"] = st["labeled"][len(given):len(given) + self.first_pool(strategy)]
+        labeled = list(dict.fromkeys(given + st["initial"] + [c for r in st["iterations"] for c in r.get("acquired", [])]))
         if st["labeled"] and labeled != st["labeled"]:        # only a hand-edited or foreign state gets here
             warnings.warn(f"{state_file(self.out, seed, strategy.name)}: 'labeled' disagrees with the iteration records; "
                           f"following the records ({len(labeled)} cases)")
             st["labeled"] = labeled
         return st
+
+    def selections_needed(self, seed, strategy):
+        """(cases selected so far, cases selected by the end) of one (seed, Strategy) at this rerun's --k and
+        --iterations; the selections already made stay as they are."""
+        k, iterations = self.cfg.k, strategy.iterations(self.cfg.iterations)
+        st = self.state.get(str(seed), {}).get(strategy.name)
+        records = st["iterations"] if st else []
+        selected = len(st["labeled"]) - len(st.get("given", [])) if st else 0
+        still = 0 if selected else self.first_pool(strategy)                               # line 5
+        still += k * max(0, iterations - 1 - len(records))                                 # lines 13 / 16 to come
+        if records and "acquired" not in records[-1] and len(records) < iterations:         # a finished run extended
+            still += k
+        return selected, selected + still
 
     def save_state(self, seed, strategy):
         """One (seed, strategy)'s state, in one atomic write: its records and the cases they acquired."""
@@ -278,9 +381,10 @@ class Study:
         """results.csv, per_case_dice.csv, summary.md from every state file so far (other ranks' too)."""
         return write_reports(self.out, read_states(self.out), self.task, len(self.pool), self.left_out)
 
-    def saved_array(self, name, make):
-        """out/<name> (.npy, memory-mapped) if it is there and readable, else make() saved there."""
-        path = self.out / name
+    def saved_array(self, name, make, key):
+        """out/<name>.<key's hash>.npy (memory-mapped) if it is there and readable, else make() saved there.
+        `key`: everything that made the array (settings, source file), so a changed one is never reused."""
+        path = self.out / f"{name}.{zlib.crc32(json.dumps(key).encode()):08x}.npy"
         try:
             return np.load(path, mmap_mode="r")
         except (OSError, ValueError):
@@ -325,7 +429,7 @@ class Study:
         path = self.out / "checkpoints" / f"{name}.pt"
         try:
             ckpt = torch.load(path, map_location=self.device, weights_only=False)
-            if ckpt.get("cases") != list(cases):
+            if [c for c in ckpt.get("cases") or [] if c not in self.left_out] != list(cases):  # left out since: kept
                 warnings.warn(f"{path}: trained on other cases than this stage's {len(cases)}; redoing that stage")
                 return None
             model.load_state_dict(ckpt["model"])    # after the check: a rejected one leaves `model` untouched
@@ -347,6 +451,10 @@ class Study:
             self.load_checkpoint(f"seed{seed}/proxy", model, self.pool)
             self.proxy_net = (seed, model)
         return self.proxy_net[1]
+
+    def final_model(self, seed, strategy, j, record):
+        """The model iteration j (from 0) ended with, from its checkpoint: Msemi, or Ms where there was none."""
+        return self.stage_model(f"seed{seed}/{strategy.name}/iter{j}_{'semi' if record.get('certain') else 'sup'}")
 
     def stage_model(self, name):
         """The model a finished stage saved (checkpoints/<name>.pt), in eval mode."""
@@ -398,16 +506,6 @@ def choose_strategies(study):
 def check_request(study, chosen):
     """Every mistake in the request that can be seen before the long work starts."""
     cfg = study.cfg
-    need = cfg.k * cfg.iterations
-    if study.annotation:
-        unlabeled = [c for c in study.pool if not study.cases[c]["label"]]
-        if need > len(unlabeled):
-            raise SystemExit(f"--k {cfg.k} x --iterations {cfg.iterations} asks for {need} cases to annotate, but "
-                             f"{len(unlabeled)} pool cases have no label yet; lower --k or --iterations")
-    elif need > len(study.pool):
-        raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool case{'s' * (len(study.pool) != 1)} of "
-                         f"{len(study.pool) + len(study.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
-                         f"needs {need}; lower --n-val, --k or --iterations")
     if study.annotation and study.world.size > 1:
         raise SystemExit("annotation mode (pool cases without labels) runs as one process: use python al_loop.py, "
                          "not torchrun")
@@ -417,13 +515,31 @@ def check_request(study, chosen):
     if study.annotation and (len(chosen) > 1 or len(cfg.seeds) > 1):
         raise SystemExit("annotation mode (pool cases without labels): choose one --strategy and one --seeds, "
                          "e.g. --strategy proxyrank_var_semi --seeds 0")
+    for seed in cfg.seeds:
+        for strategy in chosen:
+            selected, need = study.selections_needed(seed, strategy)
+            so_far = f" ({selected} selected so far)" if selected else ""
+            if study.annotation:
+                st = study.state.get(str(seed), {}).get(strategy.name)
+                given = st["given"] if st else [c for c in study.pool if study.cases[c]["label"]]
+                free = len(study.pool) - len(given)
+                if need > free:
+                    raise SystemExit(f"--k {cfg.k} x --iterations {cfg.iterations} asks for {need} cases to annotate"
+                                     f"{so_far}, but the pool has {free} cases besides the {len(given)} labeled when "
+                                     "the run began; lower --k or --iterations")
+            elif need > len(study.pool):
+                raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool case{'s' * (len(study.pool) != 1)} "
+                                 f"of {len(study.pool) + len(study.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
+                                 f"needs {need}{so_far}; lower --n-val, --k or --iterations")
+    need = cfg.k * cfg.iterations
     if any(s.semi for s in chosen) and need >= len(study.pool) and not study.annotation:
         warnings.warn(f"--k {cfg.k} x --iterations {cfg.iterations} labels all {len(study.pool)} pool cases: the "
                       "last iteration of a _semi strategy has no unlabeled case left and skips its fine-tuning")
     unknown = {c for by_s in study.state.values() for st in by_s.values() for c in st["labeled"]} - set(study.pool)
     if unknown:
-        raise SystemExit(f"{study.out}/state: names cases {sorted(unknown)[:5]} that are not in this run's pool "
-                         f"(split.json less unreadable cases); the data changed since the run began: use a new --out")
+        why = "; ".join(f"{c}: {study.left_out.get(c, 'not in split.json')}" for c in sorted(unknown)[:5])
+        raise SystemExit(f"{study.out}/state: this run selected or trained on cases that it cannot read now ({why}). "
+                         "Put their files back as they were and rerun, or start a new --out")
 
 
 def preprocess_all(study):
@@ -462,7 +578,8 @@ def check_labels(study):
     """Before any training: every label file's grid against its image (headers only), and its values (read
     into the cache; a pool label is still used only once its case is selected). A validation label without
     foreground is named: it is left out of every class's mean (MONAI's rule)."""
-    problems = []
+    problems = [f"{study.cases[c]['label_to']}: missing, but {c} is a validation case of this run (split.json); put "
+                "its label back, or start a new --out" for c in study.val if not study.cases[c]["label"]]
     for case in study.cases.values():
         try:
             if case["label"]:
@@ -470,7 +587,7 @@ def check_labels(study):
         except (OSError, ValueError) as err:
             problems.append(str(err))
     if problems:
-        raise SystemExit(f"{len(problems)} label file(s) do not fit their image:\n" + "\n".join(problems))
+        raise SystemExit(f"{len(problems)} label file(s) are missing or do not fit their image:\n" + "\n".join(problems))
     for cid, case in study.cases.items():
         if case["label"]:
             label = study.label(cid)
@@ -484,16 +601,8 @@ def start(study, chosen):
     cfg = study.cfg
     if not study.val:
         warnings.warn("no labeled validation case: validation Dice is skipped (results will show nan)")
-    path = study.out / "config.json"
-    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    old = json.loads(path.read_text()) if path.exists() else new
-    same = ("strategy", "seeds", "device", "workers", "save_maps", "out", "cache_dir")
-    changed = [k for k in new if k not in same and old.get(k) != new[k]]
-    if changed and study.world.rank == 0:  # a rerun into an existing --out with other settings mixes results
-        warnings.warn(f"{path}: this rerun changes {', '.join(changed)}; finished stages keep their old settings "
-                      f"(use a new --out for a clean run)")
-    if study.world.rank == 0:
-        data.atomic_write_json(path, new)
+    if study.world.rank == 0:      # the same settings as the run's (check_rerun_settings), but what may change
+        data.atomic_write_json(study.out / "config.json", dataclasses.asdict(cfg))
         if study.new_split:                     # the split is fixed only now that every check has passed
             data.atomic_write_json(study.out / "split.json", {"seed": 0, "n_val": len(study.new_split["val"]),
                                                               **study.new_split})
@@ -514,12 +623,12 @@ def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
     world = World()
     main_thread = threading.current_thread() is threading.main_thread()     # only there can it take signals
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None   # SLURM's preemption
-    fresh = False
+    existed = None
     try:
         if world.rank == 0:
             cfg.out = cfg.out or f"runs/{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
             check_out(cfg)
-            fresh = not Path(cfg.out).exists()
+            existed = Path(cfg.out).exists()
             with run_folder(cfg.out):
                 world.set("out", cfg.out)
                 return _run(cfg, world, plan, run_unit, rebuild_state, default_strategy)
@@ -543,10 +652,12 @@ def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
                              f"finished stage is kept and nothing was corrupted") from None
         raise
     finally:
-        if fresh and not (Path(cfg.out) / "config.json").exists():   # refused before it began: leave no trace
-            (Path(cfg.out) / ".lock").unlink(missing_ok=True)
-            with suppress(OSError):
-                Path(cfg.out).rmdir()
+        if existed is not None and not (Path(cfg.out) / "config.json").exists():  # refused before it began:
+            for name in (".lock", MARKER):                                              # leave no trace
+                (Path(cfg.out) / name).unlink(missing_ok=True)
+            if not existed:
+                with suppress(OSError):
+                    Path(cfg.out).rmdir()
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         world.close()
@@ -584,6 +695,7 @@ def check_out(cfg):
 
 
 def _run(cfg, world, plan, run_unit, rebuild_state, default_strategy):
+    check_rerun_settings(cfg)
     study = Study(cfg, world, rebuild_state, default_strategy)
     chosen = choose_strategies(study)
     check_request(study, chosen)

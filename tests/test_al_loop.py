@@ -222,3 +222,59 @@ def test_own_scans_without_any_label_get_no_validation_set(phantom, tmp_path):
     s = study.Study(al_loop.parse_args(tiny_args(root, tmp_path / "run"))[0])
     assert s.annotation and s.val == [] and len(s.pool) == 10
 
+
+# ------------------------------------------------------------------------------ the labeled set across reruns
+
+
+def states_of(out):
+    return study.read_states(out)["0"]
+
+
+def test_k_changed_in_annotation_mode_keeps_every_annotated_case(phantom, tmp_path):
+    """Two rounds of --k 2, then --k 1: Tl keeps all four selected cases (no 'disagrees' warning), and the
+    new --k sizes only the next acquisition."""
+    import warnings
+    from test_annotator import own_scans, to_annotate
+    root, out = own_scans(phantom, tmp_path, labeled=4), tmp_path / "run"
+    for k in ("2", "2", "1"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*disagrees with the iteration records")
+            assert al_loop.main(tiny.args(root, out, "--strategy", "rand", "--k", k)) == 0
+        for r in to_annotate(out):
+            shutil.copy(phantom / "labelsTr" / f"{r['case']}.nii.gz", r["save_label_as"])
+    st = states_of(out)["rand"]
+    assert [r["n_labeled"] for r in st["iterations"]] == [4, 6]          # 2 in hand + 2, then + 2
+    assert len(st["iterations"][1]["acquired"]) == 1 and len(st["labeled"]) == len(set(st["labeled"])) == 7
+
+
+def test_k_changed_after_a_run_cut_back_never_labels_a_case_twice(phantom, tmp_path):
+    """A run of --k 2 cut back to its first iteration, rerun with --k 3: Tl holds 4 distinct cases, as before."""
+    out = tmp_path / "run"
+    run(phantom, out, "--strategy", "rand")
+    path = study.state_file(out, 0, "rand")
+    st = json.loads(path.read_text())
+    before = st["labeled"]
+    st["iterations"] = st["iterations"][:1]
+    path.write_text(json.dumps(st))
+    run(phantom, out, "--strategy", "rand", "--k", "3")
+    st = states_of(out)["rand"]
+    assert st["labeled"] == before and [r["n_labeled"] for r in st["iterations"]] == [2, 4]
+    assert "n_labeled" in (out / "results.csv").read_text().splitlines()[0]
+    assert [line.split(",")[3] for line in (out / "results.csv").read_text().splitlines()[1:]] == ["2", "4"]
+
+
+def test_a_finished_run_given_more_iterations_acquires_first_as_an_uninterrupted_run(phantom, tmp_path):
+    """--iterations 1, then --iterations 2: the same Tl and Dice as one run of 2 iterations (the acquisition
+    after iteration 1 is made under its own final model); then --iterations 3 --k 3 acquires 3 more."""
+    strategies_ = ("--strategy", "rand,proxyrank_var_semi")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(phantom, one, *strategies_, "--iterations", "1")
+    run(phantom, one, *strategies_, "--iterations", "2")
+    run(phantom, two, *strategies_, "--iterations", "2")
+    for name in ("rand", "proxyrank_var_semi"):
+        a, b = states_of(one)[name], states_of(two)[name]
+        assert a["labeled"] == b["labeled"] and [r["n_labeled"] for r in a["iterations"]] == [2, 4], name
+        assert [r["mean_dice"] for r in a["iterations"]] == pytest.approx([r["mean_dice"] for r in b["iterations"]],
+                                                                          nan_ok=True)
+    run(phantom, one, "--strategy", "rand", "--iterations", "3", "--k", "3")
+    assert [r["n_labeled"] for r in states_of(one)["rand"]["iterations"]] == [2, 4, 7]

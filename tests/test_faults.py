@@ -122,13 +122,12 @@ def test_refused_request_leaves_no_split_and_the_corrected_one_runs(phantom, tmp
     assert al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--n-val", "4")) == 0
     split = json.loads((out / "split.json").read_text())
     assert len(split["val"]) == 4 and len(split["pool"]) == 6 and split["n_val"] == 4
-    with pytest.warns(UserWarning) as record:
-        assert al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--n-val", "3")) == 0
-    said = messages(record)
-    assert f"{out / 'split.json'}: this run's saved split has 4 validation cases, but the options ask for 3 " \
-           "(--n-val 3); the saved split is kept (use a new --out for another split)" in said, said
-    assert any("this rerun changes n_val" in m for m in said), said
+    config = (out / "config.json").read_text()
+    with pytest.raises(SystemExit, match=r"config.json: this rerun asks for --n-val 3 \(the run has 4\)\. .* Rerun "
+                                         r"with the run's values, or start a new --out"):
+        al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--n-val", "3"))
     assert json.loads((out / "split.json").read_text()) == split
+    assert (out / "config.json").read_text() == config                   # records only what the run has
 
 
 def test_too_many_validation_cases_refused_then_a_smaller_count_is_not(phantom, tmp_path):

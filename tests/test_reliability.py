@@ -132,13 +132,17 @@ def test_missing_split_with_state_is_refused(phantom, reference, tmp_path):
 
 
 def test_leftover_temporary_files_are_removed(phantom, reference, tmp_path):
+    """The run's own temporary files (named as atomic_write names them) go; a user's .tmp files stay."""
     out = copy_run(reference, tmp_path)
-    leftovers = [out / "state" / ".seed0_rand.json.x1y2.tmp", out / "checkpoints" / "seed0" / ".proxy.pt.abc.tmp"]
-    for p in leftovers:
+    leftovers = [out / "state" / ".seed0_rand.json.x1y2z3w4.proxy-al.tmp",
+                 out / "checkpoints" / "seed0" / ".proxy.pt.abc_defg.proxy-al.tmp"]
+    users = [out / ".session.tmp", out / "sub" / ".draft.tmp", out / "state" / ".seed0_rand.json.x1y2.tmp"]
+    (out / "sub").mkdir()
+    for p in leftovers + users:
         p.write_bytes(b"half a file")
     with pytest.warns(UserWarning, match="removed 2 temporary"):
         run(phantom, out)
-    assert not any(p.exists() for p in leftovers)
+    assert not any(p.exists() for p in leftovers) and all(p.read_bytes() == b"half a file" for p in users)
 
 
 def test_atomic_write_fsyncs_before_the_rename(tmp_path, monkeypatch):

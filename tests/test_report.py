@@ -119,3 +119,22 @@ def test_the_all_data_reference_is_a_row_of_its_own(tmp_path):
     assert header[-1] == "full (reference)"                           # the reference last
     with open(tmp_path / "results.csv") as f:
         assert [r["pct_labeled"] for r in csv.DictReader(f) if r["strategy"] == "full"] == ["100.0"]
+
+
+def test_band_that_misses_the_organ_suggests_a_band_from_the_labels_own_hu(tmp_path):
+    """With --hu-band auto already given, the warning does not suggest it again: it suggests the band the
+    validation labels' own foreground lies in, computed from their HU (and only when the band misses)."""
+    from report import pseudo_label_report
+    rows = [("a", 10, 0.01), ("b", 12, 0.02), ("c", 0, None)]
+    asked = []
+    labeled_hu = lambda: asked.append(1) or np.arange(50, 151, dtype=np.int16)     # 25th-75th: 75 to 125
+    with pytest.warns(UserWarning) as record:
+        pseudo_label_report(tmp_path, rows, "auto", (1, 1, 1), labeled_hu)
+    said = [str(w.message) for w in record]
+    assert len(said) == 2 and all("--hu-band 75,125 (the 25th-75th percentile of HU inside the validation labels' "
+                                  "foreground)" in m for m in said), said
+    assert not any("--hu-band auto" in m for m in said) and asked == [1]
+    with pytest.warns(UserWarning, match=r"Try --hu-band auto or --hu-band 75,125"):
+        pseudo_label_report(tmp_path, rows, "100,150", (1, 1, 1), labeled_hu)
+    pseudo_label_report(tmp_path, [("a", 10, 0.9)], "auto", (1, 1, 1), labeled_hu)        # a good band: no HU read
+    assert asked == [1, 1]
