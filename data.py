@@ -240,7 +240,11 @@ def _cases_from_folders(root):
         stem = _case_id(image)
         case_id = stem[:-len(NNUNET_CHANNEL)] if channel_named else stem
         candidates = [root / "labelsTr" / (case_id + image.name[len(stem):]), root / "labelsTr" / image.name]
-        cases.append(_case(case_id, image, next((p for p in candidates if p.is_file()), candidates[0])))
+        found = [p for p in dict.fromkeys(candidates) if p.is_file()]
+        if len(found) > 1:      # <case> and <case>_0000: which one is the newer annotation is not ours to guess
+            raise ValueError(f"{found[0]} and {found[1]} are both labels of case {case_id} ({image}); keep one "
+                             "(delete or move the other out of labelsTr/) and rerun")
+        cases.append(_case(case_id, image, found[0] if found else candidates[0]))
     return cases
 
 

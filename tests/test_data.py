@@ -65,6 +65,20 @@ def test_read_msd_without_json_pairs_by_name_and_skips_appledouble(tmp_path):
     assert [c["label"] is not None for c in cases] == [False, True, False, False]
 
 
+def test_two_label_files_for_one_case_are_refused_naming_both(tmp_path):
+    """A case with a label under both accepted names (labelsTr/<case> and labelsTr/<case>_0000) is refused with
+    a message naming the two files, instead of one of them being picked silently."""
+    rng = np.random.default_rng(0)
+    for name in ("ph1", "ph2"):
+        save(tmp_path / "imagesTr" / f"{name}_0000.nii.gz", rng.integers(-200, 300, (6, 5, 4)).astype(np.int16))
+    save(tmp_path / "labelsTr" / "ph1.nii.gz", np.ones((6, 5, 4), np.uint8))
+    assert data.read_msd(tmp_path)[0]["label"] == str(tmp_path / "labelsTr" / "ph1.nii.gz")
+    shutil.copy(tmp_path / "labelsTr" / "ph1.nii.gz", tmp_path / "labelsTr" / "ph1_0000.nii.gz")   # saved again
+    with pytest.raises(ValueError, match=r"labelsTr/ph1.nii.gz and .*labelsTr/ph1_0000.nii.gz are both labels of "
+                                         r"case ph1 .*keep one"):
+        data.read_msd(tmp_path)
+
+
 def test_read_msd_listed_image_missing_names_the_file(tmp_path):
     make_msd(tmp_path, ["a_1", "ghost_7"])
     os.remove(tmp_path / "imagesTr" / "ghost_7.nii.gz")
