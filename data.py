@@ -261,10 +261,11 @@ def _few(names, n=5):
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def _check_label_files(root, cases, same_name_pairs):
+def _check_label_files(root, cases, same_name_pairs, nnunet=None):
     """Every labelsTr/*.nii(.gz) should pair with an image: warn naming the ones that do not, and stop when
     none does, which would otherwise read as 'nothing is labeled'. A label pairs when it is some case's
-    label or, with same_name_pairs (MSD), when an image of its name is in imagesTr/ though not listed."""
+    label or, with same_name_pairs (MSD), when an image of its name is in imagesTr/ though not listed.
+    nnunet: (dataset.json path, file_ending) of an nnU-Net folder, whose labels must have that ending."""
     labels_dir = root / "labelsTr"
     files = _nifti_files(labels_dir)
     used = {Path(c["label"]).resolve() for c in cases if c["label"]}
@@ -272,13 +273,35 @@ def _check_label_files(root, cases, same_name_pairs):
     orphans = [p.name for p in files if p.resolve() not in used and p.name not in images]
     if not orphans:
         return
-    fix = ("a label pairs with an image by name: labelsTr/<case>.nii.gz with imagesTr/<case>.nii.gz or "
-           "imagesTr/<case>_0000.nii.gz (nnU-Net), or as listed in dataset.json; rename or remove the files")
+    fix = _nnunet_label_fix(cases, orphans, *nnunet) if nnunet else (
+        "a label pairs with an image by name: labelsTr/<case>.nii.gz with imagesTr/<case>.nii.gz or "
+        "imagesTr/<case>_0000.nii.gz (nnU-Net), or as listed in dataset.json; rename or remove the files")
     if len(orphans) == len(files):
         raise ValueError(f"{labels_dir}: none of its {len(orphans)} label files ({_few(orphans)}) pairs with an "
                          f"image in {root / 'imagesTr'}; {fix}")
     warnings.warn(f"{labels_dir}: {len(orphans)} label file{'s' * (len(orphans) != 1)} pair{'s' * (len(orphans) == 1)} with no image and are not used "
                   f"({_few(orphans)}); {fix}")
+
+
+def _nnunet_label_fix(cases, orphans, json_path, ending):
+    """The fix for labels of an nnU-Net folder that pair with no image: its file_ending and, for each file
+    that belongs to a case under another name (<case>.nii.gz where file_ending is .nii, <case>_0000), the
+    name expected, and gzip / gunzip where the compression differs (a renamed file keeps its own)."""
+    labels = {c["id"]: c["label"] for c in cases}
+    moves, spare = [], []
+    for name in orphans:
+        cid = _case_id(name)
+        cid = cid[:-len(NNUNET_CHANNEL)] if cid not in labels and cid.endswith(NNUNET_CHANNEL) else cid
+        if labels.get(cid):
+            spare.append(f"labelsTr/{name} (case {cid} has {Path(labels[cid]).name})")
+        elif cid in labels:
+            gz = name.endswith(".gz"), ending.endswith(".gz")
+            how = "" if gz[0] == gz[1] else " (gunzip it: .nii is uncompressed)" if gz[0] else " (gzip it)"
+            moves.append(f"labelsTr/{name} -> labelsTr/{cid}{ending}{how}")
+    return (f"{json_path} has 'file_ending' {ending!r}, so the label of a case is labelsTr/<case>{ending}"
+            + (f"; save {_few(moves)}" if moves else "") + (f"; remove {_few(spare)}" if spare else "")
+            + ("" if moves or spare else "; rename or remove the files")
+            + f" (or change 'file_ending' in {json_path}, if every image and label has the other ending)")
 
 
 def read_msd(root: str | Path) -> list[dict]:
@@ -306,7 +329,8 @@ def read_msd(root: str | Path) -> list[dict]:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ValueError(f"{root}: case ids {duplicates} appear more than once; every image needs a unique name")
-    _check_label_files(root, cases, same_name_pairs=not nnunet_layout)
+    _check_label_files(root, cases, same_name_pairs=not nnunet_layout,
+                       nnunet=(json_path, info["file_ending"]) if nnunet_layout else None)
     return sorted(cases, key=lambda c: _natural_key(c["id"]))
 
 

@@ -1,10 +1,12 @@
 """Tests for nnU-Net v2 interchange: data.read_msd on nnU-Net raw folders and nnunet.py's export, on a tiny
 phantom. The last two tests run nnU-Net's own dataset checker and MSD converter when nnunetv2 is installed."""
+import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -116,6 +118,28 @@ def test_label_pairing_with_no_image_is_warned(msd, tmp_path):
     shutil.copy(raw / "labelsTr" / "phantom_0.nii.gz", raw / "labelsTr" / "phantom_0_0000.nii.gz")
     with pytest.warns(UserWarning, match="phantom_0_0000.nii.gz"):
         data.read_msd(raw)
+
+
+def test_label_with_the_wrong_ending_is_told_the_file_ending_and_the_name_expected(msd, tmp_path):
+    """A label saved as .nii.gz in an nnU-Net folder whose file_ending is .nii is warned about naming
+    'file_ending' and the name expected (labelsTr/<case>.nii); doing what the warning says pairs it."""
+    root = nnunet_copy(msd, tmp_path / "raw", labelled={"phantom_0", "phantom_1"}, file_ending=".nii")
+    for folder in ("imagesTr", "labelsTr"):     # the folder as file_ending .nii has it: uncompressed files
+        for f in list((root / folder).iterdir()):
+            f.with_suffix("").write_bytes(gzip.decompress(f.read_bytes()))
+            f.unlink()
+    assert data.read_msd(root)[0]["label"] == str(root / "labelsTr" / "phantom_0.nii")
+    saved = root / "labelsTr" / "phantom_2.nii.gz"          # the annotator's tool saves .nii.gz
+    shutil.copy(msd / "labelsTr" / "phantom_2.nii.gz", saved)
+    with pytest.warns(UserWarning, match=r"phantom_2.nii.gz.*'file_ending' '.nii'.*"
+                                         r"labelsTr/phantom_2.nii.gz -> labelsTr/phantom_2.nii \(gunzip it"):
+        cases = data.read_msd(root)
+    assert cases[2]["label"] is None
+    (root / "labelsTr" / "phantom_2.nii").write_bytes(gzip.decompress(saved.read_bytes()))    # as told
+    saved.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.read_msd(root)[2]["label"] == str(root / "labelsTr" / "phantom_2.nii")
 
 
 def test_labels_of_which_none_pairs_are_an_error(msd, tmp_path):
