@@ -1,5 +1,6 @@
 """Tests for nnU-Net v2 interchange: data.read_msd on nnU-Net raw folders and nnunet.py's export, on a tiny
 phantom. The last two tests run nnU-Net's own dataset checker and MSD converter when nnunetv2 is installed."""
+import csv
 import gzip
 import json
 import os
@@ -14,8 +15,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import al_loop  # noqa: E402
 import data  # noqa: E402
 import nnunet  # noqa: E402
+import tiny  # noqa: E402
 from phantom import make_phantom_dataset  # noqa: E402
 
 NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -275,11 +278,49 @@ def test_export_run_uses_the_env_folders_and_prints_the_next_commands(msd, tmp_p
     assert json.loads((folder / "dataset.json").read_text())["proxy_al"] == {
         "run": str((tmp_path / "run").resolve()), "strategy": "proxyrank", "seed": 0, "iteration": 1}
     assert "2 training + 2 validation cases (proxyrank, seed 0, iteration 1)" in lines[0]
-    assert str(tmp_path / "pre" / "Dataset502_Phantom" / "splits_final.json") in lines[1]
-    assert lines[2].endswith("nnUNetv2_train 502 3d_fullres 0")
+    assert lines[1].startswith("training cases: phantom_4, phantom_0 (trained on at iteration 1")
+    assert str(tmp_path / "pre" / "Dataset502_Phantom" / "splits_final.json") in lines[-2]
+    assert lines[-1].endswith("nnUNetv2_train 502 3d_fullres 0")
     with pytest.raises(ValueError, match=r"split.json: cases \['phantom_4'\] of the run state are not in its pool"):
         nnunet.export_run(tmp_path / "run", data.read_msd(msd), states, {"pool": ["phantom_0"], "val": []},
                           {0: "background", 1: "liver"}, 503, "P", iteration=1, log=lines.append)
+
+
+def test_export_after_an_annotation_run_includes_the_last_rounds_labels(phantom, tmp_path, capsys):
+    """After an annotation run has ended and the user has labeled what its last round asked for, the default
+    export holds every labeled case (those cases too) and says which cases and from where; --iteration N
+    still gives the training set of iteration N."""
+    root, out = tmp_path / "mine", tmp_path / "run"
+    shutil.copytree(phantom, root)
+    answers = tmp_path / "answers"                          # what the annotator will draw
+    shutil.copytree(root / "labelsTr", answers)
+    info = json.loads((root / "dataset.json").read_text())
+    for entry in info["training"]:                          # labels for 4 of the 10 scans; the rest unlabeled
+        if not entry["label"].endswith(("_0.nii.gz", "_1.nii.gz", "_2.nii.gz", "_3.nii.gz")):
+            (root / entry.pop("label")).unlink()
+    (root / "dataset.json").write_text(json.dumps(info))
+    args = tiny.args(root, out, "--strategy", "rand", "--k", "1")
+    for _ in range(5):                                      # rounds: run, label what it asks for, rerun
+        assert al_loop.main(args) == 0
+        if "need labels" not in capsys.readouterr().out:
+            break
+        with open(out / "to_annotate.csv") as f:
+            for row in csv.DictReader(f):
+                shutil.copy(answers / Path(row["save_label_as"]).name, row["save_label_as"])
+    st = json.loads((out / "state" / "seed0_rand.json").read_text())
+    last = st["iterations"][-1]
+    assert len(st["iterations"]) == 2 and last["acquired"] and last["n_labeled"] == len(st["labeled"]) - 1
+    assert all(Path(root / "labelsTr" / f"{c}.nii.gz").is_file() for c in st["labeled"])   # all labeled now
+    export = ["--out", str(out), "--export-to", str(tmp_path / "raw"), "--export-nnunet"]
+    assert al_loop.main(export + ["501"]) == 0
+    printed = capsys.readouterr().out
+    splits = json.loads((tmp_path / "raw" / "Dataset501_Phantom" / "splits_final.json").read_text())
+    assert splits[0]["train"] == st["labeled"]              # the last round's case included
+    assert f"{last['acquired'][0]} (acquired after iteration 2, labels from {root / 'labelsTr'})" in printed
+    assert "training cases: " + ", ".join(st["labeled"][:-1]) + " (trained on at iteration 2" in printed
+    assert al_loop.main(export + ["502", "--iteration", "2"]) == 0
+    splits = json.loads((tmp_path / "raw" / "Dataset502_Phantom" / "splits_final.json").read_text())
+    assert splits[0]["train"] == st["labeled"][:last["n_labeled"]]
 
 
 # ---------------------------------------------------------------------------------------------- nnU-Net itself
