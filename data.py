@@ -687,7 +687,7 @@ def _verify_cache_entry(path, array):
     try:
         expected = _checksum_path(path).read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError):
-        expected = "missing"          # written after the entry: a run stopped in between, or a file removed
+        expected = "missing"          # removed by hand, or an entry from elsewhere: check fails, entry is rebuilt
     if _crc32(array) != expected:
         return False
     _VERIFIED.add(key)
@@ -723,8 +723,10 @@ def _store_cache_entry(path, array):
     """Save atomically with its CRC-32, delete older entries of the same source file and spacing, return the
     memory map."""
     try:
-        atomic_save_npy(path, array)      # the entry first: an entry without its CRC-32 is rebuilt, never trusted
+        # The CRC-32 first: an entry's name fixes its content (source version, spacing), so a reader in another
+        # process sees no entry yet, or one with its CRC-32 already there.
         atomic_write_bytes(_checksum_path(path), (_crc32(array) + "\n").encode("ascii"))
+        atomic_save_npy(path, array)
     except OSError as e:
         raise CacheError(f"{path.parent}: cannot write the preprocessed cache ({e}); free disk space, fix the "
                          "folder's permissions or choose another with --cache-dir") from e

@@ -349,7 +349,7 @@ def test_cache_entry_with_garbage_voxels_is_detected_and_rebuilt(one_case, tmp_p
         image, _ = data.cached_case(one_case, tmp_path / "cache", with_label=False)
     assert count_reads == [one_case["image"]] and np.array_equal(image, expected)
     del image
-    entry.with_name(entry.name + ".crc32").unlink()            # a run stopped between entry and checksum
+    entry.with_name(entry.name + ".crc32").unlink()            # a cache folder tidied by hand
     monkeypatch.setattr(data, "_VERIFIED", set(), raising=False)
     with pytest.warns(UserWarning, match=f"{entry.name}: cache entry is damaged"):
         image, _ = data.cached_case(one_case, tmp_path / "cache", with_label=False)
