@@ -709,8 +709,8 @@ def _read_cache_entry(path, shape, dtype):
                       f"{np.dtype(dtype)}; rebuilding it")
         return None
     if not _verify_cache_entry(path, array):
-        warnings.warn(f"{path}: cache entry is damaged (its voxels do not match {_checksum_path(path).name}); "
-                      "rebuilding it from the source file")
+        warnings.warn(f"{path}: cache entry is damaged (its voxels do not match {_checksum_path(path).name}, "
+                      "or that file is missing); rebuilding it from the source file")
         return None
     return array
 
