@@ -106,7 +106,8 @@ def add_actions(p):
     g.add_argument("--export-nnunet", type=int, metavar="ID", help="write the cases a strategy had labeled as the "
                    "nnU-Net raw dataset DatasetID_<name> (under $nnUNet_raw or --export-to), then stop")
     g.add_argument("--seed", type=int, help="--export-nnunet: the seed (default: the run's only one)")
-    g.add_argument("--iteration", type=int, help="--export-nnunet: the iteration, from 1 (default: the last)")
+    g.add_argument("--iteration", type=int, metavar="J", help="--export-nnunet: the cases iteration J (from 1) "
+                   "trained on (default: every case the run has labeled, the last round's annotations too)")
     g.add_argument("--export-to", default="", help="--export-nnunet: the folder to write into (default: $nnUNet_raw)")
     g.add_argument("--overwrite", action="store_true", help="--export-nnunet: replace an existing dataset folder")
     return p

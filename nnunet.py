@@ -1,5 +1,5 @@
-"""Hand an active-learning selection to nnU-Net v2: the cases a run had labeled at one iteration become an
-nnU-Net raw dataset (imagesTr/, labelsTr/, dataset.json) with the run's validation cases as fold 0's
+"""Hand an active-learning selection to nnU-Net v2: the cases a run has labeled (or those one iteration trained
+on) become an nnU-Net raw dataset (imagesTr/, labelsTr/, dataset.json) with the run's validation cases as fold 0's
 validation split (splits_final.json), ready for `nnUNetv2_plan_and_preprocess` and `nnUNetv2_train`.
 
 Reading nnU-Net raw datasets is data.read_msd's job; this module only writes them. Images are the original
@@ -196,23 +196,45 @@ def export_dataset(cases: dict | list, train_ids: list[str], val_ids: list[str],
 # 3. The run's export action: selection + dataset + what to type next.
 
 
+def labeled_after(st: dict, train_ids: list[str], cases: dict) -> tuple[list[str], list[str]]:
+    """The cases a state acquired after the training set train_ids (its 'labeled' beyond them: in annotation mode
+    the last iteration asks for k more), split into (those with a label file now, those still without one)."""
+    later = st["labeled"][len(train_ids):]
+    return [c for c in later if cases.get(c, {}).get("label")], [c for c in later if not cases.get(c, {}).get("label")]
+
+
 def export_run(run_dir: str | Path, cases: dict | list, states: dict, split: dict, labels: dict, dataset_id: int,
                name: str, out_root: str | Path | None = None, strategy: str | None = None,
                seed: int | str | None = None, iteration: int | None = None, overwrite: bool = False,
                log=print) -> Path:
-    """Export the training set of one (strategy, seed, iteration) of the run in run_dir, with the run's
-    validation cases (split.json "val") as fold 0's validation split. Returns the dataset folder."""
+    """Export one (strategy, seed) of the run in run_dir with the run's validation cases (split.json "val") as
+    fold 0's validation split. By default the training cases are every labeled case of the run: the training
+    set of its last finished iteration and the cases acquired after it that have a label file now (annotation
+    mode's last round); with `iteration`, the training set of that iteration. Returns the dataset folder."""
+    cases = {c["id"]: c for c in cases} if isinstance(cases, list) else cases
     strategy, seed, j, train_ids = selection(states, strategy, seed, iteration)
-    outside = [c for c in train_ids if c not in split["pool"]]
+    later, waiting = labeled_after(states[str(seed)][strategy], train_ids, cases) if iteration is None else ([], [])
+    outside = [c for c in train_ids + later if c not in split["pool"]]
     if outside:
         raise ValueError(f"{Path(run_dir) / 'split.json'}: cases {outside} of the run state are not in its pool; "
                          "the state and split.json are from different runs")
     provenance = {"run": str(Path(run_dir).resolve()), "strategy": strategy, "seed": seed, "iteration": j}
-    folder = export_dataset(cases, train_ids, list(split["val"]), labels, dataset_id, name, out_root,
+    if iteration is None:
+        provenance["labeled_after_iteration"] = later
+    folder = export_dataset(cases, train_ids + later, list(split["val"]), labels, dataset_id, name, out_root,
                             overwrite, provenance)
+    what = f"iteration {j}" if iteration is not None else \
+        f"every labeled case: the {len(train_ids)} of iteration {j} and {len(later)} labeled after it"
+    log(f"{folder}: {len(train_ids) + len(later)} training + {len(split['val'])} validation cases "
+        f"({strategy}, seed {seed}, {what})")
+    state_file = Path(run_dir) / "state" / f"seed{seed}_{strategy}.json"
+    log(f"training cases: {', '.join(train_ids)} (trained on at iteration {j}, {state_file})"
+        + (f"; {', '.join(later)} (acquired after iteration {j}, labels from "
+           f"{', '.join(sorted({str(Path(cases[c]['label']).parent) for c in later}))})" if later else ""))
+    if waiting:
+        log(f"not exported: {', '.join(waiting)} (acquired after iteration {j}, no label file yet: "
+            f"{_few_paths(cases, waiting)}); label them and export again")
     number = int(dataset_id)
-    log(f"{folder}: {len(train_ids)} training + {len(split['val'])} validation cases "
-        f"({strategy}, seed {seed}, iteration {j})")
     splits = preprocessed_splits_path(folder.name)
     log(f"splits_final.json (fold 0 = the run's split): {splits}" if splits else
         f"splits_final.json is in {folder}; nnUNetv2_plan_and_preprocess copies it to "
@@ -220,3 +242,9 @@ def export_run(run_dir: str | Path, cases: dict | list, states: dict, split: dic
     log(f"next: nnUNetv2_plan_and_preprocess -d {number} --verify_dataset_integrity && "
         f"nnUNetv2_train {number} 3d_fullres 0")
     return folder
+
+
+def _few_paths(cases, ids, n=3):
+    """Where the first n of `ids` get their labels (label_to), for messages."""
+    paths = [cases[c].get("label_to") or c for c in ids if c in cases]
+    return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")

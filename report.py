@@ -226,7 +226,9 @@ def wilcoxon_table(matrix):
 
 def plot_curves(out, rows):
     """Dice against percent labeled: solid supervised, dashed semi-supervised (the paper's Fig. 2); the all-data
-    reference as a dotted horizontal line."""
+    reference as a dotted horizontal line. No rows (no finished iteration): no plot."""
+    if not rows:
+        return
     try:
         import matplotlib
         matplotlib.use("Agg")

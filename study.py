@@ -632,7 +632,7 @@ def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
             with run_folder(cfg.out):
                 world.set("out", cfg.out)
                 return _run(cfg, world, plan, run_unit, rebuild_state, default_strategy)
-        world.wait(lambda: world.store.check(["out"]), "rank 0 to lock the run folder", print)
+        world.wait(lambda: world.ask("check", ["out"]), "rank 0 to lock the run folder", print)
         cfg.out = world.get("out")
         return _run(cfg, world, plan, run_unit, rebuild_state, default_strategy)
     except NeedLabels as stop:
@@ -740,5 +740,10 @@ def export_nnunet(cfg, actions):
 def report_only(cfg):
     """--report: the reports of --out from its state files so far, without touching a running study."""
     root, split = saved_run(cfg)
-    print(write_reports(Path(cfg.out), read_states(cfg.out), data.read_task_info(root), len(split["pool"])))
+    states = read_states(cfg.out)
+    if not any(st["iterations"] for by_s in states.values() for st in by_s.values()):
+        print(f"{cfg.out}: no iteration has finished yet ({sum(map(len, states.values()))} (seed, strategy) runs "
+              "started), so there is nothing to report; the study writes its reports after each iteration")
+        return 0
+    print(write_reports(Path(cfg.out), states, data.read_task_info(root), len(split["pool"])))
     return 0

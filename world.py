@@ -7,6 +7,7 @@
 The workers share --out on a shared file system and coordinate only through the group's key-value store:
 an atomic counter hands out the units of work in a fixed order, and a "failed" key stops everyone when a
 worker fails. Which worker runs a unit never changes its result (every unit seeds its own randomness).
+When the store itself goes (torchrun's agent killed), each worker stops with one line and exit status 1.
 """
 import os
 import sys
@@ -17,6 +18,11 @@ import torch
 import torch.distributed as dist
 
 
+class StoreGone(SystemExit):
+    """The group's store stopped answering: its host (torchrun's agent, or rank 0 without torchrun) is gone, and
+    with it the group. A SystemExit: Python prints the one-line message, no traceback, and exits with status 1."""
+
+
 class World:
     """This process's place in the group: rank, size, device index, and the shared queue."""
 
@@ -25,11 +31,13 @@ class World:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.counters = {}                   # a world of one counts here
-        self.store = None
+        self.store, self.store_gone = None, False
+        # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE) and is this process's parent; without
+        # torchrun, rank 0 hosts it.
+        self.agent = os.getppid() if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None
         if self.size > 1:
-            # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); without torchrun, rank 0 does.
             # Keys carry the restart count: a restarted group starts a fresh queue (finished units are on disk).
-            host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and self.rank == 0
+            host = self.agent is None and self.rank == 0
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.size, host,
                                   timeout=timedelta(hours=2))
             self.store = dist.PrefixStore(f"proxy-al/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
@@ -42,12 +50,31 @@ class World:
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return name
 
+    def ask(self, method, *args):
+        """self.store.<method>(*args), or StoreGone (one line, no traceback) when the store's host is gone: an agent
+        that is no longer this process's parent (asked first: a call to a store that is gone makes torch print a
+        C++ stack dump), or a lost connection (a broken pipe, a closed socket)."""
+        if self.agent is not None and os.getppid() != self.agent:
+            self.gone("its process ended")
+        try:
+            return getattr(self.store, method)(*args)
+        except dist.DistNetworkError as err:
+            self.gone(str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+    def gone(self, reason):
+        """Stop this rank: the group's store is gone, and the group with it."""
+        self.store_gone = True
+        host = "the group's launcher (torchrun), which holds its store," if self.agent is not None else \
+            "rank 0, which holds the group's store,"
+        raise StoreGone(f"rank {self.rank} stops: {host} is gone ({reason}). Rerun the same command: it continues "
+                        "from the saved stages")
+
     def add(self, key, amount=1):
         """Atomically add to a counter shared by the group; returns the new value."""
         if self.store is None:
             self.counters[key] = self.counters.get(key, 0) + amount
             return self.counters[key]
-        return self.store.add(key, amount)
+        return self.ask("add", key, amount)
 
     def claim(self):
         """The index of the next unit of work: each index goes to exactly one rank."""
@@ -55,20 +82,20 @@ class World:
 
     def set(self, key, value):
         if self.store is not None:
-            self.store.set(key, value)
+            self.ask("set", key, value)
 
     def get(self, key):
         """The value another rank set (waits for it)."""
-        return self.store.get(key).decode()
+        return self.ask("get", key).decode()
 
     def fail(self, message):
-        """Tell every rank to stop (the first failure wins)."""
-        if self.store is not None:
-            self.store.compare_set("failed", "", message)
+        """Tell every rank to stop (the first failure wins); nothing to tell once the store is gone."""
+        if self.store is not None and not self.store_gone:
+            self.ask("compare_set", "failed", "", message)
 
     def check(self):
         """Stop this rank if another one failed."""
-        if self.store is not None and self.store.check(["failed"]):
+        if self.store is not None and self.ask("check", ["failed"]):
             raise SystemExit(f"rank {self.rank} stops: {self.get('failed')}")
 
     def wait(self, ready, what, log, every_s=60.0):
@@ -89,6 +116,8 @@ class World:
             kind, seed, what = units[i]
             try:
                 run_unit(kind, seed, what)
+            except StoreGone:
+                raise                           # not the unit's fault, and no one left to tell
             except BaseException as err:
                 message = f"rank {self.rank} failed in unit {kind} seed {seed} {what or ''}: {err!r}"[:2000]
                 if self.size > 1:
@@ -97,5 +126,5 @@ class World:
                 raise
 
     def close(self):
-        if self.store is not None and dist.is_initialized():
+        if self.store is not None and not self.store_gone and dist.is_initialized():
             dist.destroy_process_group()

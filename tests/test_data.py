@@ -65,6 +65,20 @@ def test_read_msd_without_json_pairs_by_name_and_skips_appledouble(tmp_path):
     assert [c["label"] is not None for c in cases] == [False, True, False, False]
 
 
+def test_two_label_files_for_one_case_are_refused_naming_both(tmp_path):
+    """A case with a label under both accepted names (labelsTr/<case> and labelsTr/<case>_0000) is refused with
+    a message naming the two files, instead of one of them being picked silently."""
+    rng = np.random.default_rng(0)
+    for name in ("ph1", "ph2"):
+        save(tmp_path / "imagesTr" / f"{name}_0000.nii.gz", rng.integers(-200, 300, (6, 5, 4)).astype(np.int16))
+    save(tmp_path / "labelsTr" / "ph1.nii.gz", np.ones((6, 5, 4), np.uint8))
+    assert data.read_msd(tmp_path)[0]["label"] == str(tmp_path / "labelsTr" / "ph1.nii.gz")
+    shutil.copy(tmp_path / "labelsTr" / "ph1.nii.gz", tmp_path / "labelsTr" / "ph1_0000.nii.gz")   # saved again
+    with pytest.raises(ValueError, match=r"labelsTr/ph1.nii.gz and .*labelsTr/ph1_0000.nii.gz are both labels of "
+                                         r"case ph1 .*keep one"):
+        data.read_msd(tmp_path)
+
+
 def test_read_msd_listed_image_missing_names_the_file(tmp_path):
     make_msd(tmp_path, ["a_1", "ghost_7"])
     os.remove(tmp_path / "imagesTr" / "ghost_7.nii.gz")
@@ -309,6 +323,55 @@ def test_cache_rebuilds_corrupt_entry(one_case, tmp_path, count_reads, damage):
     with pytest.warns(UserWarning, match="rebuilding"):
         image2, _ = data.cached_case(one_case, tmp_path / "cache", with_label=False)
     assert count_reads == [one_case["image"]] and np.array_equal(image2, expected)
+
+
+def damage_voxels(entry, value):
+    """Overwrite every voxel of a .npy cache entry in place with `value`, its header left intact (a bad disk
+    block or a botched copy)."""
+    with open(entry, "r+b") as f:
+        np.lib.format.read_magic(f)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        f.write(np.full(shape, value, dtype).tobytes())
+
+
+def test_cache_entry_with_garbage_voxels_is_detected_and_rebuilt(one_case, tmp_path, count_reads, monkeypatch):
+    """A cache entry whose header is intact but whose voxels are garbage is not trusted: a warning names the
+    entry and it is rebuilt from the image file; so is an entry whose checksum file is missing."""
+    image, _ = data.cached_case(one_case, tmp_path / "cache", with_label=False)
+    expected = np.array(image)
+    del image
+    entry = next((tmp_path / "cache").glob("*image*.npy"))
+    damage_voxels(entry, 1000)
+    assert np.all(np.load(entry) == 1000)                       # the damage is there, the header still reads
+    monkeypatch.setattr(data, "_VERIFIED", set(), raising=False)               # a later process: no entry checked yet
+    count_reads.clear()
+    with pytest.warns(UserWarning, match=f"{entry.name}: cache entry is damaged.*rebuilding"):
+        image, _ = data.cached_case(one_case, tmp_path / "cache", with_label=False)
+    assert count_reads == [one_case["image"]] and np.array_equal(image, expected)
+    del image
+    entry.with_name(entry.name + ".crc32").unlink()            # a cache folder tidied by hand
+    monkeypatch.setattr(data, "_VERIFIED", set(), raising=False)
+    with pytest.warns(UserWarning, match=f"{entry.name}: cache entry is damaged"):
+        image, _ = data.cached_case(one_case, tmp_path / "cache", with_label=False)
+    assert np.array_equal(image, expected)
+    count_reads.clear()
+    monkeypatch.setattr(data, "_VERIFIED", set(), raising=False)
+    data.cached_case(one_case, tmp_path / "cache", with_label=False)        # intact again: a plain hit
+    assert count_reads == []
+
+
+def test_damaged_label_cache_entry_does_not_blame_the_label_file(one_case, tmp_path, monkeypatch):
+    """Garbage voxels in a label's cache entry (255 everywhere) warn naming the entry and rebuild it, instead
+    of calling the user's correct label file wrong."""
+    _, label = data.cached_case(one_case, tmp_path / "cache", num_classes=2)
+    expected = np.array(label)
+    del label
+    entry = next((tmp_path / "cache").glob("*label*.npy"))
+    damage_voxels(entry, 255)
+    monkeypatch.setattr(data, "_VERIFIED", set(), raising=False)               # a later process
+    with pytest.warns(UserWarning, match=f"{entry.name}: cache entry is damaged"):
+        _, label = data.cached_case(one_case, tmp_path / "cache", num_classes=2)
+    assert np.array_equal(label, expected)
 
 
 def test_cache_without_label_never_opens_the_label(one_case, tmp_path, monkeypatch):

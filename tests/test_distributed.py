@@ -1,6 +1,8 @@
 """A study on several ranks (torchrun, gloo on the CPU) gives the results of one rank; the shared queue hands
 each unit to exactly one rank; a killed worker is restarted and the study ends as an uninterrupted one would;
-a failing rank stops the others with a message naming it and its unit. Tiny phantoms, seconds each."""
+a failing rank stops the others with a message naming it and its unit; a killed torchrun stops its workers
+with one line each. Tiny phantoms, seconds each."""
+import ctypes
 import os
 import re
 import signal
@@ -145,6 +147,55 @@ def test_killed_worker_is_restarted_and_the_study_ends_the_same(phantom, one_ran
     assert re.search(rf"failed \(exitcode: -9\) local_rank: \d \(pid: {workers[-1]}\)", log), log[-3000:]
     assert log.count("Phantom: 8 pool") == 4, log[-3000:]          # each rank starts twice
     assert proc.returncode == 0, log[-3000:]
+    same_results(results(out), results(one_rank))
+    assert (out / "results.csv").read_text() == (one_rank / "results.csv").read_text()
+
+
+def adopt_orphans(on):
+    """Make this process the one that inherits its descendants' orphans (Linux prctl PR_SET_CHILD_SUBREAPER), so
+    that it can wait for torchrun's workers and read their exit status once torchrun is gone."""
+    if ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0) != 0:
+        pytest.skip(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}")
+
+
+def test_killed_torchrun_stops_its_workers_with_one_line_and_the_rerun_continues(phantom, one_rank, tmp_path):
+    """SIGKILL of the torchrun agent (which holds the group's store): each worker stops with one line saying
+    the launcher is gone and that a rerun continues, exit status 1, no traceback or C++ stack dump; the rerun
+    of the same command ends as an uninterrupted study."""
+    out = tmp_path / "run"
+    adopt_orphans(True)
+    try:
+        proc = torchrun(tiny.args(phantom, out, *STUDY))
+        safety = threading.Timer(SAFETY_S, os.killpg, (proc.pid, signal.SIGKILL))    # only against a hang
+        safety.start()
+        log = ""
+        try:
+            while (line := proc.stdout.readline()) and not re.search(r"iteration 1/2: \d+ labeled", line):
+                log += line
+            assert line, "torchrun ended before any state file was written:\n" + log[-3000:]
+            workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                      text=True).stdout.split()]
+            assert len(workers) == 2, f"torchrun's workers: {workers}"
+            at_kill = results(out)
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait() == -signal.SIGKILL                       # the agent is gone, its workers orphaned
+            safety.cancel()
+            safety = threading.Timer(SAFETY_S, lambda: [os.kill(w, signal.SIGKILL) for w in workers])
+            safety.start()
+            log = proc.stdout.read()                                   # to EOF: every worker has exited
+            status = [os.waitstatus_to_exitcode(os.waitpid(w, 0)[1]) for w in workers]
+        finally:
+            safety.cancel()
+    finally:
+        adopt_orphans(False)
+    assert sum(len(dice) for _, dice in at_kill.values()) < 6 * 2    # the kill struck before the study ended
+    assert status == [1, 1], log[-3000:]
+    stops = [line for line in log.splitlines() if "stops: the group's launcher (torchrun)" in line]
+    assert len(stops) == 2 and all("is gone" in s and "Rerun the same command" in s for s in stops), log[-3000:]
+    assert "Traceback" not in log and "DistNetworkError" not in log and "frame #" not in log, log[-3000:]
+    rerun = torchrun(tiny.args(phantom, out, *STUDY))
+    log = finish(rerun)
+    assert rerun.returncode == 0, log[-3000:]
     same_results(results(out), results(one_rank))
     assert (out / "results.csv").read_text() == (one_rank / "results.csv").read_text()
 

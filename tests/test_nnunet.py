@@ -1,10 +1,13 @@
 """Tests for nnU-Net v2 interchange: data.read_msd on nnU-Net raw folders and nnunet.py's export, on a tiny
 phantom. The last two tests run nnU-Net's own dataset checker and MSD converter when nnunetv2 is installed."""
+import csv
+import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -12,8 +15,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import al_loop  # noqa: E402
 import data  # noqa: E402
 import nnunet  # noqa: E402
+import tiny  # noqa: E402
 from phantom import make_phantom_dataset  # noqa: E402
 
 NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -116,6 +121,28 @@ def test_label_pairing_with_no_image_is_warned(msd, tmp_path):
     shutil.copy(raw / "labelsTr" / "phantom_0.nii.gz", raw / "labelsTr" / "phantom_0_0000.nii.gz")
     with pytest.warns(UserWarning, match="phantom_0_0000.nii.gz"):
         data.read_msd(raw)
+
+
+def test_label_with_the_wrong_ending_is_told_the_file_ending_and_the_name_expected(msd, tmp_path):
+    """A label saved as .nii.gz in an nnU-Net folder whose file_ending is .nii is warned about naming
+    'file_ending' and the name expected (labelsTr/<case>.nii); doing what the warning says pairs it."""
+    root = nnunet_copy(msd, tmp_path / "raw", labelled={"phantom_0", "phantom_1"}, file_ending=".nii")
+    for folder in ("imagesTr", "labelsTr"):     # the folder as file_ending .nii has it: uncompressed files
+        for f in list((root / folder).iterdir()):
+            f.with_suffix("").write_bytes(gzip.decompress(f.read_bytes()))
+            f.unlink()
+    assert data.read_msd(root)[0]["label"] == str(root / "labelsTr" / "phantom_0.nii")
+    saved = root / "labelsTr" / "phantom_2.nii.gz"          # the annotator's tool saves .nii.gz
+    shutil.copy(msd / "labelsTr" / "phantom_2.nii.gz", saved)
+    with pytest.warns(UserWarning, match=r"phantom_2.nii.gz.*'file_ending' '.nii'.*"
+                                         r"labelsTr/phantom_2.nii.gz -> labelsTr/phantom_2.nii \(gunzip it"):
+        cases = data.read_msd(root)
+    assert cases[2]["label"] is None
+    (root / "labelsTr" / "phantom_2.nii").write_bytes(gzip.decompress(saved.read_bytes()))    # as told
+    saved.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.read_msd(root)[2]["label"] == str(root / "labelsTr" / "phantom_2.nii")
 
 
 def test_labels_of_which_none_pairs_are_an_error(msd, tmp_path):
@@ -251,11 +278,49 @@ def test_export_run_uses_the_env_folders_and_prints_the_next_commands(msd, tmp_p
     assert json.loads((folder / "dataset.json").read_text())["proxy_al"] == {
         "run": str((tmp_path / "run").resolve()), "strategy": "proxyrank", "seed": 0, "iteration": 1}
     assert "2 training + 2 validation cases (proxyrank, seed 0, iteration 1)" in lines[0]
-    assert str(tmp_path / "pre" / "Dataset502_Phantom" / "splits_final.json") in lines[1]
-    assert lines[2].endswith("nnUNetv2_train 502 3d_fullres 0")
+    assert lines[1].startswith("training cases: phantom_4, phantom_0 (trained on at iteration 1")
+    assert str(tmp_path / "pre" / "Dataset502_Phantom" / "splits_final.json") in lines[-2]
+    assert lines[-1].endswith("nnUNetv2_train 502 3d_fullres 0")
     with pytest.raises(ValueError, match=r"split.json: cases \['phantom_4'\] of the run state are not in its pool"):
         nnunet.export_run(tmp_path / "run", data.read_msd(msd), states, {"pool": ["phantom_0"], "val": []},
                           {0: "background", 1: "liver"}, 503, "P", iteration=1, log=lines.append)
+
+
+def test_export_after_an_annotation_run_includes_the_last_rounds_labels(phantom, tmp_path, capsys):
+    """After an annotation run has ended and the user has labeled what its last round asked for, the default
+    export holds every labeled case (those cases too) and says which cases and from where; --iteration N
+    still gives the training set of iteration N."""
+    root, out = tmp_path / "mine", tmp_path / "run"
+    shutil.copytree(phantom, root)
+    answers = tmp_path / "answers"                          # what the annotator will draw
+    shutil.copytree(root / "labelsTr", answers)
+    info = json.loads((root / "dataset.json").read_text())
+    for entry in info["training"]:                          # labels for 4 of the 10 scans; the rest unlabeled
+        if not entry["label"].endswith(("_0.nii.gz", "_1.nii.gz", "_2.nii.gz", "_3.nii.gz")):
+            (root / entry.pop("label")).unlink()
+    (root / "dataset.json").write_text(json.dumps(info))
+    args = tiny.args(root, out, "--strategy", "rand", "--k", "1")
+    for _ in range(5):                                      # rounds: run, label what it asks for, rerun
+        assert al_loop.main(args) == 0
+        if "need labels" not in capsys.readouterr().out:
+            break
+        with open(out / "to_annotate.csv") as f:
+            for row in csv.DictReader(f):
+                shutil.copy(answers / Path(row["save_label_as"]).name, row["save_label_as"])
+    st = json.loads((out / "state" / "seed0_rand.json").read_text())
+    last = st["iterations"][-1]
+    assert len(st["iterations"]) == 2 and last["acquired"] and last["n_labeled"] == len(st["labeled"]) - 1
+    assert all(Path(root / "labelsTr" / f"{c}.nii.gz").is_file() for c in st["labeled"])   # all labeled now
+    export = ["--out", str(out), "--export-to", str(tmp_path / "raw"), "--export-nnunet"]
+    assert al_loop.main(export + ["501"]) == 0
+    printed = capsys.readouterr().out
+    splits = json.loads((tmp_path / "raw" / "Dataset501_Phantom" / "splits_final.json").read_text())
+    assert splits[0]["train"] == st["labeled"]              # the last round's case included
+    assert f"{last['acquired'][0]} (acquired after iteration 2, labels from {root / 'labelsTr'})" in printed
+    assert "training cases: " + ", ".join(st["labeled"][:-1]) + " (trained on at iteration 2" in printed
+    assert al_loop.main(export + ["502", "--iteration", "2"]) == 0
+    splits = json.loads((tmp_path / "raw" / "Dataset502_Phantom" / "splits_final.json").read_text())
+    assert splits[0]["train"] == st["labeled"][:last["n_labeled"]]
 
 
 # ---------------------------------------------------------------------------------------------- nnU-Net itself

@@ -1,10 +1,13 @@
-"""The results files, made from a hand-written state."""
+"""The results files, made from a hand-written state; --report on a run folder."""
 import csv
 import json
+import warnings
 
 import numpy as np
 import pytest
 
+import al_loop
+import tiny
 from report import wilcoxon_matrix, wilcoxon_table, write_reports
 
 TASK = {"name": "Phantom", "labels": {0: "background", 1: "liver", 2: "tumour"}, "num_classes": 3}
@@ -138,3 +141,28 @@ def test_band_that_misses_the_organ_suggests_a_band_from_the_labels_own_hu(tmp_p
         pseudo_label_report(tmp_path, rows, "100,150", (1, 1, 1), labeled_hu)
     pseudo_label_report(tmp_path, [("a", 10, 0.9)], "auto", (1, 1, 1), labeled_hu)        # a good band: no HU read
     assert asked == [1, 1]
+
+
+def test_report_before_any_finished_iteration_says_so(phantom, tmp_path, monkeypatch, capsys):
+    """--report on a run stopped (Ctrl-C) during its first training says that no iteration has finished yet,
+    instead of printing an empty table; it writes no plot and raises no warning (matplotlib's empty legend)."""
+    out = tmp_path / "run"
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(al_loop, "supervised", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        al_loop.main(tiny.args(phantom, out, "--strategy", "rand"))
+    state = json.loads((out / "state" / "seed0_rand.json").read_text())
+    assert len(state["labeled"]) == tiny.K and state["iterations"] == []       # selected, not yet trained
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert al_loop.main(["--out", str(out), "--report"]) == 0
+    printed = capsys.readouterr().out
+    assert "no iteration has finished yet" in printed and "| strategy |" not in printed
+    assert not (out / "dice_curve.png").exists() and not (out / "summary.md").exists()
+    with warnings.catch_warnings():                     # the writer itself, given no finished iteration
+        warnings.simplefilter("error")
+        write_reports(tmp_path, {"0": {"rand": state}}, TASK, n_pool=8)
+    assert not (tmp_path / "dice_curve.png").exists()
