@@ -652,8 +652,8 @@ def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
                              f"finished stage is kept and nothing was corrupted") from None
         raise
     finally:
-        if existed is not None and not (Path(cfg.out) / "config.json").exists():  # refused before it began:
-            for name in (".lock", MARKER):                                              # leave no trace
+        if existed is not None and Path(cfg.out).is_dir() and not (Path(cfg.out) / "config.json").exists():  # refused:
+            for name in (".lock", MARKER):                                              # no trace
                 (Path(cfg.out) / name).unlink(missing_ok=True)
             if not existed:
                 with suppress(OSError):
@@ -663,8 +663,9 @@ def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
         world.close()
 
 
-class Terminated(Exception):
-    """SIGTERM arrived."""
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, as KeyboardInterrupt: a handler of a file's errors (`except Exception`)
+    must not take it for a damaged file when it lands during a read."""
 
 
 def _terminated(signum, frame):

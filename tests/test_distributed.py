@@ -203,6 +203,7 @@ def test_killed_torchrun_stops_its_workers_with_one_line_and_the_rerun_continues
 def test_a_failing_rank_stops_the_others_naming_rank_and_unit(phantom, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
+    (out / study.MARKER).touch()                                       # a run folder of the project's own
     (out / "scores").write_text("a file where the pool's score folders go")   # every score unit fails to write
     proc = torchrun(tiny.args(phantom, out, *STUDY))
     log = finish(proc)                          # every rank stops: torchrun exits (no rank waits on the others)

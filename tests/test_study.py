@@ -185,3 +185,13 @@ def test_removed_scan_never_selected_is_left_out_and_a_selected_one_is_named(pha
     with pytest.raises(SystemExit, match=rf"the image\(s\) of {picked} are gone since this run began, but the run "
                                          r"validates on them or has selected them .* put the files back"):
         al_loop.main(args + ["--iterations", "3"])
+
+
+def test_sigterm_during_a_file_read_is_not_taken_for_a_damaged_file(phantom, monkeypatch):
+    """SIGTERM lands where it lands: inside a NIfTI read (whose handler turns a damaged file's errors into a
+    message), its exception still stops the run as SIGTERM, not as 'not a readable NIfTI file'."""
+    def terminated(*args, **kwargs):
+        study._terminated(15, None)
+    monkeypatch.setattr(nib, "load", terminated)
+    with pytest.raises(study.Terminated):
+        data._open_nifti(data.read_msd(phantom)[0]["image"])
