@@ -22,6 +22,7 @@ import cli
 import study as runs          # (a study is the local name of one run: study.Study)
 from annotate import require_labels, save_maps
 from cli import LO_HI, SIDES, at_least, one_of, opt, within
+from files import ProxyAlError
 from losses import dice_per_class
 from proxy_al import evaluate, mc_scores, noisy_label, pseudo_label, semi_loss, sliding_window_predict
 from report import nanmean, pseudo_label_report
@@ -369,11 +370,14 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg, actions = parse_args(argv)
     cli.check_options(cfg)                   # every check before the long work
-    if actions.report:
-        return runs.report_only(cfg)
-    if actions.export_nnunet is not None:
-        return runs.export_nnunet(cfg, actions)
-    return runs.run(cfg, plan, run_unit, actions.rebuild_state, actions.default_strategy)
+    try:
+        if actions.report:
+            return runs.report_only(cfg)
+        if actions.export_nnunet is not None:
+            return runs.export_nnunet(cfg, actions)
+        return runs.run(cfg, plan, run_unit, actions.rebuild_state, actions.default_strategy)
+    except ProxyAlError as err:              # a problem the user can fix: its one-line message, exit status 1
+        raise SystemExit(str(err)) from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Data for proxy-ranked active learning on 3D CT, top to bottom: 1. atomic file writes, 2. the data folder
-(Medical Segmentation Decathlon, nnU-Net v2 raw, or paired by file name), 3. NIfTI reading in RAS (nibabel
-only there and in write_nifti), 4. resampling and HU windowing (pure numpy), 5. the memory-mapped
-preprocessed cache, 6. patches (the paper's 1:1 draw) and intensity augmentation, 7. the pool / validation split.
+"""Data for proxy-ranked active learning on 3D CT, top to bottom: 2. the data folder (Medical Segmentation
+Decathlon, nnU-Net v2 raw, or paired by file name), 3. NIfTI reading in RAS (nibabel only there and in
+write_nifti), 4. resampling and HU windowing (pure numpy), 5. the memory-mapped preprocessed cache, 6. patches
+(the paper's 1:1 draw) and intensity augmentation, 7. the pool / validation split. (1, atomic writes: files.py.)
 
 Arrays are (X, Y, Z) in RAS order: index X grows toward the patient's Right, Y toward Anterior, Z toward Superior.
 """
@@ -10,13 +10,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from files import atomic_save_npy, atomic_write_bytes, atomic_write_json
 
 # Paper settings: clip HU to these windows, then scale to [0, 1].
 TASK_WINDOWS_HU = {"Task03_Liver": (-21, 189), "Task08_HepaticVessel": (-3, 243)}
@@ -27,51 +28,6 @@ PAPER_N_VAL = {"Task03_Liver": 26, "Task08_HepaticVessel": 61}
 # Names a task may go by: MSD folder name, or the "name" field of its dataset.json.
 _TASK_ALIASES = {"Task03_Liver": ("task03", "liver"), "Task08_HepaticVessel": ("task08", "hepaticvessel")}
 CACHE_VERSION = 2  # bump when the cached arrays change meaning; old entries then miss and are rebuilt
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 1. Atomic writes: every file this project writes goes through atomic_write, so a reader (or a rerun after a
-# kill or a full disk) sees the old file or the new one, never half of one.
-
-
-TMP_SUFFIX = ".proxy-al.tmp"    # atomic_write's temporary files: .<name>.<8 random characters>.proxy-al.tmp
-OWN_TMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX))
-
-
-def atomic_write(path, write_fn) -> Path:
-    """Call write_fn(f) on an open binary file next to `path`, flush it to disk, then move it onto `path`
-    in one step. The temporary file's name matches OWN_TMP, so a rerun deletes only its own. Returns the Path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; others sharing a data or cache folder must read them
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` atomically. Returns the Path."""
-    return atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_json(path, obj) -> Path:
-    """Write `obj` as indented JSON to `path` atomically. Returns the Path."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
-
-
-def atomic_save_npy(path, array: np.ndarray) -> Path:
-    """Save `array` as .npy to `path` atomically. Returns the Path."""
-    return atomic_write(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
-
 
 
 def write_nifti(path, array: np.ndarray, affine: np.ndarray) -> Path:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from data import atomic_write_json
+from files import atomic_write_json
 
 # nnU-Net's raw layout: one input channel as <case>_0000<ending>, the label as <case><ending>.
 FILE_ENDING = ".nii.gz"

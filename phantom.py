@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from data import atomic_write_json, write_nifti
+from data import write_nifti
+from files import atomic_write_json
 
 PHANTOM_VERSION = 3  # bump when the generator changes; existing phantom folders are then rewritten
 

@@ -11,14 +11,14 @@ import warnings
 
 import numpy as np
 
-import data
+import files
 import strategies
 
 
 def write_csv(path, header, rows):
     text = io.StringIO()
     csv.writer(text).writerows([header] + [list(r) for r in rows])
-    data.atomic_write_bytes(path, text.getvalue().encode())
+    files.atomic_write_bytes(path, text.getvalue().encode())
 
 
 BAND_MISSES = 0.1  # a median pseudo-label Dice below this: the band finds something else than the labeled organ
@@ -118,7 +118,7 @@ def write_reports(out, state, task, n_pool, left_out=None):
     if left_out:
         summary += (f"\n## {len(left_out)} case(s) left out: their files could not be read\n\n"
                     + "".join(f"- {c}: {why}\n" for c, why in sorted(left_out.items())))
-    data.atomic_write_bytes(out / "summary.md", summary.encode())
+    files.atomic_write_bytes(out / "summary.md", summary.encode())
     plot_curves(out, rows)
     return summary
 
@@ -249,5 +249,5 @@ def plot_curves(out, rows):
     ax.set(xlabel="% of pool labeled", ylabel="validation mean Dice")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    data.atomic_write(out / "dice_curve.png", lambda f: fig.savefig(f, format="png"))
+    files.atomic_write(out / "dice_curve.png", lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

@@ -39,7 +39,7 @@ class Strategy:
     @property
     def measure(self):
         """The MC score it ranks by where it needs an uncertainty (lines 3-4 and 9): its own, else variance."""
-        return self.acquisition if self.acquisition in ("entropy", "bald") else "variance"
+        return self.acquisition if self.acquisition in MC_MEASURES else "variance"
 
     @property
     def uses_mc(self):

@@ -2,7 +2,7 @@
 files and checkpoints, the data checks before any training, and the queue of units on one or many ranks.
 
 Everything a rerun with the same --out needs to continue is on disk: state/ (a file per seed and strategy),
-scores/, split.json and checkpoints/. A mistake a user can make ends in SystemExit with a message naming the
+scores/, split.json and checkpoints/. A mistake a user can make ends in ProxyAlError with a message naming the
 option or file and what to do, never in a traceback.
 """
 import dataclasses
@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 import data
+import files
 import strategies
+from files import ProxyAlError, read_json
 from phantom import make_phantom_dataset
 from report import write_reports
 from train import Progress, fmt_s, pick_device
@@ -64,10 +66,10 @@ def resolve_data(cfg):
         try:
             return data.nnunet_raw_path(cfg.data)
         except (OSError, ValueError) as err:
-            raise SystemExit(f"--data {err}") from None
+            raise ProxyAlError(f"--data {err}") from None
     path = root / MSD_TASKS[cfg.data] if cfg.data in MSD_TASKS else Path(cfg.data)
     if not path.is_dir():
-        raise SystemExit(f"--data {cfg.data}: no folder at {path.resolve()}. Download the task from "
+        raise ProxyAlError(f"--data {cfg.data}: no folder at {path.resolve()}. Download the task from "
                          f"http://medicaldecathlon.com (e.g. Task03_Liver.tar), unpack it under {root.resolve()} "
                          f"(or set --data-root / MSD_DATA_ROOT), or pass the task folder itself.")
     return path
@@ -94,10 +96,10 @@ def is_run_folder(out):
 def check_own_folder(out):
     """A run writes only into a new or empty folder, or into a run folder of its own: never into a user's."""
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"--out {out}: is a file; give a folder for the run")
+        raise ProxyAlError(f"--out {out}: is a file; give a folder for the run")
     others = sorted(p.name for p in out.iterdir() if p.name not in (".lock", MARKER)) if out.is_dir() else []
     if others and not is_run_folder(out):
-        raise SystemExit(f"--out {out}: holds {len(others)} file(s) or folder(s) ({data._few(others)}) and is no "
+        raise ProxyAlError(f"--out {out}: holds {len(others)} file(s) or folder(s) ({data._few(others)}) and is no "
                          f"proxy-al run folder (it has no {MARKER} and no config.json of a run); a run writes only "
                          f"into a new or empty folder, or its own run folder. Choose a new --out, e.g. {out / 'run'}")
 
@@ -107,7 +109,7 @@ def run_folder(out):
     """Make the run folder (or take an empty one, or one this project made) and hold an exclusive lock on
     out/.lock while the block runs (the OS drops it when the process dies, even by SIGKILL): a second process
     on the same folder stops at once, naming the holder's pid. The temporary files an interrupted run left
-    behind (named as data.atomic_write names them, nothing else) are deleted. Yields the folder's Path."""
+    behind (named as files.atomic_write names them, nothing else) are deleted. Yields the folder's Path."""
     out = Path(out)
     check_own_folder(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,33 +119,19 @@ def run_folder(out):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 f.seek(0)
-                raise SystemExit(f"{out}: run folder in use by another proxy-al process (pid "
+                raise ProxyAlError(f"{out}: run folder in use by another proxy-al process (pid "
                                  f"{f.read().strip() or 'unknown'}); wait for it to end, or choose another --out") from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
         (out / MARKER).touch()
-        leftovers = [p for p in out.rglob("*") if data.OWN_TMP.fullmatch(p.name) and p.is_file()]
+        leftovers = [p for p in out.rglob("*") if files.OWN_TMP.fullmatch(p.name) and p.is_file()]
         for p in leftovers:
             p.unlink(missing_ok=True)
         if leftovers:
             warnings.warn(f"{out}: removed {len(leftovers)} temporary file(s) left by an interrupted run")
         yield out
-
-
-def read_json(path, problem_of, fix):
-    """A run file's JSON, or SystemExit naming the file, what is wrong (not JSON, or problem_of(obj)) and the fix."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-        problem = problem_of(obj)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        problem = f"not valid JSON ({e})"
-    except OSError as e:
-        problem = f"cannot be read ({e.strerror})"
-    if problem:
-        raise SystemExit(f"{path}: {problem}; {fix}")
-    return obj
 
 
 def state_problem(st):
@@ -184,7 +172,7 @@ def read_states(out, rebuild=False):
         seed, strategy = path.stem[4:].split("_", 1)
         try:
             states.setdefault(seed, {})[strategy] = read_json(path, state_problem, fix)
-        except SystemExit:
+        except ProxyAlError:
             if not rebuild:
                 raise
             os.replace(path, path.with_suffix(".bad"))
@@ -210,7 +198,7 @@ def check_rerun_settings(cfg):
     changed = [f"--{k.replace('_', '-')} {show(new[k])} (the run has {show(old[k])})"
                for k in new if k not in MAY_CHANGE and k in old and old[k] != new[k]]
     if changed:
-        raise SystemExit(f"{path}: this rerun asks for {'; '.join(changed)}. The run's saved stages (pseudo labels, "
+        raise ProxyAlError(f"{path}: this rerun asks for {'; '.join(changed)}. The run's saved stages (pseudo labels, "
                          "checkpoints, scores, split) were made with its own values, and a rerun may change only "
                          "--strategy, --seeds, --iterations, --k (for the acquisitions still to come), --device, "
                          "--workers, --save-maps and --cache-dir. Rerun with the run's values, or start a new --out")
@@ -220,16 +208,16 @@ def check_rerun_settings(cfg):
 
 
 def read_task(root):
-    """(task info, {case id: case}) of a data folder (data.read_task_info, data.read_msd), or SystemExit."""
+    """(task info, {case id: case}) of a data folder (data.read_task_info, data.read_msd), or ProxyAlError."""
     try:
         task, cases = data.read_task_info(root), {c["id"]: c for c in data.read_msd(root)}
     except (OSError, ValueError) as err:
-        raise SystemExit(str(err)) from None
+        raise ProxyAlError(str(err)) from None
     if len(cases) < 2:
-        raise SystemExit(f"{root}: {len(cases)} case; active learning needs at least 2 cases (a pool to select "
+        raise ProxyAlError(f"{root}: {len(cases)} case; active learning needs at least 2 cases (a pool to select "
                          "from, and validation cases)")
     if task["num_classes"] < 2:
-        raise SystemExit(f"{root}/dataset.json: the task has {task['num_classes']} class; segmentation needs "
+        raise ProxyAlError(f"{root}/dataset.json: the task has {task['num_classes']} class; segmentation needs "
                          "background and at least one foreground class in 'labels'")
     return task, cases
 
@@ -272,9 +260,9 @@ class Study:
             try:
                 return data.read_split(path)
             except ValueError as err:
-                raise SystemExit(str(err)) from None
+                raise ProxyAlError(str(err)) from None
         if self.state or (self.out / "checkpoints").exists():
-            raise SystemExit(f"{path}: missing, but this run has finished work; a new draw could move annotated "
+            raise ProxyAlError(f"{path}: missing, but this run has finished work; a new draw could move annotated "
                              f"or trained-on cases into validation. Restore the file, or start a new --out")
         n_val = self.cfg.n_val or data.default_n_val(self.task["name"], len(self.cases))
         if len(val_candidates) < 2:         # annotation mode with fewer than 2 labeled cases: no validation
@@ -284,7 +272,7 @@ class Study:
         try:
             self.new_split = data.split_cases(list(self.cases), n_val, 0, None, val_candidates)
         except ValueError as err:
-            raise SystemExit(str(err)) from None
+            raise ProxyAlError(str(err)) from None
         return self.new_split
 
     def follow_split(self):
@@ -297,7 +285,7 @@ class Study:
         selected = {c for by_s in self.state.values() for st in by_s.values() for c in st["labeled"]}
         stop = [c for c in removed if c in self.val or c in selected]
         if stop:
-            raise SystemExit(f"{self.root}/imagesTr: the image(s) of {data._few(stop)} are gone since this run began, "
+            raise ProxyAlError(f"{self.root}/imagesTr: the image(s) of {data._few(stop)} are gone since this run began, "
                              "but the run validates on them or has selected them (split.json, state/); put the "
                              "files back and rerun, or start a new --out for the data as it is now")
         for c in added:
@@ -375,7 +363,7 @@ class Study:
 
     def save_state(self, seed, strategy):
         """One (seed, strategy)'s state, in one atomic write: its records and the cases they acquired."""
-        data.atomic_write_json(state_file(self.out, seed, strategy), self.state[str(seed)][strategy])
+        files.atomic_write_json(state_file(self.out, seed, strategy), self.state[str(seed)][strategy])
 
     def write_reports(self):
         """results.csv, per_case_dice.csv, summary.md from every state file so far (other ranks' too)."""
@@ -389,7 +377,7 @@ class Study:
             return np.load(path, mmap_mode="r")
         except (OSError, ValueError):
             array = make()
-            data.atomic_save_npy(path, array)
+            files.atomic_save_npy(path, array)
             return array
 
     def scores_file(self, seed, cid):
@@ -404,13 +392,13 @@ class Study:
         try:
             self.load_scores(seed, cid, fix="scoring that case again")
             return True
-        except SystemExit as err:
+        except ProxyAlError as err:
             warnings.warn(str(err))
             path.unlink(missing_ok=True)
             return False
 
     def save_scores(self, seed, cid, scores):
-        data.atomic_write_json(self.scores_file(seed, cid), scores)
+        files.atomic_write_json(self.scores_file(seed, cid), scores)
 
     def load_scores(self, seed, cid, fix="delete it, and rerun to score that case again"):
         """{"variance", "entropy", "bald"} of a pool case under the seed's proxy."""
@@ -442,7 +430,7 @@ class Study:
 
     def save_checkpoint(self, name, model, cases, **results):
         ckpt = {"model": model.state_dict(), "cases": list(cases), "config": dataclasses.asdict(self.cfg), **results}
-        data.atomic_write(self.out / "checkpoints" / f"{name}.pt", lambda f: torch.save(ckpt, f))
+        files.atomic_write(self.out / "checkpoints" / f"{name}.pt", lambda f: torch.save(ckpt, f))
 
     def proxy(self, seed):
         """Mp of a seed from its checkpoint, kept while this rank works on that seed."""
@@ -478,7 +466,7 @@ class Study:
         try:
             return data.cached_case(self.cases[cid], self.cache, self.cfg.spacing_mm, num_classes=self.num_classes)[1]
         except (OSError, ValueError, data.CacheError) as err:
-            raise SystemExit(f"case {cid}: {err}") from None
+            raise ProxyAlError(f"case {cid}: {err}") from None
 
     def labeled_volume(self, cid, label=None):
         """(image_hu, label, foreground index) for a PatchStream; label defaults to the annotation."""
@@ -500,20 +488,20 @@ def choose_strategies(study):
     try:
         return strategies.choose(cfg.strategy)
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise ProxyAlError(str(err)) from None
 
 
 def check_request(study, chosen):
     """Every mistake in the request that can be seen before the long work starts."""
     cfg = study.cfg
     if study.annotation and study.world.size > 1:
-        raise SystemExit("annotation mode (pool cases without labels) runs as one process: use python al_loop.py, "
+        raise ProxyAlError("annotation mode (pool cases without labels) runs as one process: use python al_loop.py, "
                          "not torchrun")
     if study.annotation and any(s.reference for s in chosen):
-        raise SystemExit(f"--strategy {strategies.REFERENCE}: the all-data reference needs every pool case labeled; "
+        raise ProxyAlError(f"--strategy {strategies.REFERENCE}: the all-data reference needs every pool case labeled; "
                          "run it on a fully labeled data set")
     if study.annotation and (len(chosen) > 1 or len(cfg.seeds) > 1):
-        raise SystemExit("annotation mode (pool cases without labels): choose one --strategy and one --seeds, "
+        raise ProxyAlError("annotation mode (pool cases without labels): choose one --strategy and one --seeds, "
                          "e.g. --strategy proxyrank_var_semi --seeds 0")
     for seed in cfg.seeds:
         for strategy in chosen:
@@ -524,11 +512,11 @@ def check_request(study, chosen):
                 given = st["given"] if st else [c for c in study.pool if study.cases[c]["label"]]
                 free = len(study.pool) - len(given)
                 if need > free:
-                    raise SystemExit(f"--k {cfg.k} x --iterations {cfg.iterations} asks for {need} cases to annotate"
+                    raise ProxyAlError(f"--k {cfg.k} x --iterations {cfg.iterations} asks for {need} cases to annotate"
                                      f"{so_far}, but the pool has {free} cases besides the {len(given)} labeled when "
                                      "the run began; lower --k or --iterations")
             elif need > len(study.pool):
-                raise SystemExit(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool case{'s' * (len(study.pool) != 1)} "
+                raise ProxyAlError(f"--n-val {cfg.n_val:g} leaves {len(study.pool)} pool case{'s' * (len(study.pool) != 1)} "
                                  f"of {len(study.pool) + len(study.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
                                  f"needs {need}{so_far}; lower --n-val, --k or --iterations")
     need = cfg.k * cfg.iterations
@@ -538,7 +526,7 @@ def check_request(study, chosen):
     unknown = {c for by_s in study.state.values() for st in by_s.values() for c in st["labeled"]} - set(study.pool)
     if unknown:
         why = "; ".join(f"{c}: {study.left_out.get(c, 'not in split.json')}" for c in sorted(unknown)[:5])
-        raise SystemExit(f"{study.out}/state: this run selected or trained on cases that it cannot read now ({why}). "
+        raise ProxyAlError(f"{study.out}/state: this run selected or trained on cases that it cannot read now ({why}). "
                          "Put their files back as they were and rerun, or start a new --out")
 
 
@@ -551,7 +539,7 @@ def preprocess_all(study):
             try:
                 data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
             except data.CacheError as err:
-                raise SystemExit(str(err)) from None
+                raise ProxyAlError(str(err)) from None
             except (OSError, ValueError):
                 pass        # reported by the pass below
         world.add("preprocessed")
@@ -561,14 +549,14 @@ def preprocess_all(study):
         try:
             data.cached_case(case, study.cache, study.cfg.spacing_mm, with_label=False)
         except data.CacheError as err:
-            raise SystemExit(str(err)) from None
+            raise ProxyAlError(str(err)) from None
         except (OSError, ValueError) as err:
             warnings.warn(f"case {cid} left out: {err}")
             study.left_out[cid] = str(err)
             del study.cases[cid]
         progress.update(i)
     if not study.cases:
-        raise SystemExit(f"{study.root}: no readable case")
+        raise ProxyAlError(f"{study.root}: no readable case")
     study.val = [c for c in study.val if c in study.cases]
     study.pool = [c for c in study.pool if c in study.cases]
     return study
@@ -587,7 +575,7 @@ def check_labels(study):
         except (OSError, ValueError) as err:
             problems.append(str(err))
     if problems:
-        raise SystemExit(f"{len(problems)} label file(s) are missing or do not fit their image:\n" + "\n".join(problems))
+        raise ProxyAlError(f"{len(problems)} label file(s) are missing or do not fit their image:\n" + "\n".join(problems))
     for cid, case in study.cases.items():
         if case["label"]:
             label = study.label(cid)
@@ -602,9 +590,9 @@ def start(study, chosen):
     if not study.val:
         warnings.warn("no labeled validation case: validation Dice is skipped (results will show nan)")
     if study.world.rank == 0:      # the same settings as the run's (check_rerun_settings), but what may change
-        data.atomic_write_json(study.out / "config.json", dataclasses.asdict(cfg))
+        files.atomic_write_json(study.out / "config.json", dataclasses.asdict(cfg))
         if study.new_split:                     # the split is fixed only now that every check has passed
-            data.atomic_write_json(study.out / "split.json", {"seed": 0, "n_val": len(study.new_split["val"]),
+            files.atomic_write_json(study.out / "split.json", {"seed": 0, "n_val": len(study.new_split["val"]),
                                                               **study.new_split})
     study.total = sum(s.iterations(cfg.iterations) - len(study.state.get(str(seed), {}).get(s.name, {}).get("iterations", []))
                       for seed in cfg.seeds for s in chosen)
@@ -645,9 +633,9 @@ def run(cfg, plan, run_unit, rebuild_state=False, default_strategy=False):
         return 128 + signal.SIGTERM
     except BaseException as err:
         world.fail(f"rank {world.rank}: {err!r}"[:2000])
-        full = None if isinstance(err, SystemExit) else disk_full(err)     # a SystemExit is its own message
+        full = None if isinstance(err, ProxyAlError) else disk_full(err)     # already its own message
         if full:
-            raise SystemExit(f"{full.filename or cfg.out}: no space left on the disk ({full.strerror}). Free space "
+            raise ProxyAlError(f"{full.filename or cfg.out}: no space left on the disk ({full.strerror}). Free space "
                              f"there (or choose another --out / --cache-dir) and rerun the same command: every "
                              f"finished stage is kept and nothing was corrupted") from None
         raise
@@ -691,7 +679,7 @@ def check_out(cfg):
     read_task(root)
     if out == root or root in out.parents:
         where = "is the data folder" if out == root else f"lies inside the data folder {root}"
-        raise SystemExit(f"--out {cfg.out}: {where}; a run writes config.json, split.json, "
+        raise ProxyAlError(f"--out {cfg.out}: {where}; a run writes config.json, split.json, "
                          "state/ and checkpoints there. Choose a folder outside the data set, e.g. runs/<name>")
 
 
@@ -734,7 +722,7 @@ def export_nnunet(cfg, actions):
                           re.sub(r"\W+", "", task["name"].title()) or "Selection", actions.export_to or None,
                           strategy, actions.seed, actions.iteration, actions.overwrite)
     except (OSError, ValueError) as err:
-        raise SystemExit(f"--export-nnunet: {err}") from None
+        raise ProxyAlError(f"--export-nnunet: {err}") from None
     return 0
 
 

@@ -17,10 +17,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from files import ProxyAlError
 
-class StoreGone(SystemExit):
+
+class StoreGone(ProxyAlError):
     """The group's store stopped answering: its host (torchrun's agent, or rank 0 without torchrun) is gone, and
-    with it the group. A SystemExit: Python prints the one-line message, no traceback, and exits with status 1."""
+    with it the group. main prints the one-line message, no traceback, and exits with status 1."""
 
 
 class World:
@@ -96,7 +98,7 @@ class World:
     def check(self):
         """Stop this rank if another one failed."""
         if self.store is not None and self.ask("check", ["failed"]):
-            raise SystemExit(f"rank {self.rank} stops: {self.get('failed')}")
+            raise ProxyAlError(f"rank {self.rank} stops: {self.get('failed')}")
 
     def wait(self, ready, what, log, every_s=60.0):
         """Poll ready() until it holds; stop within a second of another rank's failure."""

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import al_loop  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
+import files  # noqa: E402
 import proxy_al  # noqa: E402
 import strategies  # noqa: E402
 import train  # noqa: E402
@@ -825,7 +826,7 @@ def main(argv=None):
     print("\n" + format_table(rows) + "\n" + "\n".join(notes(report, device)), flush=True)
     if cfg.json:
         import json
-        data.atomic_write_bytes(cfg.json, (json.dumps(report, indent=2, default=json_default) + "\n").encode())
+        files.atomic_write_bytes(cfg.json, (json.dumps(report, indent=2, default=json_default) + "\n").encode())
         log(f"wrote {cfg.json}")
 
 

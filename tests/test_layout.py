@@ -145,3 +145,19 @@ def test_no_file_refers_to_notes_outside_the_project(name):
              and p.is_file() and not any(part.startswith(".") for part in p.relative_to(REPO).parts)]
     assert len(files) > len(MODULES)
     assert [str(p.relative_to(REPO)) for p in files if name in p.read_text(encoding="utf-8", errors="replace")] == []
+
+
+ENTRY_POINTS = {"al_loop", "cli"}         # main turns the project's error into the message and exit users see
+
+
+def test_no_system_exit_below_the_entry_points():
+    """Below main, a problem is a value (files.ProxyAlError, a ValueError): no module raises SystemExit, and
+    none catches it to branch. A porter or a test that calls a function gets an exception, not an exit."""
+    found = []
+    for name, path in MODULES.items():
+        if name in ENTRY_POINTS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Name) and node.id == "SystemExit":
+                found.append(f"{name}.py:{node.lineno}")
+    assert not found, f"SystemExit below the entry points: {found}"

@@ -19,6 +19,7 @@ import al_loop
 import study
 import strategies
 import data
+import files
 import tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +151,7 @@ def test_atomic_write_fsyncs_before_the_rename(tmp_path, monkeypatch):
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: order.append("fsync") or real_fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: order.append("replace") or real_replace(a, b))
-    data.atomic_write(tmp_path / "x.pt", lambda f: torch.save({"a": 1}, f))
+    files.atomic_write(tmp_path / "x.pt", lambda f: torch.save({"a": 1}, f))
     assert order == ["fsync", "replace"]
 
 
