@@ -141,6 +141,9 @@ def pseudo_labels(study, ids):
 
     for cid in ids:
         labels[cid] = study.saved_array(f"pseudo_labels/{cid}.npy", lambda: make(cid))
+        if labels[cid].shape != study.image_hu(cid).shape:       # saved under another --crop: made again
+            (study.out / f"pseudo_labels/{cid}.npy").unlink()
+            labels[cid] = study.saved_array(f"pseudo_labels/{cid}.npy", lambda: make(cid))
         dice = (dice_per_class(study.uncrop(cid, labels[cid]), np.asarray(study.label(cid)) > 0, 2)[0]
                 if cid in study.val else None)
         report.append((cid, int(labels[cid].sum()), dice))
