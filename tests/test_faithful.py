@@ -138,6 +138,22 @@ def test_our_choices_match_the_paper_preset():
     check_against_paper_preset(rows, "Not stated by the paper")
 
 
+def test_beyond_the_paper_names_options_that_leave_the_paper_preset():
+    """Each `--flag value` of the third table parses, and its value is not the paper preset's."""
+    import re
+    text = (Path(__file__).parents[1] / "docs" / "method.md").read_text(encoding="utf-8")
+    section = text.split("### Beyond the paper")[1].split("\n## ")[0]
+    flags = re.findall(r"`--([a-z-]+) ([^`]+)`", section)
+    assert len(flags) >= 8, flags
+    for flag, value in flags:
+        field = flag.replace("-", "_")
+        assert hasattr(al_loop.PAPER, field), f"docs/method.md, beyond the paper: --{flag} is no Config field"
+        if value == "N":
+            continue
+        cfg = al_loop.parse_args(["--data", "MSD_Task03", f"--{flag}", value])[0]
+        assert as_text(getattr(cfg, field)) != as_text(getattr(al_loop.PAPER, field)), f"--{flag} {value}"
+
+
 TUTORIAL = "active_learning/liver_tumor_al/active_learning.py"
 FROM_TUTORIAL = {"patches_per_case", "crop", "keep", "val_every", "variance_classes", "batch_size"}
 
