@@ -54,7 +54,16 @@ class Config:
     patch_vox: tuple = opt((96, 96, 96), "training patch in voxels (paper: 96^3)", SIDES)
     roi_vox: tuple = opt((96, 96, 96), "sliding-window ROI for inference and MC scoring", SIDES)
     overlap: float = opt(0.25, "sliding-window overlap", within(0, 1, hi_open=True))
-    batch_size: int = opt(2, "patches per training step", at_least(1))
+    batch_size: int = opt(2, "cases per training step (the proxy's: patches per step)", at_least(1))
+    patches_per_case: int = opt(4, "patches from each case of a training step of Ms and Msemi (first author's "
+                                "tutorial: 2 cases x 4); 1 -> a case per patch", at_least(1))
+    crop: str = opt("body", "volumes cut to the body box, voxels above the window's low end (first author's "
+                    "tutorial), or none", one_of("body", "none"))
+    keep: str = opt("best", "weights a stage of Ms or Msemi ends with: best (validated every --val-every steps, "
+                    "first author's tutorial) or last", one_of("best", "last"))
+    val_every: int = opt(200, "with --keep best: validate every N steps and after the last", at_least(1))
+    variance_classes: str = opt("foreground", "classes of the MC variance: foreground (first author's tutorial: "
+                                "background dropped, floor 0.0005) or all", one_of("foreground", "all"))
     steps: int = opt(2000, "supervised training steps per active iteration (paper: 2,000)", at_least(1))
     semi_steps: int = opt(2000, "semi-supervised fine-tuning steps per active iteration (paper: 2,000)", at_least(1))
     proxy_epochs: int = opt(100, "proxy training epochs on the pseudo labels (paper: 100)", at_least(1))
@@ -100,12 +109,14 @@ PAPER = Config()
 #    decay to 0 (the paper's 1e-4, constant, needs thousands of steps to train from random weights);
 #  - the 3-class head starts from the proxy's 2-class head: a random one did not always train in time;
 #  - a proxy trained to the end (16 epochs), so that its ranking repeats from seed to seed, on foreground-
-#    balanced patches: from the paper's random patches it learned nothing in 16 epochs (validation Dice 0).
+#    balanced patches: from the paper's random patches it learned nothing in 16 epochs (validation Dice 0);
+#  - one patch per case (2 patches a step, not 2 x 4): 8 patches would make each step, and the demo, about
+#    4x slower; validation every 40 steps (4 checks of Ms, 2 of Msemi) costs a few seconds a stage.
 DEMO = dataclasses.replace(
     PAPER, data="demo", strategy="rand,proxyrank,proxyrank_var_semi", seeds=(0,), k=3, iterations=2, n_val=8,
     spacing_mm=(3.0, 3.0, 3.0), patch_vox=(32, 32, 32), roi_vox=(48, 48, 48), steps=160, semi_steps=80,
     proxy_epochs=16, proxy_val_every=4, mc_passes=4, channels=(8, 16, 32, 64, 128), lr=5e-3, lr_decay="cosine",
-    warmup_steps=20, head_init="proxy", proxy_patches="balanced", phantom_cases=24)
+    warmup_steps=20, head_init="proxy", proxy_patches="balanced", phantom_cases=24, patches_per_case=1, val_every=40)
 PRESETS = {"paper": PAPER, "demo": DEMO}
 PHANTOM_ONLY = ("n_val", "phantom_cases")   # sized for the 24 phantoms: a user's folder gets the paper's rule
 
@@ -132,11 +143,13 @@ def pseudo_labels(study, ids):
 
     for cid in ids:
         source = os.stat(study.cases[cid]["image"])
-        key = [study.cfg.hu_band, study.cfg.spacing_mm, study.cases[cid]["image"], source.st_size, source.st_mtime_ns]
+        key = [study.cfg.hu_band, study.cfg.spacing_mm, study.cfg.crop, study.window_hu, study.cases[cid]["image"],
+               source.st_size, source.st_mtime_ns]        # what made it: another --crop or grid makes it again
         labels[cid] = study.saved_array(f"pseudo_labels/{cid}", lambda: make(cid), key)
-        dice = dice_per_class(labels[cid], np.asarray(study.label(cid)) > 0, 2)[0] if cid in study.val else None
+        dice = (dice_per_class(study.uncrop(cid, labels[cid]), np.asarray(study.label(cid)) > 0, 2)[0]
+                if cid in study.val else None)
         report.append((cid, int(labels[cid].sum()), dice))
-    labeled_hu = lambda: np.concatenate([np.asarray(study.image_hu(c))[np.asarray(study.label(c)) > 0] for c in study.val])
+    labeled_hu = lambda: np.concatenate([hu[label > 0] for hu, label, _ in map(study.labeled_volume, study.val)])
     study.log(pseudo_label_report(study.out, report, study.cfg.hu_band, study.cfg.spacing_mm, labeled_hu))
     return labels
 
@@ -251,17 +264,25 @@ def annotate(st, scores, k):
     return new
 
 
+def paired(tag, *parts):
+    """A stage seed shared by every strategy of the tag's seed (tag: seed{N}/{strategy}/iter{j}): of its seed
+    and `parts` only, so that two strategies differ only in what they do differently (docs/method.md)."""
+    return stage_seed(tag.split("/")[0], *parts)
+
+
 def supervised(study, labeled, init_state, tag):
-    """Line 7: train Ms on Tl for a fixed number of steps, from Mp's weights (new head) or from scratch."""
-    cfg = study.cfg
-    model = study.new_model(study.num_classes, tag, "init")
+    """Line 7: train Ms on Tl for a fixed number of steps, from Mp's weights (new head) or from scratch.
+    The seed's strategies share the initial weights, and on the same cases the patches and dropout masks."""
+    cfg, cases = study.cfg, sorted(labeled)
+    model = study.new_model(study.num_classes, tag.split("/")[0], "init")
     if study.load_checkpoint(tag + "_sup", model, labeled) is None:
         if init_state is not None:
             load_backbone(model, init_state, head_from_proxy=cfg.head_init == "proxy")
-        stream = PatchStream([study.labeled_volume(c) for c in labeled], cfg.patch_vox, cfg.fg_fraction,
-                             study.window_hu, stage_seed(tag, "sup"), by_class=cfg.fg_draw == "classes")
-        stats = train(study, model, supervised_loss, batches(stream, cfg.batch_size, study.workers, study.device),
-                      cfg.steps, stage_seed(tag, "dropout"), "supervised")
+        stream = PatchStream([study.labeled_volume(c) for c in cases], cfg.patch_vox, cfg.fg_fraction,
+                             study.window_hu, paired(tag, "sup", *cases), by_class=cfg.fg_draw == "classes",
+                             patches_per_case=cfg.patches_per_case)
+        loader = batches(stream, cfg.batch_size * cfg.patches_per_case, study.workers, study.device)
+        stats = train(study, model, supervised_loss, loader, cfg.steps, paired(tag, "dropout", *cases), "supervised")
         study.save_checkpoint(tag + "_sup", model, labeled, stats=stats)
     return model
 
@@ -280,23 +301,44 @@ def semi_finetune(study, model, labeled, certain, tag):
     model.eval()
     noisy = {c: noisy_label(sliding_window_predict(model, study.image(c), cfg.roi_vox, cfg.overlap), cfg.tau)
              for c in certain}                                                                   # line 10
-    sup = PatchStream([study.labeled_volume(c) for c in labeled], cfg.patch_vox, cfg.fg_fraction,
-                      study.window_hu, stage_seed(tag, "semi-sup"), by_class=cfg.fg_draw == "classes")
-    two = PatchStream([study.labeled_volume(c, noisy[c]) for c in certain], cfg.patch_vox, cfg.semi_fg_fraction,
-                      study.window_hu, stage_seed(tag, "semi-unl"), two_views=True, by_class=cfg.fg_draw == "classes")
-    workers = max(study.workers // 2, 1) if study.workers else 0
-    pairs = zip(batches(sup, cfg.batch_size, workers, study.device), batches(two, cfg.batch_size, workers, study.device))
+    cases, pair = sorted(labeled), ("|", *sorted(certain))             # seeds shared on the same cases
+    sup = PatchStream([study.labeled_volume(c) for c in cases], cfg.patch_vox, cfg.fg_fraction, study.window_hu,
+                      paired(tag, "semi-sup", *cases), by_class=cfg.fg_draw == "classes",
+                      patches_per_case=cfg.patches_per_case)
+    two = PatchStream([study.labeled_volume(c, noisy[c]) for c in sorted(certain)], cfg.patch_vox,
+                      cfg.semi_fg_fraction, study.window_hu, paired(tag, "semi-unl", *cases, *pair), two_views=True,
+                      by_class=cfg.fg_draw == "classes", patches_per_case=cfg.patches_per_case)
+    workers, n = (max(study.workers // 2, 1) if study.workers else 0), cfg.batch_size * cfg.patches_per_case
+    pairs = zip(batches(sup, n, workers, study.device), batches(two, n, workers, study.device))
     stats = train(study, model, lambda m, b: semi_loss(m, b, cfg.alpha, cfg.beta), pairs, cfg.semi_steps,   # line 11
-                  stage_seed(tag, "semi-dropout"), "semi-supervised")
+                  paired(tag, "semi-dropout", *cases, *pair), "semi-supervised")
     study.save_checkpoint(tag + "_semi", model, labeled + certain, stats=stats)
     return model
 
 
 def train(study, model, step_loss, data, steps, dropout_seed, tag):
-    """One training stage of Ms or Msemi: `steps` Adam steps at the config's lr and schedule."""
+    """One training stage of Ms or Msemi: `steps` Adam steps at the config's lr and schedule. With --keep best
+    (the first author's tutorial keeps its best validated model) the model is validated every --val-every
+    steps and after the last, and ends with the weights of the best validation mean Dice (the first of equal
+    ones; the last weights when there is no validation case). Returns the stage's stats."""
     cfg = study.cfg
-    return Stage(model, step_loss, data, steps, study.device, cfg.lr, cfg.warmup_steps, cfg.lr_decay, dropout_seed,
-                 study.bar).run(tag)
+    stage = Stage(model, step_loss, data, steps, study.device, cfg.lr, cfg.warmup_steps, cfg.lr_decay, dropout_seed,
+                  study.bar)
+    if cfg.keep == "last" or not study.val:
+        return stage.run(tag)
+    best, parts, history = None, [], []
+    for done in range(0, steps, cfg.val_every):
+        n = min(cfg.val_every, steps - done)
+        parts.append((n, stage.run(f"{tag} steps {done + 1}-{done + n}/{steps}", n)))
+        dice = validate(study, model)["mean_dice"]          # eval mode; train_steps sets train mode again
+        history.append((done + n, dice))
+        if best is None or np.nan_to_num(dice, nan=-1.0) > best[0]:
+            best = (np.nan_to_num(dice, nan=-1.0), {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    done + n)
+    model.load_state_dict(best[1])
+    mean = lambda key: sum(n * p[key] for n, p in parts) / steps
+    return {"loss": mean("loss"), "step_s": mean("step_s"), "data_wait": mean("data_wait"), "best_step": best[2],
+            "validation": history}
 
 
 def acquisition_scores(study, model, st, seed, strategy, proxy, j):
@@ -304,8 +346,8 @@ def acquisition_scores(study, model, st, seed, strategy, proxy, j):
     rest = [c for c in study.pool if c not in st["labeled"]]
     if strategy.acquisition == "proxy":                  # the proxy ranking itself, in order
         return {c: proxy.scores[c]["variance"] for c in rest}
-    if strategy.acquisition == "random":
-        rng = np.random.default_rng(stage_seed(seed, strategy.name, j))
+    if strategy.acquisition == "random":                 # shared by the seed's random strategies: paired
+        rng = np.random.default_rng(stage_seed(seed, "random", j))
         return dict(zip(rest, rng.permutation(len(rest)).astype(float)))
     mc = score_cases(study, model, rest, f"seed{seed}/{strategy.name}/iter{j}")
     if study.cfg.save_maps:
@@ -320,20 +362,23 @@ def score_cases(study, model, ids, tag):
     progress = study.bar(f"MC scoring ({cfg.mc_passes} passes)", len(ids))
     for i, cid in enumerate(ids, 1):
         torch.manual_seed(stage_seed(tag, "mc", cid))
-        scores[cid] = mc_scores(model, study.image(cid), cfg.mc_passes, cfg.roi_vox, cfg.overlap)
+        scores[cid] = mc_scores(model, study.image(cid), cfg.mc_passes, cfg.roi_vox, cfg.overlap,
+                                variance_classes=cfg.variance_classes)
         progress.update(i)
     return scores
 
 
 def validate(study, model):
     """Validation Dice per foreground class, per case (NaN where the case's label lacks the class: MONAI's
-    rule) and its mean over the cases that have it; mean_dice is the mean of the class means."""
+    rule) and its mean over the cases that have it. mean_dice is MONAI's DiceMetric(include_background=False,
+    reduction="mean"), as the first author's tutorial reports it: per case the mean over its present classes,
+    then the mean over the cases. Each case is scored on box(cid, labeled=True), which holds all its
+    foreground: outside it both label and prediction are background, so the Dice is the full grid's."""
     if not study.val:
         return {"dice": [float("nan")] * (study.num_classes - 1), "mean_dice": float("nan"), "per_case": {}}
-    per_case = evaluate(model, ((study.image(c), study.label(c)) for c in study.val), study.num_classes,
+    per_case = evaluate(model, (study.labeled_case(c) for c in study.val), study.num_classes,
                         study.cfg.roi_vox, study.cfg.overlap)
-    dice = nanmean(per_case, 0)
-    return {"dice": dice.tolist(), "mean_dice": float(nanmean(dice)),
+    return {"dice": nanmean(per_case, 0).tolist(), "mean_dice": float(nanmean(nanmean(per_case, 1))),
             "per_case": {c: row.tolist() for c, row in zip(study.val, per_case)}}
 
 # ----------------------------------------------------------------------------- the study's units of work

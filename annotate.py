@@ -61,8 +61,11 @@ def write_maps(study, model, cid, folder, prediction=True):
     (the model's segmentation, uint8 class values of dataset.json), on the image file's own grid."""
     cfg, image, path = study.cfg, study.image(cid), study.cases[cid]["image"]
     torch.manual_seed(stage_seed(folder.name, cid, "map"))
-    var = mc_scores(model, image, cfg.mc_passes, cfg.roi_vox, cfg.overlap, return_map=True)["variance_map"]
+    var = mc_scores(model, image, cfg.mc_passes, cfg.roi_vox, cfg.overlap, return_map=True,
+                    variance_classes=cfg.variance_classes)["variance_map"]
+    var = study.uncrop(cid, var)                                  # the body box back on the scan's grid
     data.write_native(folder / f"{cid}_uncertainty.nii.gz", var, path, cfg.spacing_mm, nearest=False)
     if prediction:
         seg = sliding_window_predict(model, image, cfg.roi_vox, cfg.overlap).argmax(0).astype(np.uint8)
+        seg = study.uncrop(cid, seg)                              # background outside the body box
         data.write_native(folder / f"{cid}_pred.nii.gz", seg, path, cfg.spacing_mm, nearest=True)

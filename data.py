@@ -555,6 +555,37 @@ def window(image_hu: np.ndarray, lo_hu: float, hi_hu: float) -> np.ndarray:
     return out
 
 
+def body_box(image_hu: np.ndarray, window_hu: tuple[float, float], label: np.ndarray | None = None
+             ) -> tuple[slice, slice, slice]:
+    """The body box of a case: the bounding box of its voxels above the window's low end, as the first author's
+    tutorial cuts every volume (MONAI tutorials, active_learning/liver_tumor_al/active_learning.py:
+    ScaleIntensityRanged to [0, 1], then CropForegroundd(source_key="image"), which keeps the box of voxels > 0).
+
+    image_hu (X, Y, Z) HU, any numeric dtype or a memmap; window_hu (lo_hu, hi_hu). label (X, Y, Z) or None: its
+    foreground voxels outside the box extend the box, so that a label is never cut. Returns three slices (the
+    whole volume when no voxel is above lo_hu) for image_hu[box]; uncrop puts a result back.
+    """
+    image_hu = np.asarray(image_hu)
+    inside = image_hu > window_hu[0]                                          # (X, Y, Z) bool: the body
+    if label is not None:
+        if np.shape(label) != image_hu.shape:
+            raise ValueError(f"body_box: label shape {np.shape(label)} differs from image shape {image_hu.shape}")
+        inside |= np.asarray(label) > 0
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, image_hu.shape[axis]))
+    return tuple(box)
+
+
+def uncrop(volume: np.ndarray, box: tuple[slice, slice, slice], shape: tuple[int, int, int]) -> np.ndarray:
+    """A volume computed inside `box` (body_box) put back on the full grid of `shape`, zeros outside: a
+    segmentation there is background, an uncertainty map zero. Returns an array of volume's dtype."""
+    full = np.zeros(tuple(shape), dtype=np.asarray(volume).dtype)
+    full[box] = volume
+    return full
+
+
 def preprocess_case(image_path, label_path=None, spacing_mm=(1.5, 1.5, 2.0)) -> tuple[np.ndarray, np.ndarray | None]:
     """Load one case in RAS and resample it to spacing_mm (paper: 1.5 x 1.5 x 2.0 mm).
 

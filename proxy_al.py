@@ -145,11 +145,13 @@ def enable_mc_dropout(model: nn.Module) -> nn.Module:
 
 @torch.inference_mode()
 def mc_scores(model: nn.Module, image: np.ndarray, m: int = 10, roi=(96, 96, 96), overlap: float = 0.25,
-              batch_size: int = None, return_map: bool = False) -> dict:
+              batch_size: int = None, return_map: bool = False, variance_classes: str = "foreground") -> dict:
     """MC-dropout uncertainty of one volume under `model` (paper sec. 3.1).
     m stochastic passes (dropout on, norms in eval mode), each a full sliding-window prediction p_k.
-    variance: per-voxel variance over the passes of the softmax (population variance, ddof 0),
-              summed over classes, mean over voxels.
+    variance: per-voxel variance over the passes of the softmax (population variance, ddof 0), summed over
+              classes, mean over voxels. variance_classes "foreground" (the first author's tutorial,
+              MONAI tutorials active_learning/liver_tumor_al/active_learning.py): the background channel
+              dropped and probabilities <= 0 set to 0.0005 before the variance; "all": every class.
     entropy:  entropy (nats) of the mean softmax, summed over classes, mean over voxels.
     bald:     mutual information: entropy of the mean softmax minus the mean over passes of each pass's
               entropy, mean over voxels (Houlsby et al. 2011; not in the paper).
@@ -157,12 +159,19 @@ def mc_scores(model: nn.Module, image: np.ndarray, m: int = 10, roi=(96, 96, 96)
     cancellation; m does not change the memory). A sweep over the windows runs as many passes as fill one
     batch (batch_size // windows, at least 1: one on the CPU, where the batch is one window).
     Memory on the model's device, in float32 volumes of the image's size: the sweep's pass maps (C each),
-    the mean and one delta (C each), the variance and entropy sums and the window counts (1 each). For a
+    the mean and one delta (C each; foreground adds a mean of C - 1), the variance and entropy sums and the
+    window counts (1 each). For a
     340 x 340 x 740 volume (342 MB each) with 2 classes and one pass per sweep that is about 3.4 GB.
     Returns {"variance", "entropy", "bald"} floats (+ "variance_map" (X, Y, Z) float32 numpy with return_map).
     """
     if m < 1:
         raise ValueError(f"mc_scores: m = {m} passes; MC dropout needs at least 1 (paper: 10)")
+    if variance_classes not in ("foreground", "all"):
+        raise ValueError(f"mc_scores: variance_classes {variance_classes!r}; choose foreground or all")
+    if not any(isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 for mod in model.modules()):
+        warnings.warn(f"mc_scores: {type(model).__name__} has no dropout layer with p > 0, so every pass is the "
+                      "same and the variance and BALD are zero; add nn.Dropout layers for MC dropout", stacklevel=2)
+    first_class = 1 if variance_classes == "foreground" else 0
     device = next(model.parameters()).device
     batch_size = batch_size or default_batch(device)
     per_sweep = max(1, batch_size // n_windows(image.shape, roi, overlap))
@@ -176,14 +185,19 @@ def mc_scores(model: nn.Module, image: np.ndarray, m: int = 10, roi=(96, 96, 96)
                 k += 1                                                      # p: (C, X, Y, Z), pass k
                 if mean is None:
                     mean, m2, pass_entropy = torch.zeros_like(p), torch.zeros_like(p[0]), torch.zeros_like(p[0])
+                    var_mean = mean if first_class == 0 else torch.zeros_like(p[first_class:])
                 pass_entropy += _entropy(p)
-                delta = p - mean                                            # p - old mean
-                mean.add_(delta, alpha=1.0 / k)
-                m2 += delta.mul_(p.sub_(mean)).sum(0)                       # (p - old mean)(p - new mean)
+                q = p                                                       # the classes of the variance
+                if first_class:                                             # the tutorial's floor
+                    q = p[first_class:].masked_fill(p[first_class:] <= 0, 0.0005)
+                    mean.add_(p - mean, alpha=1.0 / k)                      # the mean softmax, for the entropy
+                delta = q - var_mean                                        # q - old mean
+                var_mean.add_(delta, alpha=1.0 / k)
+                m2 += delta.mul_(q.sub_(var_mean)).sum(0)                   # (q - old mean)(q - new mean)
     finally:
         for module, training in modes:                                      # the caller's modes, layer by layer
             module.training = training
-    var_map = m2.div_(m)                                                    # (X, Y, Z), summed over classes
+    var_map = m2.div_(m)                                                    # (X, Y, Z), summed over its classes
     entropy_map = _entropy(mean)
     out = {"variance": var_map.mean(dtype=torch.float64).item(),
            "entropy": entropy_map.mean(dtype=torch.float64).item(),
@@ -202,9 +216,13 @@ def _entropy(probs: torch.Tensor) -> torch.Tensor:
 def noisy_label(probs: np.ndarray, tau: float = 0.9) -> np.ndarray:
     """Argmax where the max softmax probability exceeds tau, background elsewhere (paper sec. 3.3).
 
-    probs: (C, X, Y, Z) float. Returns uint8 (X, Y, Z).
+    probs: (C, X, Y, Z) float softmax probabilities (e.g. sliding_window_predict), not logits: tau is a
+    probability. Values outside [0, 1] raise a ValueError. Returns uint8 (X, Y, Z).
     """
     probs = np.asarray(probs)
+    if probs.size and (probs.min() < 0 or probs.max() > 1 + 1e-6):
+        raise ValueError(f"noisy_label: probs span [{probs.min():.3g}, {probs.max():.3g}], outside [0, 1]; pass "
+                         "softmax probabilities (C, X, Y, Z), e.g. logits.softmax(0), not logits")
     return np.where(probs.max(0) > tau, probs.argmax(0), 0).astype(np.uint8)
 
 
@@ -213,8 +231,10 @@ def semi_loss(model: nn.Module, batch, alpha: float = 1.0, beta: float = 1e-3) -
 
     batch: ((image (B, 1, *P), label (B, 1, *P) int64), (view1 (B, 1, *P), view2 (B, 1, *P))): a labeled
     pair, and two views of one patch of a most-certain case (view 1 plain, view 2 intensity-augmented).
-    The view-1 target is computed in the model's current mode (training: dropout on), as a Pi-model does:
-    both views see the network as it trains, and the target's dropout noise is part of the regularisation.
+    Mode: the caller's. semi_loss does not switch it; call model.train() first (train_steps does), so that the
+    view-1 target, like every other forward here, runs with dropout on, as a Pi-model does: both views see the
+    network as it trains, and the target's dropout noise is part of the regularisation. In eval mode the
+    target is deterministic and dropout does not act on the training forwards either.
     Returns a scalar tensor.
     """
     (image, label), (view1, view2) = batch

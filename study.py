@@ -250,6 +250,7 @@ class Study:
         self.annotation = any(not c["label"] for c in self.cases.values())     # over the split's cases
         self.total = 0                                                     # active iterations, for the ETA
         self.proxy_net, self.scoring = (None, None), {}                   # one seed's Mp; pool scoring progress
+        self.boxes = {}                                                    # (case, labeled): its crop, see box()
 
     def load_split(self, val_candidates):
         """The run's split: split.json if the run has one, else drawn (validation from `val_candidates`, seed 0)
@@ -453,12 +454,30 @@ class Study:
 
     # --- images and labels
 
-    def image(self, cid):
-        """Windowed image (X, Y, Z) float32 in [0, 1] on the cached, resampled grid."""
-        return data.window(self.image_hu(cid), *self.window_hu)
+    def box(self, cid, labeled=False):
+        """The voxels the loop works on, three slices into the cached grid: with --crop body the body box
+        (data.body_box; with `labeled`, extended to the annotation's foreground), else the whole volume. Once
+        per case: every stage of the run sees the same crop."""
+        key = (cid, labeled and self.cfg.crop == "body")
+        if key not in self.boxes:
+            full = data.cached_case(self.cases[cid], self.cache, self.cfg.spacing_mm, with_label=False)[0]
+            self.boxes[key] = (tuple(slice(0, n) for n in full.shape) if self.cfg.crop == "none" else
+                               data.body_box(full, self.window_hu, self.label(cid) if labeled else None))
+        return self.boxes[key]
 
-    def image_hu(self, cid):
-        return data.cached_case(self.cases[cid], self.cache, self.cfg.spacing_mm, with_label=False)[0]
+    def image(self, cid, labeled=False):
+        """Windowed image (X, Y, Z) float32 in [0, 1] on the cached, resampled grid, cut to box(cid, labeled)."""
+        return data.window(self.image_hu(cid, labeled), *self.window_hu)
+
+    def image_hu(self, cid, labeled=False):
+        """HU (X, Y, Z) int16 on the cached, resampled grid, cut to box(cid, labeled)."""
+        full = data.cached_case(self.cases[cid], self.cache, self.cfg.spacing_mm, with_label=False)[0]
+        return full[self.box(cid, labeled)]
+
+    def uncrop(self, cid, volume):
+        """A volume computed on image(cid) back on the case's cached grid (zeros outside the box)."""
+        full = data.cached_case(self.cases[cid], self.cache, self.cfg.spacing_mm, with_label=False)[0]
+        return data.uncrop(volume, self.box(cid), full.shape)
 
     def label(self, cid):
         """The annotation of a case. Read only for selected pool cases and validation cases (oracle mode);
@@ -469,9 +488,19 @@ class Study:
             raise ProxyAlError(f"case {cid}: {err}") from None
 
     def labeled_volume(self, cid, label=None):
-        """(image_hu, label, foreground index) for a PatchStream; label defaults to the annotation."""
-        label = self.label(cid) if label is None else label
-        return self.image_hu(cid), label, data.foreground_index(label)
+        """(image_hu, label, foreground index) for a PatchStream: the annotation on box(cid, labeled=True), or
+        `label` made on image(cid) (a pseudo or noisy label)."""
+        if label is None:
+            box = self.box(cid, labeled=True)
+            image_hu, label = self.image_hu(cid, labeled=True), np.asarray(self.label(cid)[box])
+        else:
+            image_hu = self.image_hu(cid)
+        return image_hu, label, data.foreground_index(label)
+
+    def labeled_case(self, cid):
+        """(image (X, Y, Z) in [0, 1], annotation) on box(cid, labeled=True), for the validation Dice: outside
+        the box the label is background, and there a prediction counts as background."""
+        return self.image(cid, labeled=True), np.asarray(self.label(cid)[self.box(cid, labeled=True)])
 
 # ----------------------------------------------------------------------------- before the long work
 

@@ -61,25 +61,31 @@ class PatchStream(torch.utils.data.IterableDataset):
     """Endless training patches, made in DataLoader workers off the training thread.
     volumes: list of (image_hu (X, Y, Z), label (X, Y, Z) uint8, data.foreground_index of the label).
     fg_fraction, by_class: the centre's draw, as data.sample_patch (fg_fraction None: anywhere).
+    patches_per_case: patches in a row from each drawn case (the first author's tutorial: 4, as MONAI's
+    RandCropByPosNegLabeld num_samples=4); a batch of batch_size x patches_per_case holds batch_size cases.
+    1: a case is drawn for every patch.
     Yields (image (1, *P) float32 intensity-augmented, label (1, *P) int64), or with two_views (view 1 clean,
     view 2 intensity-augmented) of one patch: the semi-supervised pair (the label only steers the centre).
     """
 
-    def __init__(self, volumes, patch_vox, fg_fraction, window_hu, seed, two_views=False, by_class=False):
+    def __init__(self, volumes, patch_vox, fg_fraction, window_hu, seed, two_views=False, by_class=False,
+                 patches_per_case=1):
         self.volumes, self.patch_vox, self.fg_fraction, self.by_class = volumes, tuple(patch_vox), fg_fraction, by_class
-        self.window_hu, self.seed, self.two_views = window_hu, seed, two_views
+        self.window_hu, self.seed, self.two_views, self.patches_per_case = window_hu, seed, two_views, patches_per_case
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, info.id if info else 0])
         while True:
             image_hu, label, fg_index = self.volumes[rng.integers(len(self.volumes))]
-            patch, lab = sample_patch(image_hu, label, self.patch_vox, self.fg_fraction, rng,
-                                      self.window_hu, fg_index=fg_index, by_class=self.by_class)
-            if self.two_views:
-                yield torch.from_numpy(patch[None]), torch.from_numpy(augment_intensity(patch, rng)[None])
-            else:
-                yield torch.from_numpy(augment_intensity(patch, rng)[None]), torch.from_numpy(lab[None].astype(np.int64))
+            for _ in range(self.patches_per_case):
+                patch, lab = sample_patch(image_hu, label, self.patch_vox, self.fg_fraction, rng,
+                                          self.window_hu, fg_index=fg_index, by_class=self.by_class)
+                if self.two_views:
+                    yield torch.from_numpy(patch[None]), torch.from_numpy(augment_intensity(patch, rng)[None])
+                else:
+                    yield (torch.from_numpy(augment_intensity(patch, rng)[None]),
+                           torch.from_numpy(lab[None].astype(np.int64)))
 
 
 def batches(stream, batch_size, workers, device):

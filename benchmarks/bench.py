@@ -11,7 +11,7 @@ Stages, each timed as seconds per case unless said otherwise (cheap stages: medi
   1. preprocess   data.preprocess_case + data.window to 1.5 x 1.5 x 2 mm, next to a bare nibabel read of the files
   2. cached load  data.cached_case (memory-mapped .npy) plus reading every voxel
   3. patches      96^3 foreground-balanced patches per second, data.sample_patch with a precomputed foreground index
-  4. train step   batch 2 x 96^3 (AMP on CUDA) through train.train_steps, and the share spent waiting for data
+  4. train step   batch 2 cases x 4 patches of 96^3 (AMP on CUDA) through train.train_steps, and the share spent waiting for data
   5. MC scoring   proxy_al.mc_scores with m passes on the resampled case, and its peak extra memory
   6. peak RSS     of this process: sampled VmRSS per stage, and the kernel's high-water mark
 With --compare-monai, MONAI's equivalents run on the same file and the same network, alternating with ours:
@@ -73,7 +73,8 @@ class BenchConfig:
     shape_vox: tuple = opt((512, 512, 160), "X,Y,Z voxels of the generated case (full: clinical size)")
     spacing_mm: tuple = opt((0.8, 0.8, 1.5), "X,Y,Z voxel size of the case in mm")
     patch_vox: int = opt(96, "training patch and sliding-window ROI side (paper: 96)")
-    batch_size: int = opt(2, "patches per training step (al_loop default)")
+    batch_size: int = opt(2, "cases per training step (al_loop default)")
+    patches_per_case: int = opt(4, "patches per case and training step (al_loop's paper preset; 1: 2 patches)")
     monai_autocast: bool = opt(False, "run MONAI's MC under the autocast ours uses (same precision)")
 
 
@@ -366,8 +367,9 @@ def stage_train(cfg, device, volume, num_classes, sampler):
     model = UNet(out_channels=num_classes).to(device)
     optimizer, scaler = train.make_optimizer(model, 1e-4, device)   # paper: Adam, lr 1e-4
     workers = cfg.workers if cfg.workers >= 0 else (6 if device.type == "cuda" else 1)
-    stream = train.PatchStream([volume], (cfg.patch_vox,) * 3, 0.5, WINDOW_HU, cfg.seed)  # paper: fg:bg 1:1
-    batches = train.batches(stream, cfg.batch_size, workers, device)
+    stream = train.PatchStream([volume], (cfg.patch_vox,) * 3, 0.5, WINDOW_HU, cfg.seed,  # paper: fg:bg 1:1
+                               patches_per_case=cfg.patches_per_case)
+    batches = train.batches(stream, cfg.batch_size * cfg.patches_per_case, workers, device)
     with sampler.section("train") as mem:   # its own tag: backward at 96^3 dwarfs every other stage
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -375,7 +377,7 @@ def stage_train(cfg, device, volume, num_classes, sampler):
         res = train.train_steps(model, optimizer, scaler, train.supervised_loss, batches, cfg.steps, device,
                                    tag="train step")
     batches.close()   # stops the loader's worker processes
-    res.update(workers=workers, batch_size=cfg.batch_size, extra_mb=mem["extra_mb"], peak_mb=mem["peak_mb"],
+    res.update(workers=workers, batch_size=cfg.batch_size * cfg.patches_per_case, extra_mb=mem["extra_mb"], peak_mb=mem["peak_mb"],
                amp="off" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16"))
     if device.type == "cuda":
         res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -558,7 +560,8 @@ def run_data_stages(cfg, case, work, monai, sampler):
 
 def run_model_stages(cfg, device, volume, num_classes, monai, sampler):
     """Stages 4-5 on `device`; the network trained in stage 4 is the one scored in stage 5."""
-    log(f"4/5 training: 1 warm-up + {cfg.steps} steps of {cfg.batch_size} x {cfg.patch_vox}^3 on {device}")
+    log(f"4/5 training: 1 warm-up + {cfg.steps} steps of {cfg.batch_size} x {cfg.patches_per_case} x "
+        f"{cfg.patch_vox}^3 on {device}")
     train, model = stage_train(cfg, device, volume, num_classes, sampler)
     log(f"    {train['step_s']:.2f} s/step, data wait {100 * train['data_wait']:.1f} %")
     image = data.window(np.asarray(volume[0]), *WINDOW_HU)   # the resampled case, as the model sees it
@@ -605,23 +608,26 @@ def run_all(cfg, device, work, monai):
 def unit_work(pool=105, val=26, cfg=None):
     """Work of each unit of al_loop.plan for one seed of the paper preset (default: MSD Task03, 105-case pool,
     26 validation cases), counted the way al_loop does it: {"proxy": n, "score": n, strategy: n, ...} with
-    n = {"train_steps", "semi_steps", "mc_volumes", "predictions"}: supervised and proxy steps,
-    semi-supervised steps, m-pass MC scorings of one volume, single-pass sliding-window predictions
-    (validation, noisy labels)."""
+    n = {"proxy_steps", "train_steps", "semi_steps", "mc_volumes", "predictions"}: proxy steps (batch_size
+    patches), supervised and semi-supervised steps (batch_size x patches_per_case patches per batch), m-pass MC
+    scorings of one volume, single-pass sliding-window predictions (validation, with --keep best every
+    val_every steps of a stage too, and noisy labels)."""
     cfg = cfg or al_loop.PAPER
-    zero = lambda: {"train_steps": 0, "semi_steps": 0, "mc_volumes": 0, "predictions": 0}
-    units = {"proxy": {**zero(), "train_steps": max(1, pool * cfg.proxy_patches_per_case // cfg.batch_size)
+    zero = lambda: {"proxy_steps": 0, "train_steps": 0, "semi_steps": 0, "mc_volumes": 0, "predictions": 0}
+    checks = lambda steps: -(-steps // cfg.val_every) * val if cfg.keep == "best" else 0   # ceil: and the last
+    units = {"proxy": {**zero(), "proxy_steps": max(1, pool * cfg.proxy_patches_per_case // cfg.batch_size)
                        * cfg.proxy_epochs, "predictions": cfg.proxy_epochs // cfg.proxy_val_every * val},
              "score": {**zero(), "mc_volumes": 1}}                                # lines 1-3
     for strategy in map(strategies.parse, strategies.PAPER):
         n, labeled = units.setdefault(strategy.name, zero()), cfg.k                  # line 4: no scoring
         for j in range(cfg.iterations):
             n["train_steps"] += cfg.steps                                         # line 6
-            n["predictions"] += val                                               # validation
+            n["predictions"] += val + checks(cfg.steps)                           # validation
             if strategy.semi:                                                            # lines 8-10
                 n["mc_volumes"] += pool - labeled
                 n["predictions"] += labeled
                 n["semi_steps"] += cfg.semi_steps
+                n["predictions"] += checks(cfg.semi_steps)
             if j < cfg.iterations - 1:                                            # lines 11-13
                 n["mc_volumes"] += pool - labeled if strategy.uses_mc else 0
                 labeled += cfg.k
@@ -663,12 +669,16 @@ SEMI_STEP_COST = 7 / 3   # a semi-supervised step: two forward-backward passes a
 
 def paper_estimate(r, cfg):
     """Estimated wall time (s) of the paper preset on Task03 from this run's unit costs: a training step, an
-    m-pass MC scoring of this case, and one pass of it. Volumes are taken to be the size of this case."""
+    m-pass MC scoring of this case, and one pass of it. Volumes are taken to be the size of this case; a proxy
+    step (batch_size patches) costs the measured step scaled by its share of patches (not measured)."""
     n = paper_workload()
     step_s, mc_s = r["train"]["step_s"], r["mc"]["ours"]["median_s"]
-    unit_seconds = lambda w: (w["train_steps"] * step_s + w["semi_steps"] * SEMI_STEP_COST * step_s
+    proxy_step_s = step_s / cfg.patches_per_case
+    unit_seconds = lambda w: (w["proxy_steps"] * proxy_step_s + w["train_steps"] * step_s
+                              + w["semi_steps"] * SEMI_STEP_COST * step_s
                               + w["mc_volumes"] * mc_s + w["predictions"] * mc_s / cfg.mc_passes)
-    seconds = {"train": n["train_steps"] * step_s, "semi": n["semi_steps"] * SEMI_STEP_COST * step_s,
+    seconds = {"proxy": n["proxy_steps"] * proxy_step_s, "train": n["train_steps"] * step_s,
+               "semi": n["semi_steps"] * SEMI_STEP_COST * step_s,
                "mc": n["mc_volumes"] * mc_s, "predict": n["predictions"] * mc_s / cfg.mc_passes}
     unit_s = {name: unit_seconds(w) for name, w in unit_work().items()}
     return {"workload": n, "seconds": seconds, "total_s": sum(seconds.values()),
@@ -703,7 +713,8 @@ def speed_rows(r, cfg, device, monai):
                      f"{ratio:.0f}x faster", ">= 5x faster", verdict(ratio >= 5)))
     else:
         rows.append((f"patches {p} (per s)", f"{patches['ours']['per_s']:.1f}", "-", "-", ">= 5x faster", "-"))
-    rows.append((f"train step {cfg.batch_size}x{p} (s/step)", f"{train['step_s']:.2f}", "-", "-", "-", "-"))
+    rows.append((f"train step {cfg.batch_size}x{cfg.patches_per_case}x{p} (s/step)", f"{train['step_s']:.2f}",
+                 "-", "-", "-", "-"))
     cuda = device.type == "cuda"
     rows.append(("  data wait (share of step)", f"{100 * train['data_wait']:.1f} %", "-", "-", "< 10 % on CUDA",
                  verdict(train["data_wait"] < 0.10) if cuda else "n/a cpu"))
@@ -788,9 +799,9 @@ def notes(r, device):
 def paper_line(est):
     n, s = est["workload"], est["seconds"]
     return (f"paper preset on Task03 (105-case pool, 26 validation, 4 iterations, 3 seeds, 12 strategies): "
-            f"{n['train_steps']:,} training + {n['semi_steps']:,} semi-supervised steps, {n['mc_volumes']:,} MC "
-            f"scorings, {n['predictions']:,} predictions -> about {est['total_s'] / 3600:,.0f} h here (training "
-            f"{(s['train'] + s['semi']) / 3600:,.0f} h, MC {s['mc'] / 3600:,.0f} h; volumes the size of this case)"
+            f"{n['proxy_steps']:,} proxy, {n['train_steps']:,} training + {n['semi_steps']:,} semi-supervised steps, "
+            f"{n['mc_volumes']:,} MC scorings, {n['predictions']:,} predictions -> about {est['total_s'] / 3600:,.0f} h "
+            f"here (training {(s['proxy'] + s['train'] + s['semi']) / 3600:,.0f} h, MC {s['mc'] / 3600:,.0f} h; volumes the size of this case)"
             "\n  wall time with torchrun, one rank per device (al_loop's queue simulated): "
             + ", ".join(f"{g} x {fmt_h(w)}" for g, w in est["wall_s"].items()))
 

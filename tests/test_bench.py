@@ -30,10 +30,10 @@ def test_monai_starts_moves_the_last_window_back():
 
 def test_paper_workload_counts_by_hand():
     cfg = dataclasses.replace(al_loop.PAPER, k=2, iterations=2, steps=10, semi_steps=10, proxy_epochs=4,
-                              proxy_val_every=2, proxy_patches_per_case=2, batch_size=2)
+                              proxy_val_every=2, proxy_patches_per_case=2, batch_size=2, keep="last")
     n = bench.paper_workload(pool=20, val=4, seeds=1, cfg=cfg)
     # proxy: 20 steps x 4 epochs; 12 strategies x 2 iterations x 10 steps
-    assert n["train_steps"] == 80 + 240
+    assert n["proxy_steps"] == 80 and n["train_steps"] == 240
     assert n["semi_steps"] == 6 * 2 * 10
     # proxy ranking of the pool; 6 semi strategies score the rest (18, 16) for the most certain cases;
     # 8 strategies acquire by variance or entropy after iteration 1 only (the last one acquires nothing)
@@ -41,6 +41,9 @@ def test_paper_workload_counts_by_hand():
     # validation of the proxy every 2 epochs and after every iteration; noisy labels for len(Tl) cases
     assert n["predictions"] == 2 * 4 + 12 * 2 * 4 + 6 * (2 + 4)
     assert bench.paper_workload(pool=20, val=4, seeds=3, cfg=cfg)["mc_volumes"] == 3 * n["mc_volumes"]
+    # --keep best, validated every 4 steps: after steps 4, 8 and 10 of each of the 24 + 12 stages
+    best = bench.paper_workload(pool=20, val=4, seeds=1, cfg=dataclasses.replace(cfg, keep="best", val_every=4))
+    assert best["predictions"] == n["predictions"] + (24 + 12) * 3 * 4
 
 
 def test_command_line_quick_preset_and_overrides():

@@ -2,6 +2,7 @@
 the training steps. Tiny synthetic volumes of odd sizes, tiny U-Nets or test doubles, CPU, seconds in all
 (tests/conftest.py runs the session on one thread)."""
 import collections
+import functools
 import hashlib
 import itertools
 import math
@@ -17,7 +18,7 @@ from data import foreground_index, window
 from losses import dice_ce_loss
 import train
 from proxy_al import (
-    auto_hu_band, autocast, enable_mc_dropout, evaluate, mc_scores, n_windows, noisy_label, pseudo_label, semi_loss,
+    auto_hu_band, autocast, enable_mc_dropout, evaluate, n_windows, noisy_label, pseudo_label, semi_loss,
     sliding_window, sliding_window_predict, window_starts)
 from train import (
     PatchStream, batches, fmt_s, make_optimizer, needs_scaler, pick_device, supervised_loss, train_proxy,
@@ -28,6 +29,8 @@ SMALL = (4, 8, 8, 8, 8)       # five levels, tiny widths: fast on the CPU
 ROI = (16, 16, 32)            # the cheapest window the 5-level UNet accepts (not 16 on every side)
 WINDOW_HU = (-21, 189)        # Task03 window
 CPU = torch.device("cpu")
+# The variance here sums every class, as direct_scores does; the foreground variance is in test_faithful.py.
+mc_scores = functools.partial(proxy_al.mc_scores, variance_classes="all")
 
 
 def tiny_unet(seed=0, dropout=0.0, out_channels=2):
