@@ -45,11 +45,13 @@ ROOT = Path(__file__).resolve().parents[1]   # the repository: the core modules,
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from scipy import ndimage as ndi  # noqa: E402
 
 import data  # noqa: E402
 
 STRUCTURES = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
 GRID_VOX = (128, 128, 128)   # every OpenKBP array (provided_code/data_shapes.py: patient_shape)
+BODY_HU = -500               # --crop-body: the body is the largest 26-connected component above this (air: -1000)
 HU_OFFSET = 1000             # stored value = HU + 1000 (checked on the data: see the module docstring)
 
 
@@ -82,7 +84,7 @@ def find_patients(src: Path, splits: list[str]) -> list[Path]:
     return patients
 
 
-def read_sparse(path: Path, values: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def read_sparse(path: Path, values: bool, grid_vox=GRID_VOX) -> tuple[np.ndarray, np.ndarray | None]:
     """(indices int64 (N,), values float32 (N,) or None) of an OpenKBP sparse CSV; Skip names a bad file."""
     if not path.is_file():
         raise Skip(f"{path.name} absent")
@@ -92,8 +94,8 @@ def read_sparse(path: Path, values: bool) -> tuple[np.ndarray, np.ndarray | None
     except (ValueError, OSError) as e:
         raise Skip(f"{path.name} unreadable ({e})")
     indices = table[:, 0].astype(np.int64)
-    if indices.size and (indices.min() < 0 or indices.max() >= np.prod(GRID_VOX)):
-        raise Skip(f"{path.name}: indices outside the 128^3 grid")
+    if indices.size and (indices.min() < 0 or indices.max() >= np.prod(grid_vox)):
+        raise Skip(f"{path.name}: indices outside the {'x'.join(map(str, grid_vox))} grid")
     return indices, table[:, 1].astype(np.float32) if values else None
 
 
@@ -102,16 +104,38 @@ def to_ras(volume: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(volume.transpose(1, 0, 2)[::-1, ::-1, ::-1])
 
 
-def affine_ras(voxel_mm) -> np.ndarray:
+def affine_ras(voxel_mm, grid_vox=GRID_VOX) -> np.ndarray:
     """4x4 affine of a RAS-ordered grid: diag(in-plane, in-plane, slice mm), grid centre at the origin."""
     spacing = np.array([voxel_mm[1], voxel_mm[0], voxel_mm[2]], dtype=np.float64)
     affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -spacing * (np.array(GRID_VOX) - 1) / 2
+    affine[:3, 3] = -spacing * (np.array(grid_vox) - 1) / 2
     return affine
 
 
-def convert_patient(folder: Path, classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image int16 HU (X, Y, Z), label uint8 (X, Y, Z), affine 4x4) in RAS; Skip when a file or structure lacks."""
+def body_box(image_hu: np.ndarray, label: np.ndarray, margin_vox: int = 2) -> tuple[slice, ...]:
+    """The bounding box (X, Y, Z slices) of the body (the largest component above BODY_HU) and of the label,
+    widened by margin_vox: the 128^3 grid spans about 500 mm, a head and neck about half of that."""
+    components, n = ndi.label(image_hu > BODY_HU, structure=np.ones((3, 3, 3), bool))
+    keep = label > 0
+    if n:
+        keep |= components == np.bincount(components.ravel())[1:].argmax() + 1
+    if not keep.any():
+        return tuple(slice(0, s) for s in image_hu.shape)
+    where = np.nonzero(keep)
+    return tuple(slice(max(int(w.min()) - margin_vox, 0), min(int(w.max()) + margin_vox + 1, s))
+                 for w, s in zip(where, image_hu.shape))
+
+
+def crop(image_hu, label, affine, box) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays cut to `box`, and the affine moved so that every voxel keeps its place in the world."""
+    moved = affine.copy()
+    moved[:3, 3] += affine[:3, :3] @ np.array([b.start for b in box], dtype=np.float64)
+    return np.ascontiguousarray(image_hu[box]), np.ascontiguousarray(label[box]), moved
+
+
+def convert_patient(folder: Path, classes, grid_vox=GRID_VOX) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image int16 HU (X, Y, Z), label uint8 (X, Y, Z), affine 4x4) in RAS on the 128^3 grid; Skip when a file
+    or a structure lacks."""
     try:
         voxel_mm = np.loadtxt(folder / "voxel_dimensions.csv", ndmin=1)
     except (ValueError, OSError) as e:
@@ -120,18 +144,18 @@ def convert_patient(folder: Path, classes) -> tuple[np.ndarray, np.ndarray, np.n
         raise Skip(f"voxel_dimensions.csv: expected three numbers > 0, got {voxel_mm.tolist()}")
     if not (folder / "ct.csv").is_file():
         raise Skip("ct.csv absent")
-    label = np.zeros(np.prod(GRID_VOX), np.uint8)
+    label = np.zeros(np.prod(grid_vox), np.uint8)
     for c, names in enumerate(classes, 1):
         for name in names:
-            indices, _ = read_sparse(folder / f"{name}.csv", values=False)
+            indices, _ = read_sparse(folder / f"{name}.csv", False, grid_vox)
             if not indices.size:
                 raise Skip(f"{name}.csv empty")
             label[indices] = c
-    indices, stored = read_sparse(folder / "ct.csv", values=True)
-    hu = np.full(np.prod(GRID_VOX), -HU_OFFSET, np.float32)
+    indices, stored = read_sparse(folder / "ct.csv", True, grid_vox)
+    hu = np.full(np.prod(grid_vox), -HU_OFFSET, np.float32)
     hu[indices] = stored - HU_OFFSET
     hu = np.clip(np.rint(hu), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
-    return to_ras(hu.reshape(GRID_VOX)), to_ras(label.reshape(GRID_VOX)), affine_ras(voxel_mm)
+    return to_ras(hu.reshape(grid_vox)), to_ras(label.reshape(grid_vox)), affine_ras(voxel_mm, grid_vox)
 
 
 def dataset_json(out: Path, classes, cases: list[str]) -> dict:
@@ -159,26 +183,32 @@ def hms(seconds: float) -> str:
     return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
-def convert(src, out, classes, splits, log=print) -> tuple[list[str], dict[str, str]]:
-    """Convert every patient of `splits`; returns (converted case ids, {left-out case: reason})."""
+def convert(src, out, classes, splits, max_cases=0, crop_body=False, log=print,
+            grid_vox=GRID_VOX) -> tuple[list[str], dict[str, str]]:
+    """Convert the patients of `splits` (the first max_cases that qualify, when > 0); returns (converted case
+    ids, {left-out case: reason})."""
     src, out = Path(src), Path(out)
     patients = find_patients(src, splits)
     check_out(out, classes)
     done, skipped, t0, new = [], {}, time.time(), 0
     for i, folder in enumerate(patients, 1):
+        if max_cases and len(done) == max_cases:
+            break
         image, label = out / "imagesTr" / f"{folder.name}.nii.gz", out / "labelsTr" / f"{folder.name}.nii.gz"
         if image.is_file() and label.is_file():
             done.append(folder.name)                  # finished by an earlier run (written atomically)
         else:
             try:
-                hu, lab, affine = convert_patient(folder, classes)
+                hu, lab, affine = convert_patient(folder, classes, grid_vox)
+                if crop_body:
+                    hu, lab, affine = crop(hu, lab, affine, body_box(hu, lab))
                 data.write_nifti(label, lab, affine)
                 data.write_nifti(image, hu, affine)   # the image last: its presence marks the case finished
                 done.append(folder.name)
                 new += 1
             except Skip as e:
                 skipped[folder.name] = str(e)
-        if i % 20 == 0 or i == len(patients):
+        if i % 20 == 0 or i == len(patients) or len(done) == max_cases:
             elapsed = time.time() - t0
             log(f"[{i}/{len(patients)}] {len(done)} converted ({new} new), {len(skipped)} left out; "
                 f"elapsed {hms(elapsed)}, ETA {hms(elapsed / i * (len(patients) - i))}")
@@ -208,10 +238,16 @@ def main(argv=None):
     parser.add_argument("--splits", default="train-pats,validation-pats",
                         help="folders under provided-data/ (default train-pats,validation-pats; test-pats is kept "
                              "back for independent checks)")
+    parser.add_argument("--max-cases", type=int, default=0,
+                        help="convert only the first N patients that qualify (natural order); 0: all")
+    parser.add_argument("--crop-body", action="store_true",
+                        help="cut each volume to the body's bounding box (and the label's), 2 voxels around it: "
+                             "about a third of the voxels, for a study on a CPU")
     args = parser.parse_args(argv)
     classes = parse_structures(args.structures)
     t0 = time.time()
-    done, skipped = convert(args.src, args.out, classes, [s.strip() for s in args.splits.split(",") if s.strip()])
+    done, skipped = convert(args.src, args.out, classes, [s.strip() for s in args.splits.split(",") if s.strip()],
+                            args.max_cases, args.crop_body)
     report(done, skipped)
     print(f"wrote {Path(args.out) / 'dataset.json'} in {hms(time.time() - t0)}")
     return 0 if done else 1
