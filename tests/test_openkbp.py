@@ -141,3 +141,10 @@ def test_not_openkbp_names_what_is_missing(tmp_path):
         convert(tmp_path, tmp_path / "out", "Mandible")
     with pytest.raises(SystemExit, match="unknown \\['Jaw'\\]"):
         openkbp.parse_structures("Jaw")
+
+
+def test_real_preset_runs_the_documented_comparison():
+    import al_loop
+    cfg = al_loop.parse_args(["--preset", "real", "--data", "OpenKBP_Mandible", "--hu-band", "300,3000"])[0]
+    assert cfg.strategy == "rand,proxyrank,var,proxyrank_var_semi,full" and cfg.seeds == (0, 1, 2)
+    assert cfg.n_val == 8 and cfg.k == 3 and cfg.iterations == 3 and cfg.hu_band == "300,3000"
