@@ -15,15 +15,18 @@ a sparse CSV "index,value" whose index is the C-order (row-major) position in a 
 lists the indices inside the structure (empty value). CT values are stored as HU + 1000 and absent where the
 stored value is 0 (air, -1000 HU). voxel_dimensions.csv holds three numbers: in-plane, in-plane, slice (mm).
 
-Axis order and orientation, read from the data of all 240 train and validation patients rather than assumed:
+Axis order and orientation, read from the data rather than assumed:
   - axis 2 is the slice axis: voxel_dimensions' third number (1.5-3.3 mm) differs from the first two
-    (1.95-5.4 mm, equal in every patient), and the contours' extents along it are those of 2-3 mm slices;
+    (1.95-5.4 mm, equal to each other in every patient);
   - axis 0 runs anterior -> posterior: the mandible's centroid lies at a smaller axis-0 index than the
     spinal cord's, and they share axis 1 (the midline);
   - axis 1 runs patient right -> left: RightParotid's centroid lies at a smaller axis-1 index than LeftParotid's;
-  - axis 2 runs superior -> inferior: the brainstem lies at a smaller axis-2 index than the mandible, the
-    esophagus at a larger one. (Rows A->P and columns R->L are how a DICOM axial slice is stored.)
-  All three held in each of the 25 patients checked with all five structures (every 4th patient with a CT).
+  - axis 2 runs superior -> inferior: the brainstem lies at a smaller axis-2 index than the mandible.
+    (Rows A->P and columns R->L are how a DICOM axial slice is stored.)
+  The spacings hold in all 240 train and validation patients; the three centroid orders in each of the 25
+  with all five structures among every 4th patient folder with a CT. Read back by data.py (RAS), the output
+  of 4 validation patients has the mandible anterior of the cord, the right parotid at larger X and the
+  brainstem above the mandible.
   Each volume is written in RAS order (X toward the patient's right, Y anterior, Z superior: axes 1, 0, 2, each
   reversed) with affine diag(in-plane, in-plane, slice mm), the grid's centre at the origin (the data carry no
   position). The HU offset was checked on the same patients: the median stored value is 1514-1990 inside the
@@ -32,9 +35,10 @@ Axis order and orientation, read from the data of all 240 train and validation p
 
 A patient whose ct.csv or voxel_dimensions.csv is absent or unreadable, or who lacks a chosen structure
 (absent or empty file), is left out and listed at the end with a count. A repository snapshot may lack some
-large files (a mirror without Git LFS objects lacks about 15 % of the ct.csv files): they are reported as absent.
+large files (the mirror used here lacked 37 of the 240 ct.csv files, 15 %): they are reported as absent.
 Rerunning is safe: every file is written atomically (data.atomic_write) and a case whose image and label exist
-is skipped. The test-pats split is not converted unless named in --splits.
+is skipped. The test-pats split is not converted unless named in --splits. --crop-body cuts each volume to
+the body's bounding box (the affine moves with it); --max-cases N keeps the first N patients that qualify.
 """
 import argparse
 import sys
