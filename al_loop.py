@@ -98,7 +98,7 @@ class Config:
     save_maps: int = opt(0, "write MC variance maps of the N top-ranked cases as NIfTI", at_least(0))
     phantom_cases: int = opt(20, "demo: number of phantom cases", at_least(1))
     cache_dir: str = opt("", "preprocessed cache, shared by runs; empty -> $XDG_CACHE_HOME/proxy-al (else ~/.cache/proxy-al)")
-    preset: str = opt("", "demo or paper; empty -> demo without --data, paper with it")
+    preset: str = opt("", "demo, paper or real (OpenKBP CT); empty -> demo without --data, paper with it")
 
 
 PAPER = Config()
@@ -117,7 +117,16 @@ DEMO = dataclasses.replace(
     spacing_mm=(3.0, 3.0, 3.0), patch_vox=(32, 32, 32), roi_vox=(48, 48, 48), steps=160, semi_steps=80,
     proxy_epochs=16, proxy_val_every=4, mc_passes=4, channels=(8, 16, 32, 64, 128), lr=5e-3, lr_decay="cosine",
     warmup_steps=20, head_init="proxy", proxy_patches="balanced", phantom_cases=24, patches_per_case=1, val_every=40)
-PRESETS = {"paper": PAPER, "demo": DEMO}
+# real: the OpenKBP head-and-neck CTs (benchmarks/openkbp.py --crop-body --max-cases 32: 24 pool, 8 validation
+# cases), 3 seeds on a 2-core CPU; the demo's departures, and further:
+#  - 6 mm voxels and a 4-level network (8-64 channels): a mandible or a parotid is a few hundred voxels;
+#  - 40 supervised and 20 semi-supervised steps, a 5-step warm-up, a proxy of 2 epochs, m = 3 (k = 3, 2 iterations);
+#  - the soft-tissue window -160,240 HU (W:400 L:40): the paper's windows are those of the liver tasks.
+REAL = dataclasses.replace(
+    DEMO, strategy="rand,proxyrank,var,proxyrank_var_semi,full", seeds=(0, 1, 2),
+    spacing_mm=(6.0, 6.0, 6.0), roi_vox=(64, 64, 64), channels=(8, 16, 32, 64), steps=40, semi_steps=20,
+    warmup_steps=5, proxy_epochs=2, proxy_val_every=1, mc_passes=3, window_hu=(-160.0, 240.0))
+PRESETS = {"paper": PAPER, "demo": DEMO, "real": REAL}
 PHANTOM_ONLY = ("n_val", "phantom_cases")   # sized for the 24 phantoms: a user's folder gets the paper's rule
 
 
