@@ -10,7 +10,6 @@ strategy (`run_strategy`). The run around the method (its folder, state files an
 """
 import dataclasses
 import os
-import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -19,14 +18,13 @@ import numpy as np
 import torch
 
 import cli
-import study as runs          # (a study is the local name of one run: study.Study)
 from annotate import require_labels, save_maps
 from cli import LO_HI, SIDES, at_least, one_of, opt, within
 from files import ProxyAlError
 from losses import dice_per_class
-from proxy_al import evaluate, mc_scores, noisy_label, pseudo_label, semi_loss, sliding_window_predict
+from proxy_al import MIN_MC_PASSES, evaluate, mc_scores, noisy_label, pseudo_label, semi_loss, sliding_window_predict
 from report import nanmean, pseudo_label_report
-from study import stage_seed
+from study import Method, export_nnunet, report_only, run_study, stage_seed
 from train import PatchStream, Stage, batches, supervised_loss, train_proxy
 from unet import load_backbone
 
@@ -69,8 +67,7 @@ class Config:
     proxy_epochs: int = opt(100, "proxy training epochs on the pseudo labels (paper: 100)", at_least(1))
     proxy_val_every: int = opt(5, "validate the proxy every N epochs and keep the best (paper: 5)", at_least(1))
     proxy_patches_per_case: int = opt(2, "patches per pool case and epoch of proxy training", at_least(1))
-    mc_passes: int = opt(10, "MC-dropout passes m (paper: 10)", (lambda v: v >= 2, "must be at least 2 (a variance "
-                                                                  "needs two passes)"))
+    mc_passes: int = opt(10, "MC-dropout passes m (paper: 10)", at_least(MIN_MC_PASSES))
     dropout: float = opt(0.2, "dropout probability p (paper: 0.2)", within(0, 1, hi_open=True))
     channels: tuple = opt((16, 32, 64, 128, 256), "U-Net widths, one per level (paper: 5 levels)",
                           (lambda v: len(v) >= 2 and min(v) >= 1, "at least two widths, each >= 1"))
@@ -148,69 +145,56 @@ def pseudo_labels(study, ids):
     def make(cid):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an empty band is reported in the table below instead
-            return pseudo_label(study.image_hu(cid), band, cid)
+            return pseudo_label(study.cases.image_hu(cid), band, cid)
 
     for cid in ids:
-        source = os.stat(study.cases[cid]["image"])
-        key = [study.cfg.hu_band, study.cfg.spacing_mm, study.cfg.crop, study.window_hu, study.cases[cid]["image"],
+        source = os.stat(study.cases.files[cid]["image"])
+        key = [study.cfg.hu_band, study.cfg.spacing_mm, study.cfg.crop, study.cases.window_hu, study.cases.files[cid]["image"],
                source.st_size, source.st_mtime_ns]        # what made it: another --crop or grid makes it again
-        labels[cid] = study.saved_array(f"pseudo_labels/{cid}", lambda: make(cid), key)
-        dice = (dice_per_class(study.uncrop(cid, labels[cid]), np.asarray(study.label(cid)) > 0, 2)[0]
-                if cid in study.val else None)
+        labels[cid] = study.run.saved_array(f"pseudo_labels/{cid}", lambda: make(cid), key)
+        dice = (dice_per_class(study.cases.uncrop(cid, labels[cid]), np.asarray(study.cases.label(cid)) > 0, 2)[0]
+                if cid in study.cases.val else None)
         report.append((cid, int(labels[cid].sum()), dice))
-    labeled_hu = lambda: np.concatenate([hu[label > 0] for hu, label, _ in map(study.labeled_volume, study.val)])
+    labeled_hu = lambda: np.concatenate([hu[label > 0] for hu, label, _ in map(study.cases.labeled_volume, study.cases.val)])
     study.log(pseudo_label_report(study.out, report, study.cfg.hu_band, study.cfg.spacing_mm, labeled_hu))
     return labels
 
 
 def proxy_model(study, seed):
     """Lines 2-3 (training): the proxy model Mp on the pseudo labels, once per seed (a unit of its own)."""
-    cfg = study.cfg
+    cfg, cases = study.cfg, study.cases
     model = study.new_model(2, seed, "proxy")
-    if study.load_checkpoint(f"seed{seed}/proxy", model, study.pool) is None:
-        shutil.rmtree(study.out / "scores" / f"seed{seed}", ignore_errors=True)    # scores of an older Mp
+    if study.load_checkpoint(f"seed{seed}/proxy", model, cases.pool) is None:
+        study.run.drop_scores(seed)                                         # the scores of an older Mp
         study.log(f"seed {seed}: proxy model on pseudo labels ({cfg.proxy_epochs} epochs)")
-        labels = pseudo_labels(study, study.pool + study.val)    # lines 1-2: U (and validation, for Mp's check)
-        volumes = [study.labeled_volume(c, labels[c]) for c in study.pool]
-        val_cases = (lambda: ((study.image(c), labels[c]) for c in study.val)) if study.val else None
-        steps = max(1, len(study.pool) * cfg.proxy_patches_per_case // cfg.batch_size)
+        labels = pseudo_labels(study, cases.pool + cases.val)    # lines 1-2: U (and validation, for Mp's check)
+        volumes = [cases.labeled_volume(c, labels[c]) for c in cases.pool]
+        val_cases = (lambda: ((cases.image(c), labels[c]) for c in cases.val)) if cases.val else None
+        steps = max(1, len(cases.pool) * cfg.proxy_patches_per_case // cfg.batch_size)
         history = train_proxy(model, volumes, val_cases, cfg.proxy_epochs, cfg.proxy_val_every, steps,  # line 3
                               study.device, stage_seed(seed, "proxy"), patch_vox=cfg.patch_vox,
-                              batch_size=cfg.batch_size, window_hu=study.window_hu, lr=cfg.lr,
+                              batch_size=cfg.batch_size, window_hu=cases.window_hu, lr=cfg.lr,
                               workers=study.workers, roi=cfg.roi_vox, overlap=cfg.overlap,
                               fg_fraction=None if cfg.proxy_patches == "random" else cfg.fg_fraction,
                               by_class=cfg.fg_draw == "classes", warmup_steps=cfg.warmup_steps, decay=cfg.lr_decay,
                               progress=study.bar)
-        study.save_checkpoint(f"seed{seed}/proxy", model, study.pool, history=history)
-    study.proxy_net = (seed, model)
-    study.signal(f"proxy{seed}")                                # ready for the pool's scoring
+        study.save_checkpoint(f"seed{seed}/proxy", model, cases.pool, history=history)
+    return model
 
 
 def proxy_score(study, seed, cid):
-    """Line 3 (uncertainty) for one pool case: its MC-dropout scores under Mp, in a file of its own (a unit:
-    the pool's scoring is shared by all ranks, and a restarted run skips the cases already scored)."""
-    if not study.has_scores(seed, cid):
-        study.wait_for(f"proxy{seed}", 1, f"the proxy of seed {seed}")
-        study.save_scores(seed, cid, score_cases(study, study.proxy(seed), [cid], f"seed{seed}/proxy")[cid])
-    done = study.signal(f"scored{seed}")
-    study.scoring.setdefault(seed, study.bar(f"seed {seed}: pool scored under the proxy", len(study.pool))).update(done)
-    if done == len(study.pool) and study.cfg.save_maps:                           # the last case
-        save_maps(study, study.proxy(seed), load_proxy(study, seed).scores, f"seed{seed}/proxy")
-
-
-def load_proxy(study, seed):
-    """What lines 1-3 give every proxyrank strategy of a seed, once the whole pool is scored."""
-    study.wait_for(f"scored{seed}", len(study.pool), f"the pool scores of seed {seed}")
-    return Proxy(weights=study.proxy(seed).state_dict(), scores={c: study.load_scores(seed, c) for c in study.pool})
+    """Line 3 (uncertainty) for one pool case: its MC-dropout scores under Mp (the queue saves them in a file of
+    their own, so the pool's scoring is shared by all ranks and a restarted run skips the cases scored)."""
+    return score_cases(study, study.proxy(seed), [cid], f"seed{seed}/proxy")[cid]
 
 
 def initial_scores(study, seed, strategy, proxy):
     """Line 4: the ranking of the whole pool by the proxy's scores (by entropy for proxyrank_ent*, BALD for
     proxyrank_bald*, else variance), or without the proxy a seeded random order shared by the seed's others."""
     if strategy.proxy:
-        return {c: proxy.scores[c][strategy.measure] for c in study.pool}
+        return {c: proxy.scores[c][strategy.measure] for c in study.cases.pool}
     rng = np.random.default_rng(stage_seed(seed, "initial"))
-    return dict(zip(study.pool, rng.permutation(len(study.pool)).astype(float)))
+    return dict(zip(study.cases.pool, rng.permutation(len(study.cases.pool)).astype(float)))
 
 # ----------------------------------------------------------------------------- Algorithm 1, lines 5-18
 
@@ -219,113 +203,113 @@ def run_strategy(study, strategy, seed, proxy):
     """Lines 5-18 for one strategy and seed; its state is saved once per iteration. The cases already acquired
     are kept whatever --k a rerun gives (it sizes the acquisitions still to come), and a finished run given more
     --iterations first acquires after its last iteration, as an uninterrupted run would have."""
-    cfg = study.cfg
-    st = study.run_state(seed, strategy)
-    if not st["initial"]:                                                # nothing selected yet
-        st["initial"] = annotate(st, initial_scores(study, seed, strategy, proxy), study.first_pool(strategy))  # line 5
-        study.save_state(seed, strategy.name)
+    cfg, pool = study.cfg, study.cases.pool
+    state = study.run_state(seed, strategy)
+    if not state.initial:                                                # nothing selected yet: line 5
+        state.initial.extend(add_top_k(state, initial_scores(study, seed, strategy, proxy), study.first_pool(strategy)))
+        study.run.save_state(seed, strategy.name)
     iterations = strategy.iterations(cfg.iterations)
-    for j in range(len(st["iterations"]), iterations):                                       # line 6
-        if j and "acquired" not in st["iterations"][-1]:     # the run ended at j - 1 before: its lines 12-16 now
-            last = st["iterations"][-1]
-            acquire(study, study.final_model(seed, strategy, j - 1, last) if strategy.uses_mc else None, st, last,
+    for j in range(len(state.iterations), iterations):                                      # line 6
+        if j and "acquired" not in state.iterations[-1]:     # the run ended at j - 1 before: its lines 12-16 now
+            last = state.iterations[-1]
+            acquire(study, study.final_model(seed, strategy, j - 1, last) if strategy.uses_mc else None, state, last,
                     seed, strategy, proxy, j - 1)
-            study.save_state(seed, strategy.name)
-        require_labels(study, st, seed, strategy)
-        tag, labeled = f"seed{seed}/{strategy.name}/iter{j}", list(st["labeled"])
+            study.run.save_state(seed, strategy.name)
+        require_labels(study, state, seed, strategy)
+        key, labeled = f"seed{seed}/{strategy.name}/iter{j}", list(state.labeled)    # key: its checkpoints' names
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}/{iterations}: {len(labeled)} labeled")
-        model = supervised(study, labeled, proxy.weights if strategy.proxy else None, tag)   # line 7: Ms
+        model = supervised(study, labeled, proxy.weights if strategy.proxy else None, key)   # line 7: Ms
         record = {"n_labeled": len(labeled)}
-        unlabeled = [c for c in study.pool if c not in labeled]
+        unlabeled = [c for c in pool if c not in labeled]
         if strategy.semi and not unlabeled:     # nothing left to fine-tune on: Ms stands in for Msemi
             warnings.warn(f"{strategy.name} seed {seed} iteration {j + 1}: every pool case is labeled, so lines "
                           "9-11 (semi-supervised fine-tuning on the most certain unlabeled cases) are skipped")
             record["certain"] = []
         elif strategy.semi:                                                                  # line 8
-            record["certain"] = most_certain(study, model, unlabeled, len(labeled), strategy, tag)  # line 9
-            model = semi_finetune(study, model, labeled, record["certain"], tag)             # lines 10-11: Msemi
+            record["certain"] = most_certain(study, model, unlabeled, len(labeled), strategy, key)  # line 9
+            model = semi_finetune(study, model, labeled, record["certain"], key)             # lines 10-11: Msemi
         record.update(validate(study, model))
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}: validation mean Dice {record['mean_dice']:.4f}")
-        if j < iterations - 1 or study.annotation:          # lines 14 / 17: else (no Msemi), Ms scores U
-            acquire(study, model, st, record, seed, strategy, proxy, j)
-        st["iterations"].append(record)
-        study.save_state(seed, strategy.name)        # the record and the cases it acquired, in one write
+        if j < iterations - 1 or study.cases.annotation:          # lines 14 / 17: else (no Msemi), Ms scores U
+            acquire(study, model, state, record, seed, strategy, proxy, j)
+        state.iterations.append(record)
+        study.run.save_state(seed, strategy.name)        # the record and the cases it acquired, in one write
         study.write_reports()
         study.progress(1)                                                                   # line 18
-    require_labels(study, st, seed, strategy)
-    done, waiting = len(st["iterations"]), st["iterations"][-1].get("acquired")
+    require_labels(study, state, seed, strategy)
+    done, waiting = len(state.iterations), state.iterations[-1].get("acquired")
     if waiting:                 # annotation mode's last acquisition (or a run cut back by --iterations)
         study.log(f"{strategy.name} seed {seed}: the {len(waiting)} case(s) acquired after iteration {done} are "
                   f"labeled but not trained on; rerun with --iterations {done + 1} to train on them")
 
 
-def acquire(study, model, st, record, seed, strategy, proxy, j):
+def acquire(study, model, state, record, seed, strategy, proxy, j):
     """Lines 12-16 after iteration j: the unlabeled pool scored under its final model, the top k join Tl."""
-    scores = acquisition_scores(study, model, st, seed, strategy, proxy, j)                 # lines 12 / 15
-    record["acquired"], record["scores"] = annotate(st, scores, study.cfg.k), scores         # lines 13 / 16
+    scores = acquisition_scores(study, model, state, seed, strategy, proxy, j)              # lines 12 / 15
+    record["acquired"], record["scores"] = add_top_k(state, scores, study.cfg.k), scores     # lines 13 / 16
 
 
-def annotate(st, scores, k):
+def add_top_k(state, scores, k):
     """Lines 5, 13 and 16: the k highest-scoring cases not yet labeled join Tl (stable on ties). Returns them."""
-    new = sorted((c for c in scores if c not in st["labeled"]), key=lambda c: -scores[c])[:k]
-    st["labeled"] += new
-    st["scores"].update({c: scores[c] for c in new})
+    new = sorted((c for c in scores if c not in state.labeled), key=lambda c: -scores[c])[:k]
+    state.labeled.extend(new)
+    state.scores.update({c: scores[c] for c in new})
     return new
 
 
-def paired(tag, *parts):
-    """A stage seed shared by every strategy of the tag's seed (tag: seed{N}/{strategy}/iter{j}): of its seed
-    and `parts` only, so that two strategies differ only in what they do differently (docs/method.md)."""
-    return stage_seed(tag.split("/")[0], *parts)
+def paired(key, *parts):
+    """A stage seed shared by every strategy of the key's seed (key: an iteration's, seed{N}/{strategy}/iter{j}):
+    of its seed and `parts` only, so that two strategies differ only in what they do differently (docs/method.md)."""
+    return stage_seed(key.split("/")[0], *parts)
 
 
-def supervised(study, labeled, init_state, tag):
+def supervised(study, labeled, init_state, key):
     """Line 7: train Ms on Tl for a fixed number of steps, from Mp's weights (new head) or from scratch.
     The seed's strategies share the initial weights, and on the same cases the patches and dropout masks."""
     cfg, cases = study.cfg, sorted(labeled)
-    model = study.new_model(study.num_classes, tag.split("/")[0], "init")
-    if study.load_checkpoint(tag + "_sup", model, labeled) is None:
+    model = study.new_model(study.cases.num_classes, key.split("/")[0], "init")
+    if study.load_checkpoint(key + "_sup", model, labeled) is None:
         if init_state is not None:
             load_backbone(model, init_state, head_from_proxy=cfg.head_init == "proxy")
-        stream = PatchStream([study.labeled_volume(c) for c in cases], cfg.patch_vox, cfg.fg_fraction,
-                             study.window_hu, paired(tag, "sup", *cases), by_class=cfg.fg_draw == "classes",
+        stream = PatchStream([study.cases.labeled_volume(c) for c in cases], cfg.patch_vox, cfg.fg_fraction,
+                             study.cases.window_hu, paired(key, "sup", *cases), by_class=cfg.fg_draw == "classes",
                              patches_per_case=cfg.patches_per_case)
         loader = batches(stream, cfg.batch_size * cfg.patches_per_case, study.workers, study.device)
-        stats = train(study, model, supervised_loss, loader, cfg.steps, paired(tag, "dropout", *cases), "supervised")
-        study.save_checkpoint(tag + "_sup", model, labeled, stats=stats)
+        stats = run_stage(study, model, supervised_loss, loader, cfg.steps, paired(key, "dropout", *cases), "supervised")
+        study.save_checkpoint(key + "_sup", model, labeled, stats=stats)
     return model
 
 
-def most_certain(study, model, ids, n, strategy, tag):
+def most_certain(study, model, ids, n, strategy, key):
     """Line 9: the n most certain cases of U under Ms (by the strategy's own measure, else variance)."""
-    scores = score_cases(study, model, ids, tag + "/certain")
+    scores = score_cases(study, model, ids, key + "/certain")
     return sorted(ids, key=lambda c: scores[c][strategy.measure])[:n]
 
 
-def semi_finetune(study, model, labeled, certain, tag):
+def semi_finetune(study, model, labeled, certain, key):
     """Lines 10-11: noisy labels Tn of Un from Ms (tau), then Msemi = Ms fine-tuned on {Tl, Tn}."""
     cfg = study.cfg
-    if study.load_checkpoint(tag + "_semi", model, labeled + certain) is not None:
+    if study.load_checkpoint(key + "_semi", model, labeled + certain) is not None:
         return model
     model.eval()
-    noisy = {c: noisy_label(sliding_window_predict(model, study.image(c), cfg.roi_vox, cfg.overlap), cfg.tau)
+    noisy = {c: noisy_label(sliding_window_predict(model, study.cases.image(c), cfg.roi_vox, cfg.overlap), cfg.tau)
              for c in certain}                                                                   # line 10
     cases, pair = sorted(labeled), ("|", *sorted(certain))             # seeds shared on the same cases
-    sup = PatchStream([study.labeled_volume(c) for c in cases], cfg.patch_vox, cfg.fg_fraction, study.window_hu,
-                      paired(tag, "semi-sup", *cases), by_class=cfg.fg_draw == "classes",
+    sup = PatchStream([study.cases.labeled_volume(c) for c in cases], cfg.patch_vox, cfg.fg_fraction, study.cases.window_hu,
+                      paired(key, "semi-sup", *cases), by_class=cfg.fg_draw == "classes",
                       patches_per_case=cfg.patches_per_case)
-    two = PatchStream([study.labeled_volume(c, noisy[c]) for c in sorted(certain)], cfg.patch_vox,
-                      cfg.semi_fg_fraction, study.window_hu, paired(tag, "semi-unl", *cases, *pair), two_views=True,
+    two = PatchStream([study.cases.labeled_volume(c, noisy[c]) for c in sorted(certain)], cfg.patch_vox,
+                      cfg.semi_fg_fraction, study.cases.window_hu, paired(key, "semi-unl", *cases, *pair), two_views=True,
                       by_class=cfg.fg_draw == "classes", patches_per_case=cfg.patches_per_case)
     workers, n = (max(study.workers // 2, 1) if study.workers else 0), cfg.batch_size * cfg.patches_per_case
     pairs = zip(batches(sup, n, workers, study.device), batches(two, n, workers, study.device))
-    stats = train(study, model, lambda m, b: semi_loss(m, b, cfg.alpha, cfg.beta), pairs, cfg.semi_steps,   # line 11
-                  paired(tag, "semi-dropout", *cases, *pair), "semi-supervised")
-    study.save_checkpoint(tag + "_semi", model, labeled + certain, stats=stats)
+    stats = run_stage(study, model, lambda m, b: semi_loss(m, b, cfg.alpha, cfg.beta), pairs, cfg.semi_steps,   # line 11
+                  paired(key, "semi-dropout", *cases, *pair), "semi-supervised")
+    study.save_checkpoint(key + "_semi", model, labeled + certain, stats=stats)
     return model
 
 
-def train(study, model, step_loss, data, steps, dropout_seed, tag):
+def run_stage(study, model, step_loss, data, steps, dropout_seed, what):
     """One training stage of Ms or Msemi: `steps` Adam steps at the config's lr and schedule. With --keep best
     (the first author's tutorial keeps its best validated model) the model is validated every --val-every
     steps and after the last, and ends with the weights of the best validation mean Dice (the first of equal
@@ -333,12 +317,12 @@ def train(study, model, step_loss, data, steps, dropout_seed, tag):
     cfg = study.cfg
     stage = Stage(model, step_loss, data, steps, study.device, cfg.lr, cfg.warmup_steps, cfg.lr_decay, dropout_seed,
                   study.bar)
-    if cfg.keep == "last" or not study.val:
-        return stage.run(tag)
+    if cfg.keep == "last" or not study.cases.val:
+        return stage.run(what)
     best, parts, history = None, [], []
     for done in range(0, steps, cfg.val_every):
         n = min(cfg.val_every, steps - done)
-        parts.append((n, stage.run(f"{tag} steps {done + 1}-{done + n}/{steps}", n)))
+        parts.append((n, stage.run(f"{what} steps {done + 1}-{done + n}/{steps}", n)))
         dice = validate(study, model)["mean_dice"]          # eval mode; train_steps sets train mode again
         history.append((done + n, dice))
         if best is None or np.nan_to_num(dice, nan=-1.0) > best[0]:
@@ -350,28 +334,29 @@ def train(study, model, step_loss, data, steps, dropout_seed, tag):
             "validation": history}
 
 
-def acquisition_scores(study, model, st, seed, strategy, proxy, j):
+def acquisition_scores(study, model, state, seed, strategy, proxy, j):
     """Lines 12 and 15: a score for every unlabeled pool case under Msemi or Ms; higher is acquired first."""
-    rest = [c for c in study.pool if c not in st["labeled"]]
+    rest = [c for c in study.cases.pool if c not in state.labeled]
     if strategy.acquisition == "proxy":                  # the proxy ranking itself, in order
-        return {c: proxy.scores[c]["variance"] for c in rest}
+        return {c: proxy.scores[c][strategy.measure] for c in rest}
     if strategy.acquisition == "random":                 # shared by the seed's random strategies: paired
         rng = np.random.default_rng(stage_seed(seed, "random", j))
         return dict(zip(rest, rng.permutation(len(rest)).astype(float)))
-    mc = score_cases(study, model, rest, f"seed{seed}/{strategy.name}/iter{j}")
+    key = f"seed{seed}/{strategy.name}/iter{j}"
+    mc = score_cases(study, model, rest, key)
     if study.cfg.save_maps:
-        save_maps(study, model, mc, f"seed{seed}/{strategy.name}/iter{j}")
+        save_maps(study, model, mc, key)
     return {c: mc[c][strategy.acquisition] for c in rest}
 
 
-def score_cases(study, model, ids, tag):
+def score_cases(study, model, ids, key):
     """MC-dropout scores of each case: {id: {"variance", "entropy", "bald"}}. Each case is seeded on its own,
     so its scores do not depend on which rank scores it or on the cases before it."""
     cfg, scores = study.cfg, {}
     progress = study.bar(f"MC scoring ({cfg.mc_passes} passes)", len(ids))
     for i, cid in enumerate(ids, 1):
-        torch.manual_seed(stage_seed(tag, "mc", cid))
-        scores[cid] = mc_scores(model, study.image(cid), cfg.mc_passes, cfg.roi_vox, cfg.overlap,
+        torch.manual_seed(stage_seed(key, "mc", cid))
+        scores[cid] = mc_scores(model, study.cases.image(cid), cfg.mc_passes, cfg.roi_vox, cfg.overlap,
                                 variance_classes=cfg.variance_classes)
         progress.update(i)
     return scores
@@ -383,33 +368,18 @@ def validate(study, model):
     reduction="mean"), as the first author's tutorial reports it: per case the mean over its present classes,
     then the mean over the cases. Each case is scored on box(cid, labeled=True), which holds all its
     foreground: outside it both label and prediction are background, so the Dice is the full grid's."""
-    if not study.val:
-        return {"dice": [float("nan")] * (study.num_classes - 1), "mean_dice": float("nan"), "per_case": {}}
-    per_case = evaluate(model, (study.labeled_case(c) for c in study.val), study.num_classes,
+    if not study.cases.val:
+        return {"dice": [float("nan")] * (study.cases.num_classes - 1), "mean_dice": float("nan"), "per_case": {}}
+    per_case = evaluate(model, (study.cases.labeled_case(c) for c in study.cases.val), study.cases.num_classes,
                         study.cfg.roi_vox, study.cfg.overlap)
     return {"dice": nanmean(per_case, 0).tolist(), "mean_dice": float(nanmean(nanmean(per_case, 1))),
-            "per_case": {c: row.tolist() for c, row in zip(study.val, per_case)}}
+            "per_case": {c: row.tolist() for c, row in zip(study.cases.val, per_case)}}
 
-# ----------------------------------------------------------------------------- the study's units of work
-
-
-def plan(study, strategies):
-    """The units of work in the order the queue hands them out: a proxy training per seed (one rank each),
-    the proxies' pool scoring by case (all ranks), then the (seed, strategy) runs, costliest first."""
-    proxy_seeds = [seed for seed in study.cfg.seeds if any(s.proxy for s in strategies)]
-    runs_ = sorted(((seed, s) for seed in study.cfg.seeds for s in strategies), key=lambda u: -u[1].cost)
-    return ([("proxy", seed, None) for seed in proxy_seeds] + [("score", seed, c) for seed in proxy_seeds
-                                                               for c in study.pool] + [("run", *u) for u in runs_])
+# ----------------------------------------------------------------------------- the study
 
 
-def run_unit(study, kind, seed, what):
-    """One unit of plan(): a proxy training, one pool case's scores under a proxy, or a (seed, strategy) run."""
-    if kind == "proxy":
-        proxy_model(study, seed)
-    elif kind == "score":
-        proxy_score(study, seed, what)
-    else:
-        run_strategy(study, what, seed, load_proxy(study, seed) if what.proxy else None)
+METHOD = Method(proxy_model=proxy_model, proxy_score=proxy_score, proxy=Proxy, run_strategy=run_strategy,
+                save_maps=save_maps)       # what the study's queue runs (study.work)
 
 
 def parse_args(argv=None):
@@ -426,10 +396,10 @@ def main(argv=None):
     cli.check_options(cfg)                   # every check before the long work
     try:
         if actions.report:
-            return runs.report_only(cfg)
+            return report_only(cfg)
         if actions.export_nnunet is not None:
-            return runs.export_nnunet(cfg, actions)
-        return runs.run(cfg, plan, run_unit, actions.rebuild_state, actions.default_strategy)
+            return export_nnunet(cfg, actions)
+        return run_study(cfg, METHOD, actions.rebuild_state, actions.default_strategy)
     except ProxyAlError as err:              # a problem the user can fix: its one-line message, exit status 1
         raise SystemExit(str(err)) from None
 

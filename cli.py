@@ -118,19 +118,19 @@ def parse_args(cls, presets, description, argv=None):
     --preset, else demo without --data and paper with it."""
     p = add_actions(config_parser(cls, presets, description))
     args = vars(p.parse_args(join_negative_values(argv if argv is not None else sys.argv[1:])))
-    actions = argparse.Namespace(**{k: args.pop(k) for k in ("report", "rebuild_state", "export_nnunet", "seed",
-                                                              "iteration", "export_to", "overwrite")})
+    actions = {k: args.pop(k) for k in ("report", "rebuild_state", "export_nnunet", "seed", "iteration", "export_to",
+                                        "overwrite")}
     given = config_values(cls, args, p)
     if "data_root" not in given and os.environ.get("MSD_DATA_ROOT"):
         given["data_root"] = os.environ["MSD_DATA_ROOT"]
     preset = given.pop("preset", "") or ("paper" if given.get("data", "demo") != "demo" else "demo")
     if preset not in presets:
         p.error(f"--preset {preset}: choose one of {', '.join(presets)}")
-    if (actions.report or actions.export_nnunet is not None) and not given.get("out"):
+    if (actions["report"] or actions["export_nnunet"] is not None) and not given.get("out"):
         p.error("--report and --export-nnunet need --out: the run folder to read")
-    if actions.export_nnunet is None and (actions.seed is not None or actions.iteration is not None):
+    if actions["export_nnunet"] is None and (actions["seed"] is not None or actions["iteration"] is not None):
         p.error("--seed and --iteration choose what --export-nnunet exports; the study's seeds are --seeds")
-    actions.default_strategy, actions.given = "strategy" not in given, set(given)
+    actions = argparse.Namespace(**actions, default_strategy="strategy" not in given, given=set(given))
     return dataclasses.replace(presets[preset], preset=preset, **given), actions
 
 

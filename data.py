@@ -1,7 +1,6 @@
-"""Data for proxy-ranked active learning on 3D CT, top to bottom: 2. the data folder (Medical Segmentation
-Decathlon, nnU-Net v2 raw, or paired by file name), 3. NIfTI reading in RAS (nibabel only there and in
-write_nifti), 4. resampling and HU windowing (pure numpy), 5. the memory-mapped preprocessed cache, 6. patches
-(the paper's 1:1 draw) and intensity augmentation, 7. the pool / validation split. (1, atomic writes: files.py.)
+"""CT volumes for the loop, top to bottom: 1. writing and 2. reading NIfTI in RAS (nibabel only here), 3.
+resampling, HU windowing and the body box (pure numpy), 4. the memory-mapped preprocessed cache. The data-set
+folders are folders.py; patches are train.py; the split is cases.py.
 
 Arrays are (X, Y, Z) in RAS order: index X grows toward the patient's Right, Y toward Anterior, Z toward Superior.
 """
@@ -9,7 +8,6 @@ import gzip
 import hashlib
 import json
 import os
-import re
 import warnings
 import zlib
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from files import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from files import atomic_save_npy, atomic_write_bytes
 
 # Paper settings: clip HU to these windows, then scale to [0, 1].
 TASK_WINDOWS_HU = {"Task03_Liver": (-21, 189), "Task08_HepaticVessel": (-3, 243)}
@@ -44,309 +42,7 @@ def write_nifti(path, array: np.ndarray, affine: np.ndarray) -> Path:
     return atomic_write_bytes(path, gzip.compress(raw, 6) if str(path).endswith(".gz") else raw)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. The data folder, in one of three layouts:
-#    MSD:      root/dataset.json ("training" list, labels int -> name), imagesTr/<case>.nii.gz, labelsTr/<case>.nii.gz
-#    nnU-Net:  root/dataset.json (channel_names, labels name -> int, file_ending), imagesTr/<case>_0000<ending>,
-#              labelsTr/<case><ending>
-#    no json:  imagesTr/<case>.nii.gz or imagesTr/<case>_0000.nii.gz, paired with labelsTr/<case>.nii.gz by name
-
-# nnU-Net also reads .mha, .nrrd, .png and .tif (SimpleITK / PIL); this project reads NIfTI only (nibabel).
-NNUNET_FILE_ENDINGS = (".nii.gz", ".nii")
-NNUNET_CHANNEL = "_0000"  # nnU-Net's suffix of the first (here: only) input channel
-
-
-def _natural_key(text):
-    """Sort key that orders embedded numbers by value: liver_2 before liver_10."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
-
-
-def _case_id(path):
-    """Case id = file name without .nii.gz / .nii."""
-    return re.sub(r"\.nii(\.gz)?$", "", Path(path).name)
-
-
-def _nifti_files(folder):
-    """The .nii.gz / .nii files in folder (none if it is missing). Names starting with '.' are AppleDouble
-    '._x' files (macOS tar) or our own unfinished temporary files, and are skipped."""
-    if not Path(folder).is_dir():
-        return []
-    return [p for p in Path(folder).iterdir()
-            if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith(".") and p.is_file()]
-
-
-def _load_dataset_json(json_path):
-    """Parse dataset.json; errors name the file and the fix. Returns the dict."""
-    try:
-        info = json.loads(Path(json_path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path}: not valid JSON ({e}); fix or delete the file "
-                         "(without dataset.json, imagesTr/ and labelsTr/ are paired by file name)") from e
-    if not isinstance(info, dict):
-        raise ValueError(f"{json_path}: expected a JSON object at the top level, got {type(info).__name__}")
-    return info
-
-
-def _is_nnunet(info):
-    """nnU-Net v2 raw dataset.json (channel_names, file_ending) rather than MSD (modality, training)."""
-    return "channel_names" in info or "file_ending" in info
-
-
-def _training_entries(info, json_path):
-    """Validate dataset.json 'training': a list of {"image": path, "label": path} objects."""
-    entries = info.get("training")
-    if not isinstance(entries, list):
-        raise ValueError(f"{json_path}: missing or malformed 'training' list; an MSD dataset.json has "
-                         '"training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...] '
-                         '(an nnU-Net v2 one has "channel_names" and "file_ending" instead)')
-    for i, entry in enumerate(entries):
-        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str)
-                and isinstance(entry.get("label", ""), (str, type(None)))):
-            raise ValueError(f"{json_path}: training entry {i} is {entry!r}; expected an object "
-                             '{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}')
-    if info.get("numTraining") not in (None, len(entries)):
-        warnings.warn(f"{json_path}: numTraining={info['numTraining']} but 'training' has {len(entries)} "
-                      "entries; using the list")
-    return entries
-
-
-def _cases_from_json(root, json_path, info):
-    """Cases listed in the MSD dataset.json 'training' (the 'test' list is ignored: it has no labels). An entry
-    without a label (no "label", null or "") gets root/labelsTr/<image file name> once that file exists."""
-    cases = []
-    for entry in _training_entries(info, json_path):
-        image = root / entry["image"]
-        if not image.is_file():
-            raise FileNotFoundError(f"{image}: listed in {json_path} but missing; restore the file "
-                                    "or remove its entry from 'training'")
-        # unlabeled scans: a label annotated later is found by the image's file name
-        label_to = root / entry["label"] if entry.get("label") else root / "labelsTr" / image.name
-        if entry.get("label") and not label_to.is_file():
-            warnings.warn(f"{label_to}: listed in {json_path} but missing; case treated as unlabeled")
-        cases.append(_case(_case_id(image), image, label_to))
-    if not cases:
-        raise ValueError(f"{json_path}: the 'training' list is empty; list the cases or delete dataset.json")
-    return cases
-
-
-def _nnunet_file_ending(info, json_path):
-    """Check what this project can read of an nnU-Net dataset.json: one channel, a NIfTI file_ending, the
-    imagesTr/ + labelsTr/ layout. Returns the file_ending (".nii.gz" or ".nii")."""
-    channels = info.get("channel_names")
-    if not isinstance(channels, dict) or len(channels) != 1:
-        raise ValueError(f"{json_path}: 'channel_names' is {channels!r}; this project segments single-channel "
-                         'CT, e.g. "channel_names": {"0": "CT"}; keep one channel (its imagesTr/<case>_0000 files)')
-    ending = info.get("file_ending")
-    if ending not in NNUNET_FILE_ENDINGS:
-        raise ValueError(f"{json_path}: 'file_ending' is {ending!r}; this project reads NIfTI only "
-                         f"({', '.join(NNUNET_FILE_ENDINGS)}); convert the images and labels to .nii.gz")
-    if "dataset" in info:
-        raise ValueError(f"{json_path}: a 'dataset' key (files listed outside imagesTr/ and labelsTr/) is not "
-                         "supported; place the files as imagesTr/<case>_0000<ending> and labelsTr/<case><ending>")
-    return ending
-
-
-def _nnunet_labels(info, json_path):
-    """{int: name} from an nnU-Net 'labels' {name: int}; refuses regions and the ignore label, which the
-    losses and the Dice here do not model."""
-    raw = info.get("labels")
-    if not isinstance(raw, dict):
-        raise ValueError(f"{json_path}: 'labels' must map names to class numbers, e.g. "
-                         '{"background": 0, "liver": 1}; got ' + repr(raw))
-    regions = [name for name, value in raw.items() if isinstance(value, (list, tuple))]
-    if "regions_class_order" in info or regions:
-        raise ValueError(f"{json_path}: region-based labels ('regions_class_order' or labels {regions} given as "
-                         "lists) are not supported; give every class its own number and drop 'regions_class_order'")
-    if any(str(name).lower() == "ignore" for name in raw):
-        raise ValueError(f"{json_path}: the 'ignore' label (partial annotation) in 'labels' is not supported; "
-                         "remove it from 'labels' and label those voxels fully")
-    try:
-        return {int(value): str(name) for name, value in raw.items()}
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{json_path}: 'labels' values must be class numbers, got {raw!r}") from e
-
-
-def _cases_from_nnunet(root, json_path, info):
-    """nnU-Net v2 raw: imagesTr/<case>_0000<ending> paired with labelsTr/<case><ending>; case id = <case>."""
-    ending = _nnunet_file_ending(info, json_path)
-    images_dir, suffix = root / "imagesTr", NNUNET_CHANNEL + ending
-    names = [p.name for p in images_dir.iterdir() if p.is_file() and not p.name.startswith(".")] \
-        if images_dir.is_dir() else []
-    stray = [n for n in names if n.endswith(ending) and not n.endswith(suffix)]
-    if stray:
-        warnings.warn(f"{images_dir}: {_few(stray)} not named <case>{suffix} as {json_path} 'file_ending' "
-                      "asks; ignored; rename them to be used")
-    ids = [n[:-len(suffix)] for n in names if n.endswith(suffix)]
-    if not ids:
-        raise ValueError(f"{images_dir}: no images named <case>{suffix}; an nnU-Net raw dataset has "
-                         f"imagesTr/<case>{suffix} (file_ending from {json_path})")
-    return [_case(cid, images_dir / f"{cid}{suffix}", root / "labelsTr" / f"{cid}{ending}") for cid in ids]
-
-
-def _cases_from_folders(root):
-    """Without dataset.json: every imagesTr/*.nii(.gz), paired with labelsTr/<same name> when it exists.
-    When every image is named <case>_0000 (nnU-Net's naming) the id is <case> and its label labelsTr/<case>;
-    the id does not depend on the label being there yet, as split.json and the run state name cases by id."""
-    images_dir = root / "imagesTr"
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"{images_dir}: not found; expected an MSD folder with imagesTr/ "
-                                "(and labelsTr/ or dataset.json); or make a demo one with phantom.make_phantom_dataset(root, n)")
-    images = _nifti_files(images_dir)
-    if not images:
-        raise ValueError(f"{images_dir}: no .nii.gz or .nii images; put the CT volumes there")
-    channel_named = all(_case_id(p).endswith(NNUNET_CHANNEL) for p in images)
-    cases = []
-    for image in images:
-        stem = _case_id(image)
-        case_id = stem[:-len(NNUNET_CHANNEL)] if channel_named else stem
-        candidates = [root / "labelsTr" / (case_id + image.name[len(stem):]), root / "labelsTr" / image.name]
-        found = [p for p in dict.fromkeys(candidates) if p.is_file()]
-        if len(found) > 1:      # <case> and <case>_0000: which one is the newer annotation is not ours to guess
-            raise ValueError(f"{found[0]} and {found[1]} are both labels of case {case_id} ({image}); keep one "
-                             "(delete or move the other out of labelsTr/) and rerun")
-        cases.append(_case(case_id, image, found[0] if found else candidates[0]))
-    return cases
-
-
-def _case(case_id, image, label_to):
-    """A case: {"id", "image", "label": the label file or None while it is missing, "label_to": where its label
-    is, or where a label saved later is found}."""
-    return {"id": case_id, "image": str(image), "label": str(label_to) if label_to.is_file() else None,
-            "label_to": str(label_to)}
-
-
-def _few(names, n=5):
-    """'a, b, c and 4 more' for messages."""
-    names = sorted(str(x) for x in names)
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def _check_label_files(root, cases, same_name_pairs, nnunet=None):
-    """Every labelsTr/*.nii(.gz) should pair with an image: warn naming the ones that do not, and stop when
-    none does, which would otherwise read as 'nothing is labeled'. A label pairs when it is some case's
-    label or, with same_name_pairs (MSD), when an image of its name is in imagesTr/ though not listed.
-    nnunet: (dataset.json path, file_ending) of an nnU-Net folder, whose labels must have that ending."""
-    labels_dir = root / "labelsTr"
-    files = _nifti_files(labels_dir)
-    used = {Path(c["label"]).resolve() for c in cases if c["label"]}
-    images = {p.name for p in _nifti_files(root / "imagesTr")} if same_name_pairs else set()
-    orphans = [p.name for p in files if p.resolve() not in used and p.name not in images]
-    if not orphans:
-        return
-    fix = _nnunet_label_fix(cases, orphans, *nnunet) if nnunet else (
-        "a label pairs with an image by name: labelsTr/<case>.nii.gz with imagesTr/<case>.nii.gz or "
-        "imagesTr/<case>_0000.nii.gz (nnU-Net), or as listed in dataset.json; rename or remove the files")
-    if len(orphans) == len(files):
-        raise ValueError(f"{labels_dir}: none of its {len(orphans)} label files ({_few(orphans)}) pairs with an "
-                         f"image in {root / 'imagesTr'}; {fix}")
-    warnings.warn(f"{labels_dir}: {len(orphans)} label file{'s' * (len(orphans) != 1)} pair{'s' * (len(orphans) == 1)} with no image and are not used "
-                  f"({_few(orphans)}); {fix}")
-
-
-def _nnunet_label_fix(cases, orphans, json_path, ending):
-    """The fix for labels of an nnU-Net folder that pair with no image: its file_ending and, for each file
-    that belongs to a case under another name (<case>.nii.gz where file_ending is .nii, <case>_0000), the
-    name expected, and gzip / gunzip where the compression differs (a renamed file keeps its own)."""
-    labels = {c["id"]: c["label"] for c in cases}
-    moves, spare = [], []
-    for name in orphans:
-        cid = _case_id(name)
-        cid = cid[:-len(NNUNET_CHANNEL)] if cid not in labels and cid.endswith(NNUNET_CHANNEL) else cid
-        if labels.get(cid):
-            spare.append(f"labelsTr/{name} (case {cid} has {Path(labels[cid]).name})")
-        elif cid in labels:
-            gz = name.endswith(".gz"), ending.endswith(".gz")
-            how = "" if gz[0] == gz[1] else " (gunzip it: .nii is uncompressed)" if gz[0] else " (gzip it)"
-            moves.append(f"labelsTr/{name} -> labelsTr/{cid}{ending}{how}")
-    return (f"{json_path} has 'file_ending' {ending!r}, so the label of a case is labelsTr/<case>{ending}"
-            + (f"; save {_few(moves)}" if moves else "") + (f"; remove {_few(spare)}" if spare else "")
-            + ("" if moves or spare else "; rename or remove the files")
-            + f" (or change 'file_ending' in {json_path}, if every image and label has the other ending)")
-
-
-def read_msd(root: str | Path) -> list[dict]:
-    """List the training cases of a data folder (MSD, nnU-Net v2 raw, or imagesTr/ + labelsTr/ alone).
-
-    root: folder with dataset.json (MSD: its 'training' list; nnU-Net v2: its file_ending, imagesTr/<case>_0000
-    and labelsTr/<case>) or, without it, imagesTr/ and labelsTr/ paired by file name. Returns
-    [{"id": str, "image": str path, "label": str path or None, "label_to": str path}] in natural order of id
-    (liver_2 before liver_10). A case without a label file is unlabeled (label None); "label_to" is where its
-    label is, or where a label saved later is found. Label files that pair with no image are warned about,
-    or an error when none pairs.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: data folder not found; pass an MSD task folder "
-                                "(with imagesTr/) or create a demo one with phantom.make_phantom_dataset")
-    json_path = root / "dataset.json"
-    if json_path.is_file():
-        info = _load_dataset_json(json_path)
-        nnunet_layout = _is_nnunet(info)
-        cases = (_cases_from_nnunet if nnunet_layout else _cases_from_json)(root, json_path, info)
-    else:
-        nnunet_layout, cases = False, _cases_from_folders(root)
-    ids = [c["id"] for c in cases]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise ValueError(f"{root}: case ids {duplicates} appear more than once; every image needs a unique name")
-    _check_label_files(root, cases, same_name_pairs=not nnunet_layout,
-                       nnunet=(json_path, info["file_ending"]) if nnunet_layout else None)
-    return sorted(cases, key=lambda c: _natural_key(c["id"]))
-
-
-def read_task_info(root: str | Path) -> dict:
-    """Task name and classes: {"name": str, "labels": {int: str}, "num_classes": int}.
-
-    From dataset.json ('name', 'labels': int -> name for MSD, name -> int for nnU-Net v2); without it,
-    name = folder name and labels = background/foreground.
-    """
-    root = Path(root)
-    json_path = root / "dataset.json"
-    if not json_path.is_file():
-        return {"name": root.resolve().name, "labels": {0: "background", 1: "foreground"}, "num_classes": 2}
-    info = _load_dataset_json(json_path)
-    if _is_nnunet(info):
-        _nnunet_file_ending(info, json_path)
-        labels = _nnunet_labels(info, json_path)
-    else:
-        raw = info.get("labels")
-        try:
-            labels = {int(k): str(v) for k, v in raw.items()}
-        except (AttributeError, TypeError, ValueError) as e:
-            raise ValueError(f"{json_path}: 'labels' must map class numbers to names, e.g. "
-                             '{"0": "background", "1": "liver"}; got ' + repr(raw)) from e
-    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
-        raise ValueError(f"{json_path}: 'labels' must number the classes 0..C-1 with C >= 2 (0 = background); "
-                         f"got {sorted(labels)}")
-    return {"name": str(info.get("name", root.resolve().name)), "labels": labels, "num_classes": len(labels)}
-
-
-def nnunet_raw_path(name_or_path: str | int | Path) -> Path:
-    """The data folder for `--data`: an existing folder as is, else an nnU-Net dataset name
-    (Dataset003_Liver) or id (3, "003") looked up under $nnUNet_raw, nnU-Net's own variable."""
-    text = str(name_or_path)
-    if Path(text).expanduser().is_dir():
-        return Path(text).expanduser()
-    if not re.fullmatch(r"Dataset\d{3}_[\w-]+|\d{1,3}", text):
-        raise FileNotFoundError(f"{text}: no such data folder; pass a folder, or an nnU-Net dataset name "
-                                "(Dataset003_Liver) or id (3) that is under $nnUNet_raw")
-    raw = os.environ.get("nnUNet_raw")
-    if not raw:
-        raise ValueError(f"{text}: an nnU-Net dataset name, but $nnUNet_raw is not set; "
-                         "export nnUNet_raw=/path/to/nnUNet_raw, or pass the dataset folder itself")
-    if text.isdigit():
-        found = sorted(p for p in Path(raw).glob(f"Dataset{int(text):03d}_*") if p.is_dir())
-        if len(found) != 1:
-            raise FileNotFoundError(f"{text}: {'several' if found else 'no'} dataset folders Dataset{int(text):03d}_* "
-                                    f"in $nnUNet_raw={raw} {[p.name for p in found]}; pass the full name or folder")
-        return found[0]
-    folder = Path(raw) / text
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not found ($nnUNet_raw={raw}); check the dataset name, or pass the folder")
-    return folder
-
-
-def _match_task(task_name):
+def match_task(task_name):
     """'Task03_Liver' / 'Task08_HepaticVessel' if task_name names one of them, else None."""
     name = str(task_name).lower().replace(" ", "").replace("_", "")
     return next((task for task, aliases in _TASK_ALIASES.items() if any(a in name for a in aliases)), None)
@@ -359,12 +55,12 @@ def task_window(task_name: str, override=None) -> tuple[float, float]:
         if not hi_hu > lo_hu:
             raise ValueError(f"window override {override}: need lo_hu < hi_hu")
         return lo_hu, hi_hu
-    lo_hu, hi_hu = TASK_WINDOWS_HU.get(_match_task(task_name), DEFAULT_WINDOW_HU)
+    lo_hu, hi_hu = TASK_WINDOWS_HU.get(match_task(task_name), DEFAULT_WINDOW_HU)
     return float(lo_hu), float(hi_hu)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. NIfTI reading, reoriented to RAS. Only the header is read until voxels are needed.
+# 2. NIfTI reading, reoriented to RAS. Only the header is read until voxels are needed.
 
 
 def _open_nifti(path):
@@ -476,7 +172,7 @@ def check_same_grid(image_path, label_path) -> tuple[tuple, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Resampling and windowing (pure numpy). Voxel centres are aligned: the first and last voxel centres keep
+# 3. Resampling and windowing (pure numpy). Voxel centres are aligned: the first and last voxel centres keep
 # the volume's physical extent, src = (dst + 0.5) * n_src / n_dst - 0.5 (torch's align_corners=False).
 
 
@@ -635,7 +331,7 @@ def write_native(path, volume: np.ndarray, image_path, spacing_mm, nearest: bool
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. The preprocessed cache. One .npy per source file (image and label separately), named by a hash of the
+# 4. The preprocessed cache. One .npy per source file (image and label separately), named by a hash of the
 # source's absolute path, size, mtime_ns and the target spacing: a changed source gets a new name, so stale
 # entries are never read. Loads are memory-mapped; an unreadable or wrongly shaped entry is rebuilt, and so is
 # one whose voxels no longer match the CRC-32 written next to it (<entry>.npy.crc32), which a damaged disk or
@@ -778,214 +474,3 @@ def cached_case(case: dict, cache_dir, spacing_mm=(1.5, 1.5, 2.0), with_label: b
                          f"classes (0..{num_classes - 1}: dataset.json 'labels', or 0/1 without a dataset.json); "
                          "fix the label, or list every class in dataset.json")
     return image, label
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 6. Patches. The paper's 1:1: a patch is centred on foreground with probability fg_fraction, on a uniform
-# voxel of any foreground class (tumour centres in proportion to tumour voxels, as MONAI's
-# RandCropByPosNegLabeld), else on a background voxel. Beyond the paper, by_class: a present foreground class
-# first, uniformly, then a voxel of it (nnU-Net's oversampling; helps small classes such as tumours and vessels).
-# fg_fraction None: the proxy's "random selection of patches", a centre anywhere. Then the paper's augmentation.
-
-
-def foreground_index(label: np.ndarray) -> dict[int, np.ndarray]:
-    """Flat voxel indices of each foreground class present in label (X, Y, Z) uint8.
-
-    Returns {class: int32 or int64 (N,) indices into label.ravel()}, only classes with N > 0.
-    Compute once per case and pass to sample_patch.
-    """
-    flat = np.asarray(label).ravel()
-    where = np.flatnonzero(flat)
-    values = flat[where]
-    index_dtype = np.int32 if flat.size < 2**31 else np.int64
-    return {int(c): where[values == c].astype(index_dtype) for c in np.unique(values)}
-
-
-BACKGROUND_TRIES = 100  # a background centre by rejection: fails only where background is a tiny share of the volume
-
-
-def _foreground_voxel(fg_index, rng, by_class):
-    """A flat index: uniform over all foreground voxels, or (by_class) a uniform present class, then a voxel."""
-    classes = [c for c in sorted(fg_index) if c != 0 and len(fg_index[c])]
-    if by_class:
-        voxels = fg_index[classes[rng.integers(len(classes))]]
-        return int(voxels[rng.integers(len(voxels))])
-    counts = np.cumsum([len(fg_index[c]) for c in classes])     # the classes' voxels, end to end, never built
-    i = int(rng.integers(counts[-1]))
-    k = int(np.searchsorted(counts, i, side="right"))           # class c with probability n_c / N
-    return int(fg_index[classes[k]][i - (counts[k - 1] if k else 0)])
-
-
-def _background_voxel(shape, label, rng):
-    """A flat index of a voxel with label 0, by rejection; any voxel if BACKGROUND_TRIES draws found none."""
-    size = int(np.prod(shape))
-    for _ in range(BACKGROUND_TRIES):
-        i = int(rng.integers(size))
-        if label[np.unravel_index(i, shape)] == 0:
-            return i
-    return int(rng.integers(size))
-
-
-def _pick_centre(shape, label, fg_fraction, rng, fg_index, by_class=False):
-    """Patch centre (3,) int: with prob fg_fraction a foreground voxel, else a background one; any voxel
-    where fg_fraction is None, the label is None, or (for a foreground draw) the label has no foreground."""
-    size = int(np.prod(shape))
-    if fg_fraction is None or label is None:
-        flat = rng.integers(size)
-    elif rng.random() < fg_fraction:
-        fg_index = foreground_index(label) if fg_index is None else fg_index
-        has_fg = any(c != 0 and len(v) for c, v in fg_index.items())
-        flat = _foreground_voxel(fg_index, rng, by_class) if has_fg else rng.integers(size)
-    else:
-        flat = _background_voxel(shape, label, rng)
-    return np.array(np.unravel_index(int(flat), shape))
-
-
-def _crop_slices(shape, centre, patch_vox):
-    """Source and destination slices of a patch centred at `centre` (the part that lies inside the volume)."""
-    start = np.asarray(centre) - np.asarray(patch_vox) // 2
-    src, dst = [], []
-    for n, s, p in zip(shape, start, patch_vox):
-        lo, hi = max(s, 0), min(s + p, n)
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - s, hi - s))
-    return tuple(src), tuple(dst)
-
-
-def sample_patch(image_hu: np.ndarray, label: np.ndarray | None, patch_vox: tuple[int, int, int],
-                 fg_fraction: float | None, rng: np.random.Generator, window_hu: tuple[float, float],
-                 fg_index: dict[int, np.ndarray] | None = None, by_class: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """One training patch.
-
-    image_hu (X, Y, Z) HU, float or an int16 memmap (only the crop is read); label uint8 (X, Y, Z) or None;
-    patch_vox (px, py, pz); rng np.random.Generator; window_hu (lo_hu, hi_hu); fg_index from
-    foreground_index (computed if None).
-    fg_fraction: probability of a foreground centre (paper: 1:1 -> 0.5; 9:1 -> 0.9 with noisy labels). A
-      foreground centre is uniform over all foreground voxels (each class in proportion to its voxels, as
-      MONAI's RandCropByPosNegLabeld); a background centre is a voxel with label 0. A label without
-      foreground, or label None: any voxel. None: any voxel, label ignored (the proxy's random patches).
-    by_class: beyond the paper, a foreground centre picks a present class uniformly, then a voxel of it, so
-      small classes (tumours, vessels) are centred on as often as large ones.
-    Returns patch float32 (px, py, pz) windowed to [0, 1] and label_patch uint8 (px, py, pz) or None.
-    Parts outside the volume are padded with 0 after windowing (image) and 0 = background (label).
-    """
-    patch_vox = tuple(int(p) for p in patch_vox)
-    if len(patch_vox) != 3 or min(patch_vox) < 1 or np.ndim(image_hu) != 3:
-        raise ValueError(f"sample_patch: need a 3-D image and 3 positive patch sizes; got image shape "
-                         f"{np.shape(image_hu)}, patch_vox {patch_vox}")
-    if fg_fraction is not None and not 0 <= fg_fraction <= 1:
-        raise ValueError(f"sample_patch: fg_fraction {fg_fraction} must lie in [0, 1], or be None for any voxel")
-    if label is not None and label.shape != image_hu.shape:
-        raise ValueError(f"sample_patch: label shape {label.shape} differs from image shape {image_hu.shape}")
-    centre = _pick_centre(image_hu.shape, label, fg_fraction, rng, fg_index, by_class)
-    src, dst = _crop_slices(image_hu.shape, centre, patch_vox)
-    patch = np.zeros(patch_vox, dtype=np.float32)
-    patch[dst] = window(image_hu[src], *window_hu)
-    if label is None:
-        return patch, None
-    label_patch = np.zeros(patch_vox, dtype=np.uint8)
-    label_patch[dst] = label[src]
-    return patch, label_patch
-
-
-def augment_intensity(patch: np.ndarray, rng: np.random.Generator, shift: float = 0.1, scale: float = 0.1,
-                      noise_std: float = 0.1) -> np.ndarray:
-    """The paper's augmentation (intensity shift, intensity scale, gaussian noise), each with probability 0.5.
-
-    patch float32 (any shape) in window units [0, 1]; returns a new float32 array of the same shape.
-    scale: multiply by 1 + U(-scale, scale); shift: add U(-shift, shift); noise: add N(0, s^2) per voxel with
-    s ~ U(0, noise_std) per patch. The paper names the three transforms but no values; these follow MONAI:
-    RandShiftIntensityd(offsets=0.10, prob=0.50) in its BTCV Swin UNETR tutorial, RandScaleIntensityd
-    factors=0.1 in its BraTS tutorial, RandGaussianNoise's default std=0.1. Voxels never move.
-    """
-    out = np.array(patch, dtype=np.float32, copy=True)
-    if rng.random() < 0.5:
-        out *= np.float32(1.0 + rng.uniform(-scale, scale))
-    if rng.random() < 0.5:
-        out += np.float32(rng.uniform(-shift, shift))
-    if rng.random() < 0.5:
-        out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(rng.uniform(0, noise_std))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. Pool / validation split: fixed by seed and saved, so every strategy and repeat sees the same split.
-
-
-def default_n_val(task_name: str, n_cases: int) -> int:
-    """Validation size: the paper's for Task03 (26) and Task08 (61) when the set is big enough, else 20 %.
-
-    Always leaves at least one pool case and one validation case.
-    """
-    if n_cases < 2:
-        raise ValueError(f"need at least 2 cases for a pool / validation split, got {n_cases}")
-    task = _match_task(task_name)
-    if task and n_cases > PAPER_N_VAL[task]:
-        return PAPER_N_VAL[task]
-    return int(min(max(1, round(0.2 * n_cases)), n_cases - 1))
-
-
-def _resolve_n_val(n_val, n_cases):
-    """n_val as a count: int as given, or a float in (0, 1) taken as a fraction of n_cases."""
-    if isinstance(n_val, bool) or not isinstance(n_val, (int, float, np.integer, np.floating)):
-        raise ValueError(f"n_val must be an int or a fraction in (0, 1), got {n_val!r}")
-    if isinstance(n_val, (float, np.floating)):
-        if not 0 < n_val < 1:
-            raise ValueError(f"n_val as a fraction must lie in (0, 1), got {n_val}")
-        n_val = min(max(1, round(n_val * n_cases)), n_cases - 1)
-    if not 0 <= n_val <= n_cases - 1:
-        raise ValueError(f"n_val={n_val} must leave at least one of the {n_cases} cases in the pool")
-    return int(n_val)
-
-
-def read_split(path) -> dict:
-    """A saved split {"pool": [ids], "val": [ids]}, checked: lists of case ids, each once. ValueError naming
-    the file otherwise."""
-    try:
-        saved = json.loads(Path(path).read_text(encoding="utf-8"))
-        pool, val = list(saved["pool"]), list(saved["val"])
-        if not all(isinstance(c, str) for c in pool + val):
-            raise TypeError("pool and val must be lists of case ids")
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a valid split file ({e}); restore it from a backup, or start a new run "
-                         "folder (a new split would move cases between pool and validation)") from e
-    if len(set(pool + val)) != len(pool) + len(val):
-        raise ValueError(f"{path}: a case appears twice in pool/val; delete the split file to make a new one")
-    return {"pool": pool, "val": val}
-
-
-def _reload_split(path, case_ids):
-    """Read a saved split and check it names only known cases."""
-    split = read_split(path)
-    unknown = sorted(set(split["pool"] + split["val"]) - set(case_ids))
-    if unknown:
-        raise ValueError(f"{path}: names cases not in the data set: {unknown[:10]}; "
-                         "delete the split file or point to the data set it was made for")
-    missing = set(case_ids) - set(split["pool"] + split["val"])
-    if missing:
-        warnings.warn(f"{path}: {len(missing)} cases of the data set are in neither pool nor val ({_few(missing)}); "
-                      "they are unused")
-    return split
-
-
-def split_cases(case_ids: list, n_val, seed: int, path, candidates: list | None = None) -> dict:
-    """Split case ids into {"pool": [ids], "val": [ids]}, deterministic by seed.
-
-    If `path` exists the saved split is reloaded (and checked against case_ids); otherwise n_val validation
-    cases are drawn from `candidates` (default: all; in annotation mode, the labeled cases) by a
-    np.random.default_rng(seed) permutation of the naturally sorted ids, the rest of case_ids is the pool,
-    and the split is written atomically as JSON. n_val: int count, or float in (0, 1) for a fraction of the
-    candidates.
-    """
-    case_ids = sorted(set(case_ids), key=_natural_key)
-    if path is not None and Path(path).is_file():
-        return _reload_split(path, case_ids)
-    candidates = case_ids if candidates is None else sorted(set(candidates), key=_natural_key)
-    n_val = _resolve_n_val(n_val, len(candidates)) if n_val else 0
-    order = np.random.default_rng(int(seed)).permutation(len(candidates))
-    val = sorted((candidates[i] for i in order[:n_val]), key=_natural_key)
-    pool = [c for c in case_ids if c not in set(val)]
-    if path is not None:
-        atomic_write_json(path, {"seed": int(seed), "n_val": n_val, "pool": pool, "val": val})
-    return {"pool": pool, "val": val}

@@ -68,3 +68,9 @@ def read_json(path, problem_of, fix):
     if problem:
         raise ProxyAlError(f"{path}: {problem}; {fix}")
     return obj
+
+
+def few(names, n=5):
+    """'a, b, c and 4 more' for messages."""
+    names = sorted(str(x) for x in names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

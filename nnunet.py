@@ -2,7 +2,7 @@
 on) become an nnU-Net raw dataset (imagesTr/, labelsTr/, dataset.json) with the run's validation cases as fold 0's
 validation split (splits_final.json), ready for `nnUNetv2_plan_and_preprocess` and `nnUNetv2_train`.
 
-Reading nnU-Net raw datasets is data.read_msd's job; this module only writes them. Images are the original
+Reading nnU-Net raw datasets is folders.read_msd's job; this module only writes them. Images are the original
 files, hard-linked where the file system allows (nothing here edits a file in place: writers replace files,
 so a link never sees a change made through the other name).
 """
@@ -47,7 +47,7 @@ def selection(states: dict, strategy: str | None = None, seed: int | str | None 
     """The cases the supervised model Ms of one strategy, seed and iteration was trained on.
 
     states: {seed_str: {strategy: {"labeled": [ids], "iterations": [{"n_labeled": int, ...}], ...}}}, as
-    checks.read_states returns. iteration counts from 1; iteration j trained on the first n_labeled of
+    run_folder.read_states returns. iteration counts from 1; iteration j trained on the first n_labeled of
     'labeled' (record j). Defaults: the run's only seed, its only strategy, the last finished iteration.
     Returns (strategy, seed, iteration, case ids in the order they were labeled).
     """

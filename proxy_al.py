@@ -87,13 +87,14 @@ def default_batch(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def sliding_window(model: nn.Module, image: np.ndarray, roi=(96, 96, 96), overlap: float = 0.25, passes: int = 1,
+def sliding_window(model: nn.Module, image: np.ndarray, roi=(96, 96, 96), overlap: float = 0.25, mc_passes: int = 1,
                    batch_size: int = None) -> torch.Tensor:
-    """Softmax of `passes` forward passes over evenly spaced windows, overlaps averaged (uniform weights).
+    """Softmax of `mc_passes` forward passes (1: a plain prediction) over evenly spaced windows, overlaps
+    averaged (uniform weights).
     image: (X, Y, Z) float32 in [0, 1]. The model runs in whatever mode it is in (eval: deterministic;
     enable_mc_dropout: each pass draws its own dropout masks). A batch holds up to batch_size (window, pass)
     pairs, the passes of a window next to each other; on CUDA it runs under autocast.
-    Returns probs (passes, C, X, Y, Z) float32 on the model's device. Memory: passes x C full-volume maps
+    Returns probs (mc_passes, C, X, Y, Z) float32 on the model's device. Memory: mc_passes x C full-volume maps
     of the padded image plus one count volume.
     """
     device = next(model.parameters()).device
@@ -103,7 +104,7 @@ def sliding_window(model: nn.Module, image: np.ndarray, roi=(96, 96, 96), overla
     x = F.pad(x[None, None], (0, pad[2], 0, pad[1], 0, pad[0]))             # (1, 1, X', Y', Z')
     boxes = [tuple(slice(a, a + r) for a, r in zip(corner, roi))
              for corner in itertools.product(*(window_starts(s, r, overlap) for s, r in zip(x.shape[2:], roi)))]
-    todo = [(box, j) for box in boxes for j in range(passes)]
+    todo = [(box, j) for box in boxes for j in range(mc_passes)]
     out, count = None, torch.zeros(x.shape[2:], device=device)
     for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size]
@@ -111,7 +112,7 @@ def sliding_window(model: nn.Module, image: np.ndarray, roi=(96, 96, 96), overla
         with autocast(device):
             probs = model(crops).float().softmax(1)                         # (n, C, *roi)
         if out is None:
-            out = torch.zeros((passes, probs.shape[1]) + x.shape[2:], device=device)
+            out = torch.zeros((mc_passes, probs.shape[1]) + x.shape[2:], device=device)
         for p, (box, j) in zip(probs, chunk):
             out[(j, slice(None), *box)] += p
     for box in boxes:
@@ -143,11 +144,15 @@ def enable_mc_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+MIN_MC_PASSES = 2   # a variance over the passes needs two of them
+
+
 @torch.inference_mode()
-def mc_scores(model: nn.Module, image: np.ndarray, m: int = 10, roi=(96, 96, 96), overlap: float = 0.25,
+def mc_scores(model: nn.Module, image: np.ndarray, mc_passes: int = 10, roi=(96, 96, 96), overlap: float = 0.25,
               batch_size: int = None, return_map: bool = False, variance_classes: str = "foreground") -> dict:
     """MC-dropout uncertainty of one volume under `model` (paper sec. 3.1).
-    m stochastic passes (dropout on, norms in eval mode), each a full sliding-window prediction p_k.
+    mc_passes (the paper's m, 10) stochastic passes (dropout on, norms in eval mode), each a full sliding-window
+    prediction p_k.
     variance: per-voxel variance over the passes of the softmax (population variance, ddof 0), summed over
               classes, mean over voxels. variance_classes "foreground" (the first author's tutorial,
               MONAI tutorials active_learning/liver_tumor_al/active_learning.py): the background channel
@@ -156,16 +161,14 @@ def mc_scores(model: nn.Module, image: np.ndarray, m: int = 10, roi=(96, 96, 96)
     bald:     mutual information: entropy of the mean softmax minus the mean over passes of each pass's
               entropy, mean over voxels (Houlsby et al. 2011; not in the paper).
     A running mean and sum of squared deviations per voxel (Welford) take the passes one by one (no
-    cancellation; m does not change the memory). A sweep over the windows runs as many passes as fill one
+    cancellation; mc_passes does not change the memory). A sweep over the windows runs as many passes as fill one
     batch (batch_size // windows, at least 1: one on the CPU, where the batch is one window).
-    Memory on the model's device, in float32 volumes of the image's size: the sweep's pass maps (C each),
-    the mean and one delta (C each; foreground adds a mean of C - 1), the variance and entropy sums and the
-    window counts (1 each). For a
-    340 x 340 x 740 volume (342 MB each) with 2 classes and one pass per sweep that is about 3.4 GB.
+    Its memory: PERFORMANCE.md.
     Returns {"variance", "entropy", "bald"} floats (+ "variance_map" (X, Y, Z) float32 numpy with return_map).
     """
-    if m < 1:
-        raise ValueError(f"mc_scores: m = {m} passes; MC dropout needs at least 1 (paper: 10)")
+    if mc_passes < MIN_MC_PASSES:
+        raise ValueError(f"mc_scores: mc_passes = {mc_passes}; a variance needs at least {MIN_MC_PASSES} passes "
+                         "(paper: m = 10)")
     if variance_classes not in ("foreground", "all"):
         raise ValueError(f"mc_scores: variance_classes {variance_classes!r}; choose foreground or all")
     if not any(isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 for mod in model.modules()):
@@ -180,8 +183,8 @@ def mc_scores(model: nn.Module, image: np.ndarray, m: int = 10, roi=(96, 96, 96)
     mean = m2 = pass_entropy = None
     k = 0
     try:
-        for first in range(0, m, per_sweep):
-            for p in sliding_window(model, image, roi, overlap, min(per_sweep, m - first), batch_size):
+        for first in range(0, mc_passes, per_sweep):
+            for p in sliding_window(model, image, roi, overlap, min(per_sweep, mc_passes - first), batch_size):
                 k += 1                                                      # p: (C, X, Y, Z), pass k
                 if mean is None:
                     mean, m2, pass_entropy = torch.zeros_like(p), torch.zeros_like(p[0]), torch.zeros_like(p[0])
@@ -197,11 +200,11 @@ def mc_scores(model: nn.Module, image: np.ndarray, m: int = 10, roi=(96, 96, 96)
     finally:
         for module, training in modes:                                      # the caller's modes, layer by layer
             module.training = training
-    var_map = m2.div_(m)                                                    # (X, Y, Z), summed over its classes
+    var_map = m2.div_(mc_passes)                                                    # (X, Y, Z), summed over its classes
     entropy_map = _entropy(mean)
     out = {"variance": var_map.mean(dtype=torch.float64).item(),
            "entropy": entropy_map.mean(dtype=torch.float64).item(),
-           "bald": entropy_map.sub_(pass_entropy.div_(m)).mean(dtype=torch.float64).item()}
+           "bald": entropy_map.sub_(pass_entropy.div_(mc_passes)).mean(dtype=torch.float64).item()}
     if return_map:
         out["variance_map"] = var_map.cpu().numpy()
     return out

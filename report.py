@@ -95,7 +95,7 @@ def write_reports(out, state, task, n_pool, left_out=None):
     """results.csv, per_case_dice.csv, wilcoxon.csv, summary.md (and dice_curve.png with matplotlib) in `out`.
 
     state: {seed: {strategy: {"iterations": [record]}}} as in state/, a record's per_case {case: per-class Dice}
-    holding NaN for a class absent from the case's label; task: data.read_task_info; n_pool: pool size (for
+    holding NaN for a class absent from the case's label; task: folders.read_task_info; n_pool: pool size (for
     pct_labeled); left_out: {case: why} of cases that could not be read. A NaN is written "nan" in the CSV files;
     per_case_dice.csv's mean_dice is the mean over the classes present in the case. Returns the summary text.
     """

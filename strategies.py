@@ -3,8 +3,11 @@ reference), each parsed once from its name into a `Strategy` that the rest of th
 
     proxyrank_var_semi -> Strategy(proxy=True, acquisition="variance", semi=True)
 
-Adding a strategy is one edit: a name in PAPER or EXTENDED, and, for a new score, a key of ACQUISITIONS
-that mc_scores returns.
+Adding a strategy: its name, [proxyrank_]<score>[_semi], in EXTENDED. A new score (say margin), in three edits:
+  1. proxy_al.mc_scores returns it: "margin" in the dict it returns (higher: annotate first);
+  2. strategies.py names it: "margin" in MC_MEASURES, and "margin": "margin" in ACQUISITIONS;
+  3. its strategies go in EXTENDED, e.g. "margin_semi" or "proxyrank_margin_semi".
+Lines 4 and 9 rank by Strategy.measure and lines 12 and 15 by Strategy.acquisition: both follow the name.
 """
 from dataclasses import dataclass
 

@@ -1,4 +1,5 @@
-"""Training, around the method: progress lines, the device, endless patch streams, and one training stage
+"""Training, around the method: progress lines, the device, patches (the 1:1 draw, intensity augmentation)
+and their endless streams, and one training stage
 (Adam, its grad scaler, an lr schedule, `steps` optimiser steps under autocast on CUDA) that serves the
 proxy (Algorithm 1 line 3), Ms (line 7) and Msemi (line 11).
 """
@@ -8,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from data import augment_intensity, sample_patch
+from data import window
 from losses import dice_ce_loss
 from proxy_al import autocast, evaluate
 
@@ -55,12 +56,134 @@ def needs_scaler(device):
     return device.type == "cuda" and not torch.cuda.is_bf16_supported()
 
 # ----------------------------------------------------------------------------- patches
+# The centre's draw, the one place it is described. The paper's 1:1: a patch is centred on foreground with probability fg_fraction, on a uniform
+# voxel of any foreground class (tumour centres in proportion to tumour voxels, as MONAI's
+# RandCropByPosNegLabeld), else on a background voxel. Beyond the paper, by_class: a present foreground class
+# first, uniformly, then a voxel of it (nnU-Net's oversampling; helps small classes such as tumours and vessels).
+# fg_fraction None: the proxy's "random selection of patches", a centre anywhere. Then the paper's augmentation.
+
+
+def foreground_index(label: np.ndarray) -> dict[int, np.ndarray]:
+    """Flat voxel indices of each foreground class present in label (X, Y, Z) uint8.
+
+    Returns {class: int32 or int64 (N,) indices into label.ravel()}, only classes with N > 0.
+    Compute once per case and pass to sample_patch.
+    """
+    flat = np.asarray(label).ravel()
+    where = np.flatnonzero(flat)
+    values = flat[where]
+    index_dtype = np.int32 if flat.size < 2**31 else np.int64
+    return {int(c): where[values == c].astype(index_dtype) for c in np.unique(values)}
+
+
+BACKGROUND_TRIES = 100  # a background centre by rejection: fails only where background is a tiny share of the volume
+
+
+def _foreground_voxel(fg_index, rng, by_class):
+    """A flat index: uniform over all foreground voxels, or (by_class) a uniform present class, then a voxel."""
+    classes = [c for c in sorted(fg_index) if c != 0 and len(fg_index[c])]
+    if by_class:
+        voxels = fg_index[classes[rng.integers(len(classes))]]
+        return int(voxels[rng.integers(len(voxels))])
+    counts = np.cumsum([len(fg_index[c]) for c in classes])     # the classes' voxels, end to end, never built
+    i = int(rng.integers(counts[-1]))
+    k = int(np.searchsorted(counts, i, side="right"))           # class c with probability n_c / N
+    return int(fg_index[classes[k]][i - (counts[k - 1] if k else 0)])
+
+
+def _background_voxel(shape, label, rng):
+    """A flat index of a voxel with label 0, by rejection; any voxel if BACKGROUND_TRIES draws found none."""
+    size = int(np.prod(shape))
+    for _ in range(BACKGROUND_TRIES):
+        i = int(rng.integers(size))
+        if label[np.unravel_index(i, shape)] == 0:
+            return i
+    return int(rng.integers(size))
+
+
+def _pick_centre(shape, label, fg_fraction, rng, fg_index, by_class=False):
+    """Patch centre (3,) int: with prob fg_fraction a foreground voxel, else a background one; any voxel
+    where fg_fraction is None, the label is None, or (for a foreground draw) the label has no foreground."""
+    size = int(np.prod(shape))
+    if fg_fraction is None or label is None:
+        flat = rng.integers(size)
+    elif rng.random() < fg_fraction:
+        fg_index = foreground_index(label) if fg_index is None else fg_index
+        has_fg = any(c != 0 and len(v) for c, v in fg_index.items())
+        flat = _foreground_voxel(fg_index, rng, by_class) if has_fg else rng.integers(size)
+    else:
+        flat = _background_voxel(shape, label, rng)
+    return np.array(np.unravel_index(int(flat), shape))
+
+
+def _crop_slices(shape, centre, patch_vox):
+    """Source and destination slices of a patch centred at `centre` (the part that lies inside the volume)."""
+    start = np.asarray(centre) - np.asarray(patch_vox) // 2
+    src, dst = [], []
+    for n, s, p in zip(shape, start, patch_vox):
+        lo, hi = max(s, 0), min(s + p, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    return tuple(src), tuple(dst)
+
+
+def sample_patch(image_hu: np.ndarray, label: np.ndarray | None, patch_vox: tuple[int, int, int],
+                 fg_fraction: float | None, rng: np.random.Generator, window_hu: tuple[float, float],
+                 fg_index: dict[int, np.ndarray] | None = None, by_class: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """One training patch.
+
+    image_hu (X, Y, Z) HU, float or an int16 memmap (only the crop is read); label uint8 (X, Y, Z) or None;
+    patch_vox (px, py, pz); rng np.random.Generator; window_hu (lo_hu, hi_hu); fg_index from
+    foreground_index (computed if None).
+    fg_fraction (paper: 1:1 -> 0.5; 9:1 -> 0.9 with noisy labels), by_class: the centre's draw, as the
+      section's comment says. A label without foreground, or label None: any voxel.
+    Returns patch float32 (px, py, pz) windowed to [0, 1] and label_patch uint8 (px, py, pz) or None.
+    Parts outside the volume are padded with 0 after windowing (image) and 0 = background (label).
+    """
+    patch_vox = tuple(int(p) for p in patch_vox)
+    if len(patch_vox) != 3 or min(patch_vox) < 1 or np.ndim(image_hu) != 3:
+        raise ValueError(f"sample_patch: need a 3-D image and 3 positive patch sizes; got image shape "
+                         f"{np.shape(image_hu)}, patch_vox {patch_vox}")
+    if fg_fraction is not None and not 0 <= fg_fraction <= 1:
+        raise ValueError(f"sample_patch: fg_fraction {fg_fraction} must lie in [0, 1], or be None for any voxel")
+    if label is not None and label.shape != image_hu.shape:
+        raise ValueError(f"sample_patch: label shape {label.shape} differs from image shape {image_hu.shape}")
+    centre = _pick_centre(image_hu.shape, label, fg_fraction, rng, fg_index, by_class)
+    src, dst = _crop_slices(image_hu.shape, centre, patch_vox)
+    patch = np.zeros(patch_vox, dtype=np.float32)
+    patch[dst] = window(image_hu[src], *window_hu)
+    if label is None:
+        return patch, None
+    label_patch = np.zeros(patch_vox, dtype=np.uint8)
+    label_patch[dst] = label[src]
+    return patch, label_patch
+
+
+def augment_intensity(patch: np.ndarray, rng: np.random.Generator, shift: float = 0.1, scale: float = 0.1,
+                      noise_std: float = 0.1) -> np.ndarray:
+    """The paper's augmentation (intensity shift, intensity scale, gaussian noise), each with probability 0.5.
+
+    patch float32 (any shape) in window units [0, 1]; returns a new float32 array of the same shape.
+    scale: multiply by 1 + U(-scale, scale); shift: add U(-shift, shift); noise: add N(0, s^2) per voxel with
+    s ~ U(0, noise_std) per patch. The paper names the three transforms but no values; these follow MONAI:
+    RandShiftIntensityd(offsets=0.10, prob=0.50) in its BTCV Swin UNETR tutorial, RandScaleIntensityd
+    factors=0.1 in its BraTS tutorial, RandGaussianNoise's default std=0.1. Voxels never move.
+    """
+    out = np.array(patch, dtype=np.float32, copy=True)
+    if rng.random() < 0.5:
+        out *= np.float32(1.0 + rng.uniform(-scale, scale))
+    if rng.random() < 0.5:
+        out += np.float32(rng.uniform(-shift, shift))
+    if rng.random() < 0.5:
+        out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(rng.uniform(0, noise_std))
+    return out
 
 
 class PatchStream(torch.utils.data.IterableDataset):
     """Endless training patches, made in DataLoader workers off the training thread.
-    volumes: list of (image_hu (X, Y, Z), label (X, Y, Z) uint8, data.foreground_index of the label).
-    fg_fraction, by_class: the centre's draw, as data.sample_patch (fg_fraction None: anywhere).
+    volumes: list of (image_hu (X, Y, Z), label (X, Y, Z) uint8, foreground_index of the label).
+    fg_fraction, by_class: the centre's draw, as sample_patch (fg_fraction None: anywhere).
     patches_per_case: patches in a row from each drawn case (the first author's tutorial: 4, as MONAI's
     RandCropByPosNegLabeld num_samples=4); a batch of batch_size x patches_per_case holds batch_size cases.
     1: a case is drawn for every patch.

@@ -10,7 +10,7 @@ The case is generated here, in a child process (its memory is not counted as our
 Stages, each timed as seconds per case unless said otherwise (cheap stages: median of --repeats runs):
   1. preprocess   data.preprocess_case + data.window to 1.5 x 1.5 x 2 mm, next to a bare nibabel read of the files
   2. cached load  data.cached_case (memory-mapped .npy) plus reading every voxel
-  3. patches      96^3 foreground-balanced patches per second, data.sample_patch with a precomputed foreground index
+  3. patches      96^3 foreground-balanced patches per second, train.sample_patch with a precomputed foreground index
   4. train step   batch 2 cases x 4 patches of 96^3 (AMP on CUDA) through train.train_steps, and the share spent waiting for data
   5. MC scoring   proxy_al.mc_scores with m passes on the resampled case, and its peak extra memory
   6. peak RSS     of this process: sampled VmRSS per stage, and the kernel's high-water mark
@@ -48,6 +48,7 @@ import al_loop  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import files  # noqa: E402
+import folders  # noqa: E402
 import proxy_al  # noqa: E402
 import strategies  # noqa: E402
 import train  # noqa: E402
@@ -214,7 +215,7 @@ def alternate(runs, repeats, sampler, device=torch.device("cpu"), keep_all=False
 def make_case(cfg, work):
     """Write the phantom (one case) under work/phantom in a child process; reuses a complete one.
 
-    Returns (case dict from data.read_msd, {"seconds", "child_peak_rss_mb", "axcodes", "file_mb"}).
+    Returns (case dict from folders.read_msd, {"seconds", "child_peak_rss_mb", "axcodes", "file_mb"}).
     """
     root = Path(work) / "phantom"
     code = ("import sys; a = sys.argv; sys.path.insert(0, a[1]); from phantom import make_phantom_dataset; "
@@ -226,7 +227,7 @@ def make_case(cfg, work):
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", code] + args, check=True)
     seconds = time.perf_counter() - t
-    case = data.read_msd(root)[0]
+    case = folders.read_msd(root)[0]
     info = {"seconds": seconds, "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             "axcodes": "".join(nib.aff2axcodes(nib.load(case["image"]).affine)),
             "file_mb": os.path.getsize(case["image"]) / 2**20, "shape_vox": list(cfg.shape_vox),
@@ -333,12 +334,12 @@ def patches_per_second(draw, min_s=1.0, min_n=5):
 def stage_patches(cfg, image_hu, label, monai, theirs, sampler):
     """Stage 3: foreground-balanced patches from the memory-mapped cache vs RandCropByPosNegLabeld."""
     t = time.perf_counter()
-    fg_index = data.foreground_index(label)
+    fg_index = train.foreground_index(label)
     index_s = time.perf_counter() - t
     rng, p, c = np.random.default_rng(cfg.seed), (cfg.patch_vox,) * 3, cfg.patch_vox // 2
 
     def ours():
-        _, lab = data.sample_patch(image_hu, label, p, 0.5, rng, WINDOW_HU, fg_index=fg_index)
+        _, lab = train.sample_patch(image_hu, label, p, 0.5, rng, WINDOW_HU, fg_index=fg_index)
         return bool(lab[c, c, c])
 
     runs = {"ours": lambda: patches_per_second(ours)}
@@ -553,7 +554,7 @@ def run_data_stages(cfg, case, work, monai, sampler):
     log(f"3/5 patch sampling {cfg.patch_vox}^3")
     patches = stage_patches(cfg, image_hu, label, monai, theirs, sampler)
     log(f"    ours {patches['ours']['per_s']:.1f} /s" + (f", MONAI {patches['monai']['per_s']:.2f} /s" if monai else ""))
-    fg_index = data.foreground_index(label)
+    fg_index = train.foreground_index(label)
     part = {"preprocess": pre, "preprocess_checks": pre_checks, "cache": cache, "patches": patches}
     return part, image_hu, label, fg_index
 
@@ -596,7 +597,7 @@ def run_all(cfg, device, work, monai):
     log(f"    {report['case']['seconds']:.1f} s, {report['case']['file_mb']:.0f} MB, axes {report['case']['axcodes']}")
     part, image_hu, label, fg_index = run_data_stages(cfg, case, work, monai, sampler)
     report.update(part)
-    num_classes = data.read_task_info(Path(work) / "phantom")["num_classes"]
+    num_classes = folders.read_task_info(Path(work) / "phantom")["num_classes"]
     report.update(run_model_stages(cfg, device, (image_hu, label, fg_index), num_classes, monai, sampler))
     report["memory"] = {"peak_rss_ours_mb": sampler.peaks.get("ours"), "peak_rss_train_mb": sampler.peaks.get("train"),
                         "peak_rss_monai_mb": sampler.peaks.get("monai"),

@@ -36,7 +36,7 @@ Axis order and orientation, read from the data rather than assumed:
 A patient whose ct.csv or voxel_dimensions.csv is absent or unreadable, or who lacks a chosen structure
 (absent or empty file), is left out and listed at the end with a count. A repository snapshot may lack some
 large files (the mirror used here lacked 37 of the 240 ct.csv files, 15 %): they are reported as absent.
-Rerunning is safe: every file is written atomically (data.atomic_write) and a case whose image and label exist
+Rerunning is safe: every file is written atomically (files.atomic_write) and a case whose image and label exist
 is skipped. The test-pats split is not converted unless named in --splits. --crop-body cuts each volume to
 the body's bounding box (the affine moves with it); --max-cases N keeps the first N patients that qualify.
 """
@@ -52,6 +52,8 @@ import numpy as np  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
 
 import data  # noqa: E402
+import files  # noqa: E402
+import folders  # noqa: E402
 
 STRUCTURES = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
 GRID_VOX = (128, 128, 128)   # every OpenKBP array (provided_code/data_shapes.py: patient_shape)
@@ -177,7 +179,7 @@ def check_out(out: Path, classes):
     """Refuse an OUT written with other structures: its finished cases would be skipped with the wrong labels."""
     path = out / "dataset.json"
     if path.is_file():
-        old = data.read_task_info(out)["labels"]
+        old = folders.read_task_info(out)["labels"]
         new = {int(k): v for k, v in dataset_json(out, classes, [])["labels"].items()}
         if old != new:
             raise SystemExit(f"{path}: written for labels {old}, not {new}; pick another OUT or delete it")
@@ -216,7 +218,7 @@ def convert(src, out, classes, splits, max_cases=0, crop_body=False, log=print,
             elapsed = time.time() - t0
             log(f"[{i}/{len(patients)}] {len(done)} converted ({new} new), {len(skipped)} left out; "
                 f"elapsed {hms(elapsed)}, ETA {hms(elapsed / i * (len(patients) - i))}")
-    data.atomic_write_json(out / "dataset.json", dataset_json(out, classes, done))
+    files.atomic_write_json(out / "dataset.json", dataset_json(out, classes, done))
     return done, skipped
 
 

@@ -13,13 +13,16 @@ import strategies
 import data
 import tiny
 from tiny import K
+import cases
+import folders
+import run_folder
 
 tiny_args = tiny.args
 
 
 def run(root, out, *extra):
     assert al_loop.main(tiny_args(root, out, *extra)) == 0
-    return study.read_states(out)
+    return run_folder.read_states(out)
 
 
 def test_parse_strategy_covers_table():
@@ -116,9 +119,9 @@ def test_oracle_uses_only_selected_labels(phantom, tmp_path, monkeypatch):
     """Every label file is checked before training; after the checks, the method uses only the labels of
     validation cases and of the cases it selected."""
     used, checked = [], []
-    real_label, real_check = study.Study.label, study.check_labels
-    monkeypatch.setattr(study.Study, "label", lambda self, cid: used.append(cid) or real_label(self, cid))
-    monkeypatch.setattr(study, "check_labels", lambda s: real_check(s) or checked.extend(used) or used.clear())
+    real_label, real_check = cases.Cases.label, cases.Cases.check_labels
+    monkeypatch.setattr(cases.Cases, "label", lambda self, cid: used.append(cid) or real_label(self, cid))
+    monkeypatch.setattr(cases.Cases, "check_labels", lambda self: real_check(self) or checked.extend(used) or used.clear())
     state = run(phantom, tmp_path / "run", "--strategy", "proxyrank_var_semi,var")["0"]
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     allowed = set(split["val"]) | {c for st in state.values() for c in st["labeled"]}
@@ -155,7 +158,7 @@ def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
     shutil.copytree(phantom, root)
     hidden = tmp_path / "hidden"
     hidden.mkdir()
-    cases = data.read_msd(root)
+    cases = folders.read_msd(root)
     for case in cases[3:]:  # the user has labels for three cases only
         shutil.move(case["label"], hidden)
     out = tmp_path / "run"
@@ -171,7 +174,7 @@ def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
         for row in rows:  # the "annotator" delivers the requested labels
             shutil.move(hidden / f"{row['case']}.nii.gz", root / "labelsTr")
         todo.unlink()
-    state = study.read_states(out)
+    state = run_folder.read_states(out)
     st = state["0"]["proxyrank_var_semi"]
     assert len(st["iterations"]) == 2 and attempt >= 2
     assert not set(st["labeled"]) & set(json.loads((out / "split.json").read_text())["val"])
@@ -209,9 +212,10 @@ def test_unreadable_case_is_left_out_with_a_warning(phantom, tmp_path):
     (root / "imagesTr" / "phantom_4.nii.gz").write_bytes(b"not a nifti file")
     cfg = al_loop.parse_args(tiny_args(root, tmp_path / "run"))[0]
     with pytest.warns(UserWarning, match="phantom_4"):
-        s = study.preprocess_all(study.Study(cfg))
-    assert "phantom_4" not in s.pool + s.val
-    assert len(s.pool) + len(s.val) == 9
+        s = study.open_study(cfg)[0]
+        study.preprocess(s)
+    assert "phantom_4" not in s.cases.pool + s.cases.val
+    assert len(s.cases.pool) + len(s.cases.val) == 9
 
 
 def test_own_scans_without_any_label_get_no_validation_set(phantom, tmp_path):
@@ -219,15 +223,15 @@ def test_own_scans_without_any_label_get_no_validation_set(phantom, tmp_path):
     shutil.copytree(phantom, root)
     shutil.rmtree(root / "labelsTr")
     (root / "dataset.json").unlink()
-    s = study.Study(al_loop.parse_args(tiny_args(root, tmp_path / "run"))[0])
-    assert s.annotation and s.val == [] and len(s.pool) == 10
+    s = study.open_study(al_loop.parse_args(tiny_args(root, tmp_path / "run"))[0])[0]
+    assert s.cases.annotation and s.cases.val == [] and len(s.cases.pool) == 10
 
 
 # ------------------------------------------------------------------------------ the labeled set across reruns
 
 
 def states_of(out):
-    return study.read_states(out)["0"]
+    return run_folder.read_states(out)["0"]
 
 
 def test_k_changed_in_annotation_mode_keeps_every_annotated_case(phantom, tmp_path):
@@ -251,7 +255,7 @@ def test_k_changed_after_a_run_cut_back_never_labels_a_case_twice(phantom, tmp_p
     """A run of --k 2 cut back to its first iteration, rerun with --k 3: Tl holds 4 distinct cases, as before."""
     out = tmp_path / "run"
     run(phantom, out, "--strategy", "rand")
-    path = study.state_file(out, 0, "rand")
+    path = run_folder.state_file(out, 0, "rand")
     st = json.loads(path.read_text())
     before = st["labeled"]
     st["iterations"] = st["iterations"][:1]

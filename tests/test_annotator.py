@@ -13,6 +13,8 @@ import study
 import strategies
 import data
 import tiny
+import folders
+import run_folder
 
 
 def own_scans(phantom, tmp_path, labeled=3):
@@ -21,7 +23,7 @@ def own_scans(phantom, tmp_path, labeled=3):
     root = tmp_path / "mine"
     shutil.copytree(phantom, root)
     info = json.loads((root / "dataset.json").read_text())
-    for i, entry in enumerate(sorted(info["training"], key=lambda e: data._natural_key(e["image"]))):
+    for i, entry in enumerate(sorted(info["training"], key=lambda e: folders.natural_key(e["image"]))):
         if i >= labeled:
             (root / entry.pop("label")).unlink()
     (root / "dataset.json").write_text(json.dumps(info))
@@ -57,12 +59,12 @@ def test_presegmentations_on_the_native_grid_and_labels_saved_from_them_continue
     assert row["save_label_as"] == str(root / "labelsTr" / f"{row['case']}.nii.gz")   # where the rerun looks
     shutil.copy(row["prediction"], row["save_label_as"])
     assert al_loop.main(args) == 0
-    st = study.read_states(out)["0"]["proxyrank_var_semi"]
+    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
     given = st["given"]                                                      # labels in hand count from the start
-    in_hand = {c["id"] for c in data.read_msd(root) if c["label"]} - {row["case"]}
+    in_hand = {c["id"] for c in folders.read_msd(root) if c["label"]} - {row["case"]}
     assert given and set(given) <= in_hand and st["labeled"][:len(given)] == given
     assert st["labeled"][len(given)] == row["case"] and len(st["iterations"]) >= 1   # it went on: iterations trained
-    case = {c["id"]: c for c in data.read_msd(root)}[row["case"]]
+    case = {c["id"]: c for c in folders.read_msd(root)}[row["case"]]
     assert case["label"]                                                     # found without a json entry
     label = data.cached_case(case, tmp_path / "cache", (6.0, 6.0, 6.0), num_classes=3)[1]
     assert set(np.unique(label)) <= {0, 1} and label.any()
@@ -75,21 +77,21 @@ def test_save_maps_writes_on_the_native_grid(phantom, tmp_path):
     assert al_loop.main(tiny.args(phantom, out, "--strategy", "proxyrank", "--save-maps", "2")) == 0
     maps = sorted((out / "maps" / "seed0_proxy").glob("*_uncertainty.nii.gz"))
     assert len(maps) == 2
-    cases = {c["id"]: c for c in data.read_msd(phantom)}
+    cases = {c["id"]: c for c in folders.read_msd(phantom)}
     for path in maps:
         assert same_grid(path, cases[path.name.removesuffix("_uncertainty.nii.gz")]["image"]).max() > 0
 
 
 def test_bald_strategies_run_apart_from_the_paper(phantom, tmp_path):
-    s = study.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "s", "--strategy", "extended"))[0])
-    assert [x.name for x in study.choose_strategies(s)] == list(strategies.EXTENDED) and len(strategies.EXTENDED) == 16
-    assert len(study.choose_strategies(study.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "a", "--strategy", "all"))[0]))) == 12
+    chosen = lambda *flags: study.open_study(al_loop.parse_args(tiny.args(phantom, tmp_path / "s", *flags))[0])[1]
+    assert [x.name for x in chosen("--strategy", "extended")] == list(strategies.EXTENDED) and len(strategies.EXTENDED) == 16
+    assert len(chosen("--strategy", "all")) == 12
     bald = strategies.parse("proxyrank_bald_semi")
     assert (bald.proxy, bald.acquisition, bald.semi) == (True, "bald", True)
     out = tmp_path / "run"
     names = ["bald", "bald_semi", "proxyrank_bald", "proxyrank_bald_semi"]
     assert al_loop.main(tiny.args(phantom, out, "--strategy", ",".join(names))) == 0
-    state = study.read_states(out)["0"]
+    state = run_folder.read_states(out)["0"]
     assert sorted(state) == sorted(names) and all(len(st["iterations"]) == 2 for st in state.values())
     proxy = {c: json.loads((out / "scores" / "seed0" / f"{c}.json").read_text()) for c in json.loads(
         (out / "split.json").read_text())["pool"]}

@@ -12,6 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import files
+import folders
+import train
+from cases import default_n_val, split_cases
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LPS_AFFINE = np.array([[-0.8, 0, 0, 40.0], [0, -0.9, 0, 60.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
@@ -50,7 +54,7 @@ def make_msd(root, names, labelled=None, shape=(9, 11, 7), with_json=True):
 
 def test_read_msd_with_dataset_json_natural_order(tmp_path):
     make_msd(tmp_path, ["liver_10", "liver_2", "liver_1"])
-    cases = data.read_msd(tmp_path)
+    cases = folders.read_msd(tmp_path)
     assert [c["id"] for c in cases] == ["liver_1", "liver_2", "liver_10"]
     assert cases[1]["image"] == str(tmp_path / "./imagesTr/liver_2.nii.gz")
     assert all(Path(c["image"]).is_file() and Path(c["label"]).is_file() for c in cases)
@@ -60,7 +64,7 @@ def test_read_msd_without_json_pairs_by_name_and_skips_appledouble(tmp_path):
     make_msd(tmp_path, ["case_10", "case_2", "case_1"], labelled=["case_2"], with_json=False)
     (tmp_path / "imagesTr" / "._case_2.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     save(tmp_path / "imagesTr" / "case_3.nii", np.zeros((4, 5, 6), np.int16))  # uncompressed also counts
-    cases = data.read_msd(tmp_path)
+    cases = folders.read_msd(tmp_path)
     assert [c["id"] for c in cases] == ["case_1", "case_2", "case_3", "case_10"]
     assert [c["label"] is not None for c in cases] == [False, True, False, False]
 
@@ -72,24 +76,24 @@ def test_two_label_files_for_one_case_are_refused_naming_both(tmp_path):
     for name in ("ph1", "ph2"):
         save(tmp_path / "imagesTr" / f"{name}_0000.nii.gz", rng.integers(-200, 300, (6, 5, 4)).astype(np.int16))
     save(tmp_path / "labelsTr" / "ph1.nii.gz", np.ones((6, 5, 4), np.uint8))
-    assert data.read_msd(tmp_path)[0]["label"] == str(tmp_path / "labelsTr" / "ph1.nii.gz")
+    assert folders.read_msd(tmp_path)[0]["label"] == str(tmp_path / "labelsTr" / "ph1.nii.gz")
     shutil.copy(tmp_path / "labelsTr" / "ph1.nii.gz", tmp_path / "labelsTr" / "ph1_0000.nii.gz")   # saved again
     with pytest.raises(ValueError, match=r"labelsTr/ph1.nii.gz and .*labelsTr/ph1_0000.nii.gz are both labels of "
                                          r"case ph1 .*keep one"):
-        data.read_msd(tmp_path)
+        folders.read_msd(tmp_path)
 
 
 def test_read_msd_listed_image_missing_names_the_file(tmp_path):
     make_msd(tmp_path, ["a_1", "ghost_7"])
     os.remove(tmp_path / "imagesTr" / "ghost_7.nii.gz")
     with pytest.raises(FileNotFoundError, match="ghost_7.nii.gz"):
-        data.read_msd(tmp_path)
+        folders.read_msd(tmp_path)
 
 
 def test_read_msd_listed_label_missing_is_unlabeled_with_warning(tmp_path):
     make_msd(tmp_path, ["a_1", "a_2"], labelled=["a_1"])
     with pytest.warns(UserWarning, match="a_2.nii.gz"):
-        cases = data.read_msd(tmp_path)
+        cases = folders.read_msd(tmp_path)
     assert cases[0]["label"] is not None and cases[1]["label"] is None
 
 
@@ -99,18 +103,18 @@ def test_read_msd_malformed_json_raises_naming_the_file(tmp_path, text):
     make_msd(tmp_path, ["a_1"])
     (tmp_path / "dataset.json").write_text(text)
     with pytest.raises(ValueError, match="dataset.json"):
-        data.read_msd(tmp_path)
+        folders.read_msd(tmp_path)
 
 
 def test_read_msd_missing_folder_and_empty_images(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        data.read_msd(tmp_path / "nowhere")
+        folders.read_msd(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="imagesTr"):
-        data.read_msd(tmp_path)
+        folders.read_msd(tmp_path)
     (tmp_path / "imagesTr").mkdir()
     (tmp_path / "imagesTr" / "._junk.nii.gz").write_bytes(b"x")
     with pytest.raises(ValueError, match="imagesTr"):
-        data.read_msd(tmp_path)
+        folders.read_msd(tmp_path)
 
 
 def test_real_task08_dataset_json_is_accepted(tmp_path):
@@ -123,18 +127,18 @@ def test_real_task08_dataset_json_is_accepted(tmp_path):
         for key in ("image", "label"):
             (tmp_path / entry[key]).parent.mkdir(exist_ok=True)
             (tmp_path / entry[key]).touch()
-    cases = data.read_msd(tmp_path)
+    cases = folders.read_msd(tmp_path)
     assert len(cases) == 303 and len(info["test"]) == 139 and info["numTest"] == 140
     assert cases[0]["id"] == "hepaticvessel_001" and all(c["label"] for c in cases)
-    task = data.read_task_info(tmp_path)
+    task = folders.read_task_info(tmp_path)
     assert task == {"name": "HepaticVessel", "labels": {0: "background", 1: "Vessel", 2: "Tumour"}, "num_classes": 3}
     assert data.task_window(task["name"]) == (-3.0, 243.0)
-    assert data.default_n_val(task["name"], len(cases)) == 61
+    assert default_n_val(task["name"], len(cases)) == 61
 
 
 def test_task_info_and_windows(tmp_path):
     make_msd(tmp_path / "Task03_Liver", ["a_1"], with_json=False)
-    assert data.read_task_info(tmp_path / "Task03_Liver") == {
+    assert folders.read_task_info(tmp_path / "Task03_Liver") == {
         "name": "Task03_Liver", "labels": {0: "background", 1: "foreground"}, "num_classes": 2}
     assert data.task_window("Task03_Liver") == (-21.0, 189.0)
     assert data.task_window("Liver") == (-21.0, 189.0)
@@ -146,7 +150,7 @@ def test_task_info_and_windows(tmp_path):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "dataset.json").write_text('{"training": [], "labels": {"0": "bg", "2": "x"}}')
     with pytest.raises(ValueError, match="labels"):
-        data.read_task_info(tmp_path / "t")
+        folders.read_task_info(tmp_path / "t")
 
 
 # ---------------------------------------------------------------------------------------------- load_ct
@@ -262,7 +266,7 @@ def test_window_clips_and_scales():
 @pytest.fixture
 def one_case(tmp_path):
     make_msd(tmp_path / "msd", ["c_1"], shape=(13, 11, 9))
-    return data.read_msd(tmp_path / "msd")[0]
+    return folders.read_msd(tmp_path / "msd")[0]
 
 
 @pytest.fixture
@@ -388,7 +392,7 @@ def test_cache_without_label_never_opens_the_label(one_case, tmp_path, monkeypat
 
 def test_cache_checks_classes_and_grid(tmp_path):
     make_msd(tmp_path / "msd", ["c_1"], shape=(8, 9, 7))
-    case = data.read_msd(tmp_path / "msd")[0]
+    case = folders.read_msd(tmp_path / "msd")[0]
     save(case["label"], np.full((8, 9, 7), 2, np.uint8))
     with pytest.raises(ValueError, match="c_1.nii.gz.*2"):
         data.cached_case(case, tmp_path / "cache", num_classes=2)
@@ -404,7 +408,7 @@ def test_cache_checks_classes_and_grid(tmp_path):
 def test_foreground_index_lists_present_classes():
     label = np.zeros((5, 6, 7), np.uint8)
     label[1, 2, 3], label[4, 5, 6] = 1, 3
-    index = data.foreground_index(label)
+    index = train.foreground_index(label)
     assert sorted(index) == [1, 3]
     assert np.unravel_index(int(index[3][0]), label.shape) == (4, 5, 6)
 
@@ -415,10 +419,10 @@ def test_sample_patch_foreground_ratio_and_class_balance():
     label = np.zeros(image.shape, np.uint8)
     label[4:7, 5:8, 6:9] = 1            # 27 voxels = 0.4 % of the volume
     label[15, 15, 15] = 2               # one voxel: by class, still half of the foreground-centred draws
-    fg_index = data.foreground_index(label)
+    fg_index = train.foreground_index(label)
     centres = []
     for _ in range(800):
-        patch, lab = data.sample_patch(image, label, (9, 8, 7), 0.3, rng, (-21, 189), fg_index, by_class=True)
+        patch, lab = train.sample_patch(image, label, (9, 8, 7), 0.3, rng, (-21, 189), fg_index, by_class=True)
         centres.append(lab[4, 4, 3])    # the centre voxel sits at patch_vox // 2
     centres = np.array(centres)
     assert patch.shape == (9, 8, 7) and patch.dtype == np.float32 and lab.dtype == np.uint8
@@ -428,7 +432,7 @@ def test_sample_patch_foreground_ratio_and_class_balance():
 
 def test_sample_patch_rejects_fg_fraction_outside_0_1():
     with pytest.raises(ValueError, match="fg_fraction 1.5"):
-        data.sample_patch(np.zeros((4, 4, 4)), None, (2, 2, 2), 1.5, np.random.default_rng(0), (-21, 189))
+        train.sample_patch(np.zeros((4, 4, 4)), None, (2, 2, 2), 1.5, np.random.default_rng(0), (-21, 189))
 
 
 def test_sample_patch_pads_small_odd_volume_after_windowing(tmp_path):
@@ -437,14 +441,14 @@ def test_sample_patch_pads_small_odd_volume_after_windowing(tmp_path):
     memmap = np.load(tmp_path / "img.npy", mmap_mode="r")
     label = np.ones((5, 7, 3), np.uint8)
     rng = np.random.default_rng(3)
-    patch, lab = data.sample_patch(memmap, label, (11, 15, 7), 0.5, rng, (-21, 189))  # > 2x the volume
+    patch, lab = train.sample_patch(memmap, label, (11, 15, 7), 0.5, rng, (-21, 189))  # > 2x the volume
     assert patch.shape == lab.shape == (11, 15, 7) and patch.dtype == np.float32
     assert patch.sum() == 5 * 7 * 3 and lab.sum() == 5 * 7 * 3  # whole volume inside, the rest padded with 0
     assert set(np.unique(patch)) == {0.0, 1.0}
     for _ in range(20):  # partly outside: image and label padding line up
-        patch, lab = data.sample_patch(memmap, label, (8, 9, 6), 0.5, rng, (-21, 189))
+        patch, lab = train.sample_patch(memmap, label, (8, 9, 6), 0.5, rng, (-21, 189))
         assert np.array_equal(patch, lab.astype(np.float32)) and 0 < lab.sum() < 8 * 9 * 6
-    patch, lab = data.sample_patch(memmap, None, (4, 4, 4), 1.0, np.random.default_rng(3), (-21, 189))
+    patch, lab = train.sample_patch(memmap, None, (4, 4, 4), 1.0, np.random.default_rng(3), (-21, 189))
     assert lab is None and patch.shape == (4, 4, 4)
 
 
@@ -452,7 +456,7 @@ def test_augment_intensity_keeps_shape_and_sometimes_changes():
     rng = np.random.default_rng(0)
     patch = np.linspace(0, 1, 7 * 6 * 5, dtype=np.float32).reshape(7, 6, 5)
     copy = patch.copy()
-    outs = [data.augment_intensity(patch, rng) for _ in range(40)]
+    outs = [train.augment_intensity(patch, rng) for _ in range(40)]
     assert all(o.shape == patch.shape and o.dtype == np.float32 for o in outs)
     changed = [not np.array_equal(o, patch) for o in outs]
     assert any(changed) and not all(changed)  # each transform has p = 0.5: all three skipped 1 time in 8
@@ -464,34 +468,34 @@ def test_augment_intensity_keeps_shape_and_sometimes_changes():
 
 def test_split_is_deterministic_saved_and_reloaded(tmp_path):
     ids = [f"liver_{i}" for i in range(20)]
-    a = data.split_cases(ids, 5, seed=1, path=tmp_path / "a.json")
-    b = data.split_cases(list(reversed(ids)), 5, seed=1, path=tmp_path / "b.json")
-    assert a == b and len(a["val"]) == 5 and sorted(a["pool"] + a["val"], key=data._natural_key) == ids
-    assert data.split_cases(ids, 5, seed=2, path=None) != a
-    assert data.split_cases(ids, 7, seed=9, path=tmp_path / "a.json") == a  # the saved split wins
+    a = split_cases(ids, 5, seed=1, path=tmp_path / "a.json")
+    b = split_cases(list(reversed(ids)), 5, seed=1, path=tmp_path / "b.json")
+    assert a == b and len(a["val"]) == 5 and sorted(a["pool"] + a["val"], key=folders.natural_key) == ids
+    assert split_cases(ids, 5, seed=2, path=None) != a
+    assert split_cases(ids, 7, seed=9, path=tmp_path / "a.json") == a  # the saved split wins
     assert json.loads((tmp_path / "a.json").read_text())["val"] == a["val"]
-    assert len(data.split_cases(ids, 0.25, seed=1, path=None)["val"]) == 5
+    assert len(split_cases(ids, 0.25, seed=1, path=None)["val"]) == 5
     with pytest.raises(ValueError, match="a.json"):
-        data.split_cases(ids[:10], 5, seed=1, path=tmp_path / "a.json")
+        split_cases(ids[:10], 5, seed=1, path=tmp_path / "a.json")
     for bad in (20, 1.5, "3", True):
         with pytest.raises(ValueError):
-            data.split_cases(ids, bad, seed=1, path=None)
+            split_cases(ids, bad, seed=1, path=None)
 
 
 def test_default_n_val():
-    assert data.default_n_val("Task03_Liver", 131) == 26
-    assert data.default_n_val("HepaticVessel", 303) == 61
-    assert data.default_n_val("Phantom", 12) == 2
-    assert data.default_n_val("Liver", 10) == 2   # too few cases for the paper's 26
-    assert data.default_n_val("x", 2) == 1
+    assert default_n_val("Task03_Liver", 131) == 26
+    assert default_n_val("HepaticVessel", 303) == 61
+    assert default_n_val("Phantom", 12) == 2
+    assert default_n_val("Liver", 10) == 2   # too few cases for the paper's 26
+    assert default_n_val("x", 2) == 1
 
 
 # ---------------------------------------------------------------------------------------------- writing
 
 
 def test_atomic_writers_leave_no_temporaries(tmp_path):
-    data.atomic_write_json(tmp_path / "s.json", {"a": [1, 2]})
-    data.atomic_save_npy(tmp_path / "a.npy", np.arange(5))
+    files.atomic_write_json(tmp_path / "s.json", {"a": [1, 2]})
+    files.atomic_save_npy(tmp_path / "a.npy", np.arange(5))
     data.write_nifti(tmp_path / "v.nii.gz", np.ones((3, 4, 5), np.int16), LPS_AFFINE)
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": [1, 2]}
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.arange(5))
@@ -507,7 +511,7 @@ def test_real_ct_cases_if_present(tmp_path):
     root = SHARED_DATA / "real_ct"
     if not (root / "imagesTr").is_dir():
         pytest.skip(f"{root} not present")
-    cases = {c["id"]: c for c in data.read_msd(root)}
+    cases = {c["id"]: c for c in folders.read_msd(root)}
     assert set(cases) == {"abdpelvis_000", "upperabd_001"}
     volume, spacing_mm = data.load_ct(cases["abdpelvis_000"]["image"])  # int32, sform only
     assert volume.shape == (122, 101, 112) and np.allclose(spacing_mm, 3.0)
@@ -524,7 +528,7 @@ def test_real_ct_cases_if_present(tmp_path):
 
 def test_split_draws_validation_from_candidates_only(tmp_path):
     ids = [f"c{i}" for i in range(10)]
-    split = data.split_cases(ids, 2, seed=0, path=tmp_path / "s.json", candidates=["c3", "c5", "c7"])
+    split = split_cases(ids, 2, seed=0, path=tmp_path / "s.json", candidates=["c3", "c5", "c7"])
     assert set(split["val"]) <= {"c3", "c5", "c7"} and len(split["val"]) == 2
-    assert sorted(split["pool"] + split["val"], key=data._natural_key) == ids
-    assert data.split_cases(ids, 0, seed=0, path=None, candidates=[])["val"] == []    # nothing labeled yet
+    assert sorted(split["pool"] + split["val"], key=folders.natural_key) == ids
+    assert split_cases(ids, 0, seed=0, path=None, candidates=[])["val"] == []    # nothing labeled yet

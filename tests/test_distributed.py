@@ -23,6 +23,8 @@ import strategies
 import data
 import tiny
 from world import World
+import folders
+import run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = ("--strategy", "rand,proxyrank,var_semi", "--seeds", "0,1")
@@ -48,7 +50,7 @@ def finish(proc, log=""):
 
 
 def results(out):
-    states = study.read_states(out)
+    states = run_folder.read_states(out)
     return {(seed, s): (st["labeled"], [r["mean_dice"] for r in st["iterations"]])
             for seed, by_s in states.items() for s, st in by_s.items()}
 
@@ -110,10 +112,10 @@ def _claim_all(rank, port, n, found):
 
 
 def test_queue_hands_every_unit_to_exactly_one_rank(phantom, tmp_path):
-    s = study.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "run", *STUDY))[0])
-    units = al_loop.plan(s, strategies.choose("rand,proxyrank,var_semi"))
+    s = study.open_study(al_loop.parse_args(tiny.args(phantom, tmp_path / "run", *STUDY))[0])[0]
+    units = study.plan(s, strategies.choose("rand,proxyrank,var_semi"))
     scored = [(seed, c) for kind, seed, c in units if kind == "score"]
-    assert sorted(scored) == sorted((seed, c) for seed in (0, 1) for c in s.pool)   # each pool case once
+    assert sorted(scored) == sorted((seed, c) for seed in (0, 1) for c in s.cases.pool)   # each pool case once
     assert units[:2] == [("proxy", 0, None), ("proxy", 1, None)]
     assert [str(u[2]) for u in units if u[0] == "run"][:2] == ["var_semi", "var_semi"]      # the costliest first
     with socket.socket() as s:
@@ -203,7 +205,7 @@ def test_killed_torchrun_stops_its_workers_with_one_line_and_the_rerun_continues
 def test_a_failing_rank_stops_the_others_naming_rank_and_unit(phantom, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / study.MARKER).touch()                                       # a run folder of the project's own
+    (out / run_folder.MARKER).touch()                                       # a run folder of the project's own
     (out / "scores").write_text("a file where the pool's score folders go")   # every score unit fails to write
     proc = torchrun(tiny.args(phantom, out, *STUDY))
     log = finish(proc)                          # every rank stops: torchrun exits (no rank waits on the others)
@@ -216,7 +218,7 @@ def test_annotation_mode_refuses_a_world_of_two(phantom, tmp_path):
     root = tmp_path / "mine"
     import shutil
     shutil.copytree(phantom, root)
-    for case in data.read_msd(root)[3:]:
+    for case in folders.read_msd(root)[3:]:
         os.remove(case["label"])
     proc = torchrun(tiny.args(root, tmp_path / "run", "--strategy", "proxyrank_var_semi"))
     log = finish(proc)

@@ -17,6 +17,8 @@ import tiny
 from proxy_al import enable_mc_dropout, mc_scores, noisy_label, sliding_window
 from train import PatchStream, Stage, supervised_loss
 from unet import UNet
+import run_folder
+import train
 
 WINDOW_HU = (-21, 189)
 N = 4000                     # draws per check; 4 binomial standard deviations as the tolerance
@@ -35,8 +37,8 @@ def centre_labels(label, fg_fraction, seed=0, **kw):
     """The label at the centre of N patches of 1 voxel (a 1-voxel patch is its centre)."""
     rng = np.random.default_rng(seed)
     image = np.zeros(label.shape, np.float32)
-    fg_index = data.foreground_index(label)
-    return np.array([data.sample_patch(image, label, (1, 1, 1), fg_fraction, rng, WINDOW_HU, fg_index, **kw)[1][0, 0, 0]
+    fg_index = train.foreground_index(label)
+    return np.array([train.sample_patch(image, label, (1, 1, 1), fg_fraction, rng, WINDOW_HU, fg_index, **kw)[1][0, 0, 0]
                      for _ in range(N)])
 
 
@@ -76,7 +78,7 @@ def test_a_label_without_foreground_or_background_gives_any_voxel():
     seen = set()
     for label, fg in ((np.zeros((6, 5, 4), np.uint8), 1.0), (np.ones((6, 5, 4), np.uint8), 0.0)):
         for _ in range(600):
-            patch, _ = data.sample_patch(image, label, (1, 1, 1), fg, rng, (0, 6 * 5 * 4))
+            patch, _ = train.sample_patch(image, label, (1, 1, 1), fg, rng, (0, 6 * 5 * 4))
             seen.add(round(float(patch[0, 0, 0]) * 120))
     assert len(seen) == 6 * 5 * 4, "every voxel can be a centre"
 
@@ -268,7 +270,7 @@ def constant_volumes(n=3, shape=(12, 12, 12)):
     """Volumes whose HU is their index x 10 (so a patch tells its case), label: a foreground cube."""
     label = np.zeros(shape, np.uint8)
     label[3:9, 3:9, 3:9] = 1
-    return [(np.full(shape, 10.0 * i, np.float32), label, data.foreground_index(label)) for i in range(n)]
+    return [(np.full(shape, 10.0 * i, np.float32), label, train.foreground_index(label)) for i in range(n)]
 
 
 def todays_stream(volumes, patch_vox, fg_fraction, window_hu, seed, n):
@@ -277,8 +279,8 @@ def todays_stream(volumes, patch_vox, fg_fraction, window_hu, seed, n):
     out = []
     for _ in range(n):
         image_hu, label, fg_index = volumes[rng.integers(len(volumes))]
-        patch, lab = data.sample_patch(image_hu, label, patch_vox, fg_fraction, rng, window_hu, fg_index=fg_index)
-        out.append((data.augment_intensity(patch, rng), lab))
+        patch, lab = train.sample_patch(image_hu, label, patch_vox, fg_fraction, rng, window_hu, fg_index=fg_index)
+        out.append((train.augment_intensity(patch, rng), lab))
     return out
 
 
@@ -294,7 +296,7 @@ def test_patches_per_case_come_in_groups_of_one_case():
     """4 patches in a row from each drawn case; a case tells itself by its label (all voxels of class i + 1)."""
     shape = (12, 12, 12)
     volumes = [(np.zeros(shape, np.float32), np.full(shape, i + 1, np.uint8)) for i in range(4)]
-    volumes = [(image, label, data.foreground_index(label)) for image, label in volumes]
+    volumes = [(image, label, train.foreground_index(label)) for image, label in volumes]
     got = list(itertools.islice(iter(PatchStream(volumes, (8, 8, 8), 0.5, (0, 100), 4, patches_per_case=4)), 40))
     case = [int(label.max()) for _, label in got]                   # padding is 0: the max is the case's class
     groups = [set(case[i:i + 4]) for i in range(0, 40, 4)]
@@ -352,14 +354,14 @@ def test_dice_on_the_labeled_box_equals_the_full_grid_dice():
 
 def run_tiny(phantom, out, *extra):
     assert al_loop.main(tiny.args(phantom, out, *extra)) == 0
-    return study.read_states(out)
+    return run_folder.read_states(out)
 
 
 def test_crop_none_gives_the_cached_volumes_and_body_crops_only_air(phantom, tmp_path):
-    plain = study.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "a", "--crop", "none"))[0])
-    body = study.Study(al_loop.parse_args(tiny.args(phantom, tmp_path / "b"))[0])
-    for cid in list(plain.cases)[:3]:
-        full = data.cached_case(plain.cases[cid], plain.cache, plain.cfg.spacing_mm, with_label=False)[0]
+    plain = study.open_study(al_loop.parse_args(tiny.args(phantom, tmp_path / "a", "--crop", "none"))[0])[0].cases
+    body = study.open_study(al_loop.parse_args(tiny.args(phantom, tmp_path / "b"))[0])[0].cases
+    for cid in list(plain.files)[:3]:
+        full = data.cached_case(plain.files[cid], plain.cache, plain.spacing_mm, with_label=False)[0]
         assert np.array_equal(plain.image_hu(cid), full)
         assert np.array_equal(plain.image(cid), data.window(full, *plain.window_hu))
         box = body.box(cid)
@@ -374,10 +376,10 @@ def test_crop_none_gives_the_cached_volumes_and_body_crops_only_air(phantom, tmp
 
 
 class FakeStudy:
-    """What al_loop.train reads of a Study."""
+    """What al_loop.run_stage reads of a Study."""
     def __init__(self, keep, val_every):
         self.cfg = al_loop.dataclasses.replace(al_loop.PAPER, keep=keep, val_every=val_every, lr=1e-2)
-        self.device, self.val = torch.device("cpu"), ["v"]
+        self.device, self.cases = torch.device("cpu"), type("Cases", (), {"val": ["v"]})()
         self.bar = lambda *a, **kw: type("Quiet", (), {"update": lambda *a, **kw: None})()
 
 
@@ -395,7 +397,7 @@ def snapshot(model):
 def test_keep_last_gives_the_last_steps_weights(monkeypatch):
     monkeypatch.setattr(al_loop, "validate", lambda s, m: pytest.fail("--keep last validates nothing"))
     model = tiny_net(2, dropout=0.2)
-    al_loop.train(FakeStudy("last", 2), model, supervised_loss, toy_batches(), 6, 11, "t")
+    al_loop.run_stage(FakeStudy("last", 2), model, supervised_loss, toy_batches(), 6, 11, "t")
     reference = tiny_net(2, dropout=0.2)
     Stage(reference, supervised_loss, toy_batches(), 6, torch.device("cpu"), 1e-2, dropout_seed=11,
           progress=FakeStudy("last", 2).bar).run("t")
@@ -408,12 +410,12 @@ def test_keep_best_keeps_the_best_validated_weights(monkeypatch):
     seen, dice = [], iter([0.3, 0.7, 0.5])
     monkeypatch.setattr(al_loop, "validate", lambda s, m: seen.append(snapshot(m)) or {"mean_dice": next(dice)})
     model = tiny_net(2, dropout=0.2)
-    stats = al_loop.train(FakeStudy("best", 2), model, supervised_loss, toy_batches(), 6, 11, "t")
+    stats = al_loop.run_stage(FakeStudy("best", 2), model, supervised_loss, toy_batches(), 6, 11, "t")
     assert len(seen) == 3 and stats["best_step"] == 4 and [s for s, _ in stats["validation"]] == [2, 4, 6]
     assert all(torch.equal(model.state_dict()[k], seen[1][k]) for k in seen[1])
     last = tiny_net(2, dropout=0.2)
     monkeypatch.setattr(al_loop, "validate", lambda s, m: pytest.fail("--keep last validates nothing"))
-    al_loop.train(FakeStudy("last", 2), last, supervised_loss, toy_batches(), 6, 11, "t")
+    al_loop.run_stage(FakeStudy("last", 2), last, supervised_loss, toy_batches(), 6, 11, "t")
     assert all(torch.equal(last.state_dict()[k], seen[2][k]) for k in seen[2])
 
 

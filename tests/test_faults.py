@@ -27,6 +27,9 @@ from report import nanmean
 from test_annotator import own_scans, to_annotate
 
 from test_reliability import REPO, STRATEGIES, run, tiny_args
+import folders
+import run_folder
+from cases import split_cases
 
 
 def same_results(a, b):
@@ -89,7 +92,7 @@ def test_semi_strategy_with_every_pool_case_labeled_skips_lines_9_to_11(phantom1
     assert any("labels all 4 pool cases" in m and "no unlabeled case left" in m for m in said), said   # up front
     assert any("proxyrank_var_semi seed 0 iteration 2: every pool case is labeled, so lines 9-11" in m
                and "are skipped" in m for m in said), said
-    st = study.read_states(out)["0"]["proxyrank_var_semi"]
+    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
     assert [r["n_labeled"] for r in st["iterations"]] == [2, 4]
     assert sorted(st["labeled"]) == sorted(split["pool"])                     # the fault: nothing left unlabeled
     assert len(st["iterations"][0]["certain"]) == 2                           # iteration 1 fine-tuned as usual
@@ -107,7 +110,7 @@ def test_semi_strategy_with_every_pool_case_labeled_under_torchrun(phantom12, tm
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log[-3000:]
     assert "[rank 1 " in log and "every pool case is labeled, so lines 9-11" in log, log[-3000:]
-    st = study.read_states(out)["0"]["proxyrank_var_semi"]
+    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
     assert [r["n_labeled"] for r in st["iterations"]] == [2, 4] and st["iterations"][1]["certain"] == []
 
 # ------------------------------------------------------------------------------------ 2. a refused run writes nothing
@@ -137,7 +140,7 @@ def test_too_many_validation_cases_refused_then_a_smaller_count_is_not(phantom, 
     assert not out.exists()
     assert al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--n-val", "4")) == 0   # not refused
     assert len(json.loads((out / "split.json").read_text())["val"]) == 4
-    assert [r["n_labeled"] for r in study.read_states(out)["0"]["rand"]["iterations"]] == [2, 4]
+    assert [r["n_labeled"] for r in run_folder.read_states(out)["0"]["rand"]["iterations"]] == [2, 4]
 
 # ------------------------------------------------------------------------------------ 3. a damaged pool-score file
 
@@ -151,7 +154,7 @@ def test_truncated_score_file_is_named_and_scored_again(phantom, reference, tmp_
     path.write_text(path.read_text()[:len(path.read_text()) // 2])
     with pytest.raises(json.JSONDecodeError):                          # the fault: the file is damaged
         json.loads(path.read_text())
-    study.state_file(out, 0, "proxyrank_var_semi").unlink()           # line 5 ranks the pool again
+    run_folder.state_file(out, 0, "proxyrank_var_semi").unlink()           # line 5 ranks the pool again
     with pytest.warns(UserWarning, match=re.escape(str(path)) + r": not valid JSON.*scoring that case again"):
         state = run(phantom, out)
     assert json.loads(path.read_text()) == pytest.approx(original)
@@ -163,8 +166,8 @@ def test_truncated_score_file_is_named_and_scored_again(phantom, reference, tmp_
 
 def test_labels_in_hand_join_tl_and_only_unlabeled_cases_are_selected(phantom12, tmp_path):
     root, out = own_scans(phantom12, tmp_path, labeled=6), tmp_path / "run"
-    labeled = {c["id"] for c in data.read_msd(root) if c["label"]}
-    assert len(labeled) == 6 and len(data.read_msd(root)) == 12
+    labeled = {c["id"] for c in folders.read_msd(root) if c["label"]}
+    assert len(labeled) == 6 and len(folders.read_msd(root)) == 12
     args = tiny.args(root, out)                                   # the preset's strategy: annotation mode picks one
     have = set(labeled)
     for _ in range(2):                                            # line 5's selection, then iteration 1's
@@ -175,7 +178,7 @@ def test_labels_in_hand_join_tl_and_only_unlabeled_cases_are_selected(phantom12,
             shutil.copy(phantom12 / "labelsTr" / f"{r['case']}.nii.gz", root / "labelsTr")
             have.add(r["case"])
     split = json.loads((out / "split.json").read_text())
-    st = study.read_states(out)["0"]["proxyrank_var_semi"]
+    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
     given = [c for c in split["pool"] if c in labeled]
     assert len(split["val"]) == 2 and set(split["val"]) <= labeled and len(given) == 4
     assert st["given"] == given and st["labeled"][:4] == given
@@ -193,7 +196,7 @@ def nnunet_named_folder(phantom, dest):
     dataset.json."""
     (dest / "imagesTr").mkdir(parents=True)
     (dest / "labelsTr").mkdir()
-    for case in data.read_msd(phantom):
+    for case in folders.read_msd(phantom):
         shutil.copy(case["image"], dest / "imagesTr" / f"{case['id']}_0000.nii.gz")
         shutil.copy(case["label"], dest / "labelsTr" / f"{case['id']}.nii.gz")
         rewrite_label(dest / "labelsTr" / f"{case['id']}.nii.gz", lambda x: (x > 0).astype(np.uint8))
@@ -207,8 +210,8 @@ def test_labels_named_by_case_are_used_and_an_orphan_is_named(phantom, tmp_path)
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"labelsTr: 1 label file pairs with no image and are not used "
                                          r"\(ghost_9.nii.gz\)"):
-        s = study.Study(al_loop.parse_args(tiny_args(root, out))[0])
-    assert not s.annotation and len(s.cases) == 10 and all(c["label"] for c in s.cases.values())
+        s = study.open_study(al_loop.parse_args(tiny_args(root, out))[0])[0].cases
+    assert not s.annotation and len(s.files) == 10 and all(c["label"] for c in s.files.values())
     assert len(s.val) == 2
     with pytest.warns(UserWarning, match="ghost_9.nii.gz"):
         states = run(root, out)
@@ -261,9 +264,9 @@ def test_window_hu_takes_a_negative_lower_bound(capsys):
 
 def test_pool_label_with_a_foreign_class_stops_before_training(phantom, tmp_path, monkeypatch):
     root = copy_data(phantom, tmp_path)
-    ids = [c["id"] for c in data.read_msd(root)]
-    pool = data.split_cases(ids, 2, 0, None)["pool"]
-    case = {c["id"]: c for c in data.read_msd(root)}[pool[-1]]
+    ids = [c["id"] for c in folders.read_msd(root)]
+    pool = split_cases(ids, 2, 0, None)["pool"]
+    case = {c["id"]: c for c in folders.read_msd(root)}[pool[-1]]
     assert (rewrite_label(case["label"], lambda x: np.where(x > 0, 7, 0).astype(np.uint8)) == 7).any()
     trained = []
     monkeypatch.setattr(al_loop, "train_proxy", lambda *a, **kw: trained.append(a))
@@ -278,9 +281,9 @@ def test_pool_label_with_a_foreign_class_stops_before_training(phantom, tmp_path
 
 def test_validation_label_without_foreground_is_named_and_left_out_of_the_means(phantom, tmp_path):
     root = copy_data(phantom, tmp_path)
-    ids = [c["id"] for c in data.read_msd(root)]
-    val = data.split_cases(ids, 3, 0, None)["val"]
-    case = {c["id"]: c for c in data.read_msd(root)}[val[0]]
+    ids = [c["id"] for c in folders.read_msd(root)]
+    val = split_cases(ids, 3, 0, None)["val"]
+    case = {c["id"]: c for c in folders.read_msd(root)}[val[0]]
     assert not rewrite_label(case["label"], np.zeros_like).any()
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match=re.escape(case["label"]) + ": validation label without foreground"):
@@ -290,7 +293,7 @@ def test_validation_label_without_foreground_is_named_and_left_out_of_the_means(
     assert lines[0] == "strategy,seed,iteration,case,dice_liver,dice_tumour,mean_dice"
     empty = [line for line in lines if f",{case['id']}," in line]
     assert len(empty) == 2 and all(line.endswith(",nan,nan,nan") for line in empty), empty
-    for rec in study.read_states(out)["0"]["rand"]["iterations"]:
+    for rec in run_folder.read_states(out)["0"]["rand"]["iterations"]:
         assert all(np.isnan(rec["per_case"][case["id"]]))
         others = np.array([rec["per_case"][c] for c in val[1:]], float)
         assert rec["dice"] == pytest.approx(list(nanmean(others, 0)), nan_ok=True)

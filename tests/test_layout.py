@@ -161,3 +161,50 @@ def test_no_system_exit_below_the_entry_points():
             if isinstance(node, ast.Name) and node.id == "SystemExit":
                 found.append(f"{name}.py:{node.lineno}")
     assert not found, f"SystemExit below the entry points: {found}"
+
+
+# Attributes of torch's own objects the project sets on purpose: a layer's mode (proxy_al restores the caller's
+# modes layer by layer after MC dropout) and cuDNN's autotuner on the GPU path.
+FOREIGN_ATTRIBUTES = {"module.training", "torch.backends.cudnn.benchmark"}
+
+
+def assigned_attributes(source):
+    """(line, target) of every attribute assignment whose object is not `self`: `x.a = 1`, `x.a += 1`,
+    `self.x.a = 1`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        targets = (node.targets if isinstance(node, ast.Assign) else
+                   [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        for target in targets:
+            for sub in ast.walk(target):
+                if (isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store)
+                        and not (isinstance(sub.value, ast.Name) and sub.value.id == "self")):
+                    found.append((node.lineno, ast.unparse(sub)))
+    return found
+
+
+def test_assigned_attributes_are_found():
+    source = "def f(s):\n    s.a = 1\n    s.b += 2\n    self.c.d = 3\n    self.e = 4\n    x = s.f\n"
+    assert assigned_attributes(source) == [(2, "s.a"), (3, "s.b"), (4, "self.c.d")]
+
+
+def test_no_object_is_changed_from_outside():
+    """An object's attributes are set by its own methods only (`self.x = ...`): nothing outside an object
+    writes them, so a reader finds every change of a Study, Cases or RunFolder in its class."""
+    found = [f"{name}.py:{line} {target}" for name, path in MODULES.items()
+             for line, target in assigned_attributes(path.read_text(encoding="utf-8")) if target not in FOREIGN_ATTRIBUTES]
+    assert not found, f"attributes assigned from outside their object: {found}"
+
+
+def test_modules_and_classes_stay_small():
+    """No top-level module above 600 lines and no class above 150: a room that would take every new feature
+    is split along what it holds before it gets there."""
+    long = []
+    for name, path in MODULES.items():
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > 600:
+            long.append(f"{name}.py: {len(text.splitlines())} lines")
+        long += [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+                 for node in ast.walk(ast.parse(text)) if isinstance(node, ast.ClassDef)
+                 and node.end_lineno - node.lineno + 1 > 150]
+    assert not long, f"above 600 lines (module) or 150 (class): {long}"

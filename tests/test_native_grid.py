@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import folders
 
 SPACING = (1.5, 1.5, 2.0)
 # name: (stored shape, affine). Voxel sizes differ per axis so a swapped axis changes the geometry.
@@ -157,7 +158,7 @@ def test_presegmentation_written_back_is_read_by_the_pipeline(tmp_path, geometry
     label = data.write_native(root / "labelsTr" / "case_7.nii.gz", preseg, image, spacing, nearest=True)
     assert nib.load(str(label)).get_data_dtype() == np.uint8
     data.check_same_grid(image, label)  # raises if the grids differ
-    (case,) = data.read_msd(root)
+    (case,) = folders.read_msd(root)
     assert case["label"] == str(label)
     image_hu, label_res = data.cached_case(case, tmp_path / "cache", spacing, num_classes=3)
     assert label_res.shape == image_hu.shape == res_shape
@@ -192,17 +193,17 @@ def test_json_entry_without_label_finds_labelstr_file_once_it_exists(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"name": "Mine", "training": training}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # d's listed label is missing: tested below
-        before = {c["id"]: c["label"] for c in data.read_msd(tmp_path)}
+        before = {c["id"]: c["label"] for c in folders.read_msd(tmp_path)}
     assert before == {"a": None, "b": None, "c": None, "d": None}
 
     for name in ("a", "b", "d"):  # d lists another name: its own labelsTr/d.nii.gz is not used
         save(tmp_path / "labelsTr" / f"{name}.nii.gz", np.ones(shape, dtype=np.uint8), affine)
     with pytest.warns(UserWarning, match="d_seg.nii.gz"):
-        after = {c["id"]: c["label"] for c in data.read_msd(tmp_path)}
+        after = {c["id"]: c["label"] for c in folders.read_msd(tmp_path)}
     assert after == {"a": str(tmp_path / "labelsTr" / "a.nii.gz"), "b": str(tmp_path / "labelsTr" / "b.nii.gz"),
                      "c": None, "d": None}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # entries without a label never warn
         training.pop()
         (tmp_path / "dataset.json").write_text(json.dumps({"name": "Mine", "training": training}))
-        assert [c["label"] is not None for c in data.read_msd(tmp_path)] == [True, True, False]
+        assert [c["label"] is not None for c in folders.read_msd(tmp_path)] == [True, True, False]

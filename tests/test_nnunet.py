@@ -1,4 +1,4 @@
-"""Tests for nnU-Net v2 interchange: data.read_msd on nnU-Net raw folders and nnunet.py's export, on a tiny
+"""Tests for nnU-Net v2 interchange: folders.read_msd on nnU-Net raw folders and nnunet.py's export, on a tiny
 phantom. The last two tests run nnU-Net's own dataset checker and MSD converter when nnunetv2 is installed."""
 import csv
 import gzip
@@ -20,6 +20,7 @@ import data  # noqa: E402
 import nnunet  # noqa: E402
 import tiny  # noqa: E402
 from phantom import make_phantom_dataset  # noqa: E402
+import folders
 
 NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
@@ -44,7 +45,7 @@ def nnunet_copy(msd_root, dest, labelled=None, **json_changes):
     info = json.loads((msd_root / "dataset.json").read_text())
     (dest / "imagesTr").mkdir(parents=True)
     (dest / "labelsTr").mkdir()
-    for case in data.read_msd(msd_root):
+    for case in folders.read_msd(msd_root):
         shutil.copy(case["image"], dest / "imagesTr" / f"{case['id']}_0000.nii.gz")
         if labelled is None or case["id"] in labelled:
             shutil.copy(case["label"], dest / "labelsTr" / f"{case['id']}.nii.gz")
@@ -59,22 +60,22 @@ def nnunet_copy(msd_root, dest, labelled=None, **json_changes):
 
 def test_nnunet_raw_reads_like_the_msd_folder(msd, tmp_path):
     root = nnunet_copy(msd, tmp_path / "Dataset009_Phantom")
-    cases, reference = data.read_msd(root), data.read_msd(msd)
+    cases, reference = folders.read_msd(root), folders.read_msd(msd)
     assert [c["id"] for c in cases] == [c["id"] for c in reference] == [f"phantom_{i}" for i in range(6)]
     assert all(c["image"].endswith(f"{c['id']}_0000.nii.gz") for c in cases)
     for c, r in zip(cases, reference):
         assert Path(c["label"]).read_bytes() == Path(r["label"]).read_bytes()
-    assert data.read_task_info(root) == data.read_task_info(msd) == {
+    assert folders.read_task_info(root) == folders.read_task_info(msd) == {
         "name": "Phantom", "labels": {0: "background", 1: "liver", 2: "tumour"}, "num_classes": 3}
 
 
 def test_partly_labeled_nnunet_folder_pools_the_rest_and_finds_new_labels(msd, tmp_path):
     root = nnunet_copy(msd, tmp_path / "raw", labelled={"phantom_0", "phantom_3"})
-    cases = data.read_msd(root)
+    cases = folders.read_msd(root)
     assert [c["id"] for c in cases if c["label"]] == ["phantom_0", "phantom_3"]
     assert len(cases) == 6
     shutil.copy(msd / "labelsTr" / "phantom_5.nii.gz", root / "labelsTr" / "phantom_5.nii.gz")  # annotated later
-    assert data.read_msd(root)[5]["label"] == str(root / "labelsTr" / "phantom_5.nii.gz")
+    assert folders.read_msd(root)[5]["label"] == str(root / "labelsTr" / "phantom_5.nii.gz")
 
 
 @pytest.mark.parametrize("change, match", [
@@ -83,7 +84,7 @@ def test_partly_labeled_nnunet_folder_pools_the_rest_and_finds_new_labels(msd, t
     ({"file_ending": ".png"}, "'file_ending' is '.png'")])
 def test_nnunet_folder_refuses_what_it_cannot_read(msd, tmp_path, change, match):
     root = nnunet_copy(msd, tmp_path / "raw", **change)
-    for reader in (data.read_msd, data.read_task_info):
+    for reader in (folders.read_msd, folders.read_task_info):
         with pytest.raises(ValueError, match=match) as err:
             reader(root)
         assert str(root / "dataset.json") in str(err.value)
@@ -97,14 +98,14 @@ def test_nnunet_folder_refuses_what_it_cannot_read(msd, tmp_path, change, match)
 def test_nnunet_labels_refuse_regions_and_ignore(msd, tmp_path, change, match):
     root = nnunet_copy(msd, tmp_path / "raw", **change)
     with pytest.raises(ValueError, match=match) as err:
-        data.read_task_info(root)
+        folders.read_task_info(root)
     assert str(root / "dataset.json") in str(err.value)
 
 
 def test_channel_named_images_without_json_pair_with_case_labels(msd, tmp_path):
     root = nnunet_copy(msd, tmp_path / "raw", labelled={"phantom_1"})
     (root / "dataset.json").unlink()
-    cases = data.read_msd(root)
+    cases = folders.read_msd(root)
     assert [c["id"] for c in cases] == [f"phantom_{i}" for i in range(6)]  # ids do not wait for a label
     assert [c["id"] for c in cases if c["label"]] == ["phantom_1"]
     assert cases[1]["label"] == str(root / "labelsTr" / "phantom_1.nii.gz")
@@ -115,12 +116,12 @@ def test_label_pairing_with_no_image_is_warned(msd, tmp_path):
     shutil.copytree(msd, root)
     shutil.copy(root / "labelsTr" / "phantom_0.nii.gz", root / "labelsTr" / "ghost_7.nii.gz")
     with pytest.warns(UserWarning, match=r"1 label file pairs with no image.*ghost_7.nii.gz.*rename or remove"):
-        cases = data.read_msd(root)
+        cases = folders.read_msd(root)
     assert all(c["label"] for c in cases)
     raw = nnunet_copy(msd, tmp_path / "raw")
     shutil.copy(raw / "labelsTr" / "phantom_0.nii.gz", raw / "labelsTr" / "phantom_0_0000.nii.gz")
     with pytest.warns(UserWarning, match="phantom_0_0000.nii.gz"):
-        data.read_msd(raw)
+        folders.read_msd(raw)
 
 
 def test_label_with_the_wrong_ending_is_told_the_file_ending_and_the_name_expected(msd, tmp_path):
@@ -131,18 +132,18 @@ def test_label_with_the_wrong_ending_is_told_the_file_ending_and_the_name_expect
         for f in list((root / folder).iterdir()):
             f.with_suffix("").write_bytes(gzip.decompress(f.read_bytes()))
             f.unlink()
-    assert data.read_msd(root)[0]["label"] == str(root / "labelsTr" / "phantom_0.nii")
+    assert folders.read_msd(root)[0]["label"] == str(root / "labelsTr" / "phantom_0.nii")
     saved = root / "labelsTr" / "phantom_2.nii.gz"          # the annotator's tool saves .nii.gz
     shutil.copy(msd / "labelsTr" / "phantom_2.nii.gz", saved)
     with pytest.warns(UserWarning, match=r"phantom_2.nii.gz.*'file_ending' '.nii'.*"
                                          r"labelsTr/phantom_2.nii.gz -> labelsTr/phantom_2.nii \(gunzip it"):
-        cases = data.read_msd(root)
+        cases = folders.read_msd(root)
     assert cases[2]["label"] is None
     (root / "labelsTr" / "phantom_2.nii").write_bytes(gzip.decompress(saved.read_bytes()))    # as told
     saved.unlink()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert data.read_msd(root)[2]["label"] == str(root / "labelsTr" / "phantom_2.nii")
+        assert folders.read_msd(root)[2]["label"] == str(root / "labelsTr" / "phantom_2.nii")
 
 
 def test_labels_of_which_none_pairs_are_an_error(msd, tmp_path):
@@ -151,23 +152,23 @@ def test_labels_of_which_none_pairs_are_an_error(msd, tmp_path):
     for p in (root / "imagesTr").iterdir():   # images renamed without the channel suffix: pairs nothing now
         p.rename(p.with_name(p.name.replace("phantom_", "scan_")))
     with pytest.raises(ValueError, match=r"labelsTr: none of its 6 label files \(phantom_0.nii.gz, .*\) pairs"):
-        data.read_msd(root)
+        folders.read_msd(root)
 
 
 def test_nnunet_raw_path_finds_names_and_ids(msd, tmp_path, monkeypatch):
-    assert data.nnunet_raw_path(msd) == msd
+    assert folders.nnunet_raw_path(msd) == msd
     with pytest.raises(ValueError, match=r"Dataset003_Liver.*\$nnUNet_raw is not set"):
-        data.nnunet_raw_path("Dataset003_Liver")
+        folders.nnunet_raw_path("Dataset003_Liver")
     monkeypatch.setenv("nnUNet_raw", str(tmp_path))
     folder = nnunet_copy(msd, tmp_path / "Dataset003_Liver")
-    assert data.nnunet_raw_path("Dataset003_Liver") == folder
-    assert data.nnunet_raw_path(3) == data.nnunet_raw_path("003") == folder
+    assert folders.nnunet_raw_path("Dataset003_Liver") == folder
+    assert folders.nnunet_raw_path(3) == folders.nnunet_raw_path("003") == folder
     with pytest.raises(FileNotFoundError, match="Dataset004_Liver: not found"):
-        data.nnunet_raw_path("Dataset004_Liver")
+        folders.nnunet_raw_path("Dataset004_Liver")
     with pytest.raises(FileNotFoundError, match="no dataset folders Dataset007_"):
-        data.nnunet_raw_path(7)
+        folders.nnunet_raw_path(7)
     with pytest.raises(FileNotFoundError, match="no_such_folder: no such data folder"):
-        data.nnunet_raw_path(tmp_path / "no_such_folder")
+        folders.nnunet_raw_path(tmp_path / "no_such_folder")
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -206,8 +207,8 @@ def test_selection_ambiguities_list_the_choices():
 
 
 def test_export_dataset_layout_links_and_json(msd, tmp_path):
-    cases = data.read_msd(msd)
-    labels = data.read_task_info(msd)["labels"]
+    cases = folders.read_msd(msd)
+    labels = folders.read_task_info(msd)["labels"]
     folder = nnunet.export_dataset(cases, ["phantom_3", "phantom_0"], ["phantom_5"], labels, 501, "Phantom",
                                    tmp_path)
     assert folder == tmp_path / "Dataset501_Phantom"
@@ -223,12 +224,12 @@ def test_export_dataset_layout_links_and_json(msd, tmp_path):
         {"train": ["phantom_3", "phantom_0"], "val": ["phantom_5"]}]
     assert [p.name for p in tmp_path.iterdir()] == ["Dataset501_Phantom"]  # no temporary folder left
     # and it reads back as a data folder: the same cases, the same classes
-    assert [c["id"] for c in data.read_msd(folder)] == ["phantom_0", "phantom_3", "phantom_5"]
-    assert data.read_task_info(folder)["labels"] == labels
+    assert [c["id"] for c in folders.read_msd(folder)] == ["phantom_0", "phantom_3", "phantom_5"]
+    assert folders.read_task_info(folder)["labels"] == labels
 
 
 def test_export_converts_uncompressed_nifti_keeping_voxels_and_affine(msd, tmp_path):
-    case = data.read_msd(msd)[2]
+    case = folders.read_msd(msd)[2]
     source = nib.load(case["image"])
     nii = tmp_path / "src" / "phantom_2.nii"
     nii.parent.mkdir()
@@ -243,7 +244,7 @@ def test_export_converts_uncompressed_nifti_keeping_voxels_and_affine(msd, tmp_p
 
 
 def test_export_refuses_overwrite_and_bad_ids(msd, tmp_path, monkeypatch):
-    cases, labels = data.read_msd(msd), {0: "background", 1: "liver", 2: "tumour"}
+    cases, labels = folders.read_msd(msd), {0: "background", 1: "liver", 2: "tumour"}
     folder = nnunet.export_dataset(cases, ["phantom_0"], ["phantom_1"], labels, 501, "Phantom", tmp_path)
     with pytest.raises(FileExistsError, match=r"Dataset501_Phantom: exists already.*--overwrite"):
         nnunet.export_dataset(cases, ["phantom_2"], ["phantom_1"], labels, 501, "Phantom", tmp_path)
@@ -270,7 +271,7 @@ def test_export_run_uses_the_env_folders_and_prints_the_next_commands(msd, tmp_p
     states = {"0": {"proxyrank": state(["phantom_4", "phantom_0", "phantom_2"], [2, 3])}}
     split = {"pool": ["phantom_0", "phantom_2", "phantom_3", "phantom_4"], "val": ["phantom_1", "phantom_5"]}
     lines = []
-    folder = nnunet.export_run(tmp_path / "run", data.read_msd(msd), states, split, data.read_task_info(msd)["labels"],
+    folder = nnunet.export_run(tmp_path / "run", folders.read_msd(msd), states, split, folders.read_task_info(msd)["labels"],
                                502, "Phantom", iteration=1, log=lines.append)
     assert folder == tmp_path / "raw" / "Dataset502_Phantom"
     expected = [{"train": ["phantom_4", "phantom_0"], "val": ["phantom_1", "phantom_5"]}]
@@ -282,7 +283,7 @@ def test_export_run_uses_the_env_folders_and_prints_the_next_commands(msd, tmp_p
     assert str(tmp_path / "pre" / "Dataset502_Phantom" / "splits_final.json") in lines[-2]
     assert lines[-1].endswith("nnUNetv2_train 502 3d_fullres 0")
     with pytest.raises(ValueError, match=r"split.json: cases \['phantom_4'\] of the run state are not in its pool"):
-        nnunet.export_run(tmp_path / "run", data.read_msd(msd), states, {"pool": ["phantom_0"], "val": []},
+        nnunet.export_run(tmp_path / "run", folders.read_msd(msd), states, {"pool": ["phantom_0"], "val": []},
                           {0: "background", 1: "liver"}, 503, "P", iteration=1, log=lines.append)
 
 
@@ -337,7 +338,7 @@ def run_nnunet(code, tmp_path):
 
 def test_export_passes_nnunet_verify_dataset_integrity(msd, tmp_path):
     pytest.importorskip("nnunetv2", reason="nnU-Net v2 not installed (pip install torch==2.13.0 nnunetv2)")
-    cases, labels = data.read_msd(msd), data.read_task_info(msd)["labels"]
+    cases, labels = folders.read_msd(msd), folders.read_task_info(msd)["labels"]
     folder = nnunet.export_dataset(cases, ["phantom_0", "phantom_2", "phantom_4"], ["phantom_1"], labels, 501,
                                    "Phantom", tmp_path / "nnUNet_raw")
     out = run_nnunet("from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity; "
@@ -353,7 +354,7 @@ def test_nnunet_msd_conversion_reads_as_the_msd_folder(msd, tmp_path):
     run_nnunet("from nnunetv2.dataset_conversion.convert_MSD_dataset import convert_msd_dataset; "
                f"convert_msd_dataset({str(source)!r}, overwrite_target_id=509, num_processes=1)", tmp_path)
     converted = tmp_path / "nnUNet_raw" / "Dataset509_Phantom"
-    cases, reference = data.read_msd(converted), data.read_msd(msd)
+    cases, reference = folders.read_msd(converted), folders.read_msd(msd)
     assert [c["id"] for c in cases] == [c["id"] for c in reference]
     assert all(c["image"].endswith("_0000.nii.gz") and c["label"] for c in cases)
-    assert data.read_task_info(converted) == data.read_task_info(msd)
+    assert folders.read_task_info(converted) == folders.read_task_info(msd)

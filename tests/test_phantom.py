@@ -8,6 +8,7 @@ import numpy as np
 import data
 from phantom import PHASES, make_phantom_dataset
 from proxy_al import pseudo_label
+import folders
 
 
 def test_phantom_dataset_in_msd_layout(tmp_path):
@@ -15,7 +16,7 @@ def test_phantom_dataset_in_msd_layout(tmp_path):
     info = json.loads((root / "dataset.json").read_text())
     assert info["name"] == "Phantom" and info["labels"] == {"0": "background", "1": "liver", "2": "tumour"}
     assert info["numTraining"] == 4 and info["training"][0]["image"] == "./imagesTr/phantom_0.nii.gz"
-    cases = data.read_msd(root)
+    cases = folders.read_msd(root)
     assert [c["id"] for c in cases] == [f"phantom_{i}" for i in range(4)]
     values = set()
     for case in cases:
@@ -42,7 +43,7 @@ def test_phantom_population_varies_like_a_cohort(tmp_path):
     assert set(phases) == set(PHASES) and phases.count("portal-venous") > len(phases) / 2   # a minority is unusual
     radii = [r for a in about.values() for r in a["tumour_radii_mm"]]
     assert min(radii) < 6 and max(radii) > 15
-    for case in data.read_msd(root):
+    for case in folders.read_msd(root):
         hu, _ = data.load_ct(case["image"])
         liver = data.load_ct(case["label"])[0] == 1
         found = pseudo_label(hu, (100, 150)).astype(bool)

@@ -14,14 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import proxy_al
-from data import foreground_index, window
+from data import window
 from losses import dice_ce_loss
 import train
 from proxy_al import (
     auto_hu_band, autocast, enable_mc_dropout, evaluate, n_windows, noisy_label, pseudo_label, semi_loss,
     sliding_window, sliding_window_predict, window_starts)
 from train import (
-    PatchStream, batches, fmt_s, make_optimizer, needs_scaler, pick_device, supervised_loss, train_proxy,
+    PatchStream, batches, fmt_s, foreground_index, make_optimizer, needs_scaler, pick_device, supervised_loss, train_proxy,
     train_steps)
 from unet import UNet
 
@@ -362,7 +362,7 @@ def test_sliding_window_puts_pass_j_of_every_window_into_map_j(batch_size, class
     double = NoisyDouble(classes=classes).train()
     image = rand_image((21, 13, 25), seed=5)
     roi, overlap = (16, 16, 16), 0.5
-    out = sliding_window(double, image, roi, overlap, passes=3, batch_size=batch_size)
+    out = sliding_window(double, image, roi, overlap, mc_passes=3, batch_size=batch_size)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.device.type == "cpu"
     assert out.shape == (3, classes, 21, 13, 25)
     np.testing.assert_allclose(out.numpy(), double_passes(double, image, roi, overlap, 3), rtol=1e-5, atol=1e-6)
@@ -377,7 +377,7 @@ def test_sliding_window_puts_pass_j_of_every_window_into_map_j(batch_size, class
 def test_sliding_window_eval_passes_are_identical():
     net = tiny_unet(dropout=0.3).eval()
     image = rand_image((20, 17, 33), seed=6)
-    out = sliding_window(net, image, ROI, 0.5, passes=3, batch_size=4)
+    out = sliding_window(net, image, ROI, 0.5, mc_passes=3, batch_size=4)
     assert out.shape == (3, 2, 20, 17, 33)
     np.testing.assert_allclose(out[0].numpy(), sliding_window_predict(net, image, ROI, 0.5), atol=1e-6)
     np.testing.assert_allclose(out[1].numpy(), out[0].numpy(), atol=1e-6)
@@ -391,7 +391,7 @@ def test_sliding_window_eval_passes_are_identical():
 def test_mc_scores_zero_variance_and_bald_without_dropout(classes, batch_size):
     net = tiny_unet(dropout=0.0, out_channels=classes)
     image = rand_image((16, 15, 30))                  # one padded window: batch_size 3 -> sweeps of 3 and 2
-    scores = mc_scores(net, image, m=5, roi=ROI, batch_size=batch_size, return_map=True)
+    scores = mc_scores(net, image, mc_passes=5, roi=ROI, batch_size=batch_size, return_map=True)
     assert set(scores) == {"variance", "entropy", "bald", "variance_map"}
     if batch_size == 1:                               # every forward alike: identical passes, exact zeros
         assert scores["variance"] == 0.0 and not scores["variance_map"].any()
@@ -410,7 +410,7 @@ def test_mc_scores_zero_variance_and_bald_without_noise(batch_size):
     """The test double without its noise, overlapping windows, several passes per sweep."""
     double = NoisyDouble(classes=3, noise=0.0)
     image = rand_image((21, 13, 11), seed=7)            # 2 windows of 16^3
-    scores = mc_scores(double, image, m=5, roi=(16, 16, 16), overlap=0.5, batch_size=batch_size,
+    scores = mc_scores(double, image, mc_passes=5, roi=(16, 16, 16), overlap=0.5, batch_size=batch_size,
                        return_map=True)
     assert scores["variance"] == 0.0 and not scores["variance_map"].any()
     assert abs(scores["bald"]) < 1e-6 and scores["entropy"] > 0.1
@@ -425,7 +425,7 @@ def test_mc_variance_grows_with_dropout_rate():
         out = []
         for seed in range(2):
             torch.manual_seed(seed)
-            out.append(mc_scores(net, image, m=3, roi=ROI)["variance"])
+            out.append(mc_scores(net, image, mc_passes=3, roi=ROI)["variance"])
         return float(np.mean(out))
 
     low, high = mean_variance(0.05), mean_variance(0.5)
@@ -441,7 +441,7 @@ def test_mc_scores_match_stored_passes(classes):
     image = rand_image((33, 20, 27), seed=2)           # 4 x 2 overlapping windows, z padded
     m, kw = 4, dict(roi=ROI, overlap=0.5, batch_size=1)
     torch.manual_seed(7)
-    scores = mc_scores(net, image, m=m, return_map=True, **kw)
+    scores = mc_scores(net, image, mc_passes=m, return_map=True, **kw)
     torch.manual_seed(7)
     enable_mc_dropout(net)
     passes = np.stack([sliding_window_predict(net, image, **kw) for _ in range(m)])
@@ -458,17 +458,17 @@ def test_mc_scores_sweeps_of_several_passes_match_stored_passes(batch_size, m, s
     image = rand_image((15, 16, 29), seed=3)
     assert n_windows(image.shape, ROI, 0.25) == 1
     torch.manual_seed(11)
-    scores = mc_scores(net, image, m=m, roi=ROI, batch_size=batch_size, return_map=True)
+    scores = mc_scores(net, image, mc_passes=m, roi=ROI, batch_size=batch_size, return_map=True)
     torch.manual_seed(11)
     enable_mc_dropout(net)
-    passes = torch.cat([sliding_window(net, image, ROI, 0.25, passes=n, batch_size=batch_size) for n in sweeps])
+    passes = torch.cat([sliding_window(net, image, ROI, 0.25, mc_passes=n, batch_size=batch_size) for n in sweeps])
     assert passes.shape == (m, 3, 15, 16, 29)
     check_scores(scores, passes.numpy(), image)
 
 
 def mc_of_double(image, batch_size, m=7, classes=2, roi=(16, 16, 16), overlap=0.5, store=False):
     double = NoisyDouble(classes=classes, store=store)
-    return double, mc_scores(double, image, m=m, roi=roi, overlap=overlap, batch_size=batch_size,
+    return double, mc_scores(double, image, mc_passes=m, roi=roi, overlap=overlap, batch_size=batch_size,
                              return_map=True)
 
 
@@ -527,7 +527,7 @@ def test_mc_scores_restores_model_mode_and_drops_out_only_during_the_call(traini
 
     handle = net.register_forward_pre_hook(record)
     image = rand_image((16, 16, 32))
-    mc_scores(net, image, m=2, roi=ROI)
+    mc_scores(net, image, mc_passes=2, roi=ROI)
     handle.remove()
     assert len(seen) == 2
     for modes in seen:
@@ -556,7 +556,7 @@ def test_inference_leaves_weights_trainable():
     trainable parameters, and a training step must work and change them."""
     net = tiny_unet(dropout=0.2)
     image = rand_image((16, 16, 32))
-    mc_scores(net, image, m=2, roi=ROI)
+    mc_scores(net, image, mc_passes=2, roi=ROI)
     sliding_window_predict(net.eval(), image, roi=ROI)
     assert all(p.requires_grad and not p.is_inference() for p in net.parameters())
     before = weights(net)

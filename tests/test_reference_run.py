@@ -13,6 +13,8 @@ import data
 import strategies
 import study
 import tiny
+import folders
+import run_folder
 
 STRATEGIES = ("--strategy", "rand,proxyrank_var_semi,full")
 NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -39,7 +41,7 @@ def nnunet_copy(msd_root, dest, labeled=None):
     info = json.loads((msd_root / "dataset.json").read_text())
     (dest / "imagesTr").mkdir(parents=True)
     (dest / "labelsTr").mkdir()
-    cases = data.read_msd(msd_root)
+    cases = folders.read_msd(msd_root)
     for case in cases:
         shutil.copy(case["image"], dest / "imagesTr" / f"{case['id']}_0000.nii.gz")
         if labeled is None or case["id"] in labeled:
@@ -59,7 +61,7 @@ def rows(path):
 
 def test_full_trains_once_on_the_whole_pool_and_is_reported_apart(msd_run):
     split = json.loads((msd_run / "split.json").read_text())
-    st = study.read_states(msd_run)["0"]["full"]
+    st = run_folder.read_states(msd_run)["0"]["full"]
     assert len(st["iterations"]) == 1                                          # one iteration, no selection
     assert st["iterations"][0]["n_labeled"] == len(split["pool"]) == 8
     assert sorted(st["labeled"]) == sorted(split["pool"]) and "acquired" not in st["iterations"][0]
@@ -110,12 +112,12 @@ def test_proxy_patch_draw_follows_the_preset(phantom, tmp_path, monkeypatch, ext
 
 def test_nnunet_raw_copy_gives_the_results_of_the_msd_folder(phantom, msd_run, tmp_path):
     root = nnunet_copy(phantom, tmp_path / "Dataset009_Phantom")
-    assert [c["id"] for c in data.read_msd(root)] == [c["id"] for c in data.read_msd(phantom)]
-    assert all(c["image"].endswith("_0000.nii.gz") for c in data.read_msd(root))      # read as nnU-Net's
+    assert [c["id"] for c in folders.read_msd(root)] == [c["id"] for c in folders.read_msd(phantom)]
+    assert all(c["image"].endswith("_0000.nii.gz") for c in folders.read_msd(root))      # read as nnU-Net's
     out = tmp_path / "run"
     assert al_loop.main(tiny.args(root, out, *STRATEGIES)) == 0
     assert json.loads((out / "split.json").read_text()) == json.loads((msd_run / "split.json").read_text())
-    mine, theirs = study.read_states(out)["0"], study.read_states(msd_run)["0"]
+    mine, theirs = run_folder.read_states(out)["0"], run_folder.read_states(msd_run)["0"]
     assert sorted(mine) == sorted(theirs) == ["full", "proxyrank_var_semi", "rand"]
     for name in theirs:
         assert mine[name]["labeled"] == theirs[name]["labeled"], name
@@ -129,7 +131,7 @@ def test_nnunet_raw_copy_gives_the_results_of_the_msd_folder(phantom, msd_run, t
 
 
 def test_partly_labeled_nnunet_folder_asks_for_labelstr_files(phantom, tmp_path, capsys):
-    ids = [c["id"] for c in data.read_msd(phantom)]
+    ids = [c["id"] for c in folders.read_msd(phantom)]
     root = nnunet_copy(phantom, tmp_path / "Dataset009_Phantom", labeled=set(ids[:4]))
     out = tmp_path / "run"
     assert al_loop.main(tiny.args(root, out)) == 0                              # stops for labels: exit 0
@@ -149,7 +151,7 @@ def test_export_nnunet_writes_the_selection_with_the_runs_split(phantom, msd_run
     to = tmp_path / "raw"
     assert al_loop.main(["--out", str(msd_run), "--export-nnunet", "501", "--export-to", str(to),
                          "--strategy", "rand"]) == 0
-    st = study.read_states(msd_run)["0"]["rand"]
+    st = run_folder.read_states(msd_run)["0"]["rand"]
     split = json.loads((msd_run / "split.json").read_text())
     train = st["labeled"][:st["iterations"][-1]["n_labeled"]]                  # what the last Ms trained on
     folder = to / "Dataset501_Phantom"

@@ -20,7 +20,10 @@ import study
 import strategies
 import data
 import files
+import folders
+import run_folder
 import tiny
+from cases import split_cases
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("--strategy", "rand,proxyrank_var_semi")
@@ -32,7 +35,7 @@ def tiny_args(root, out, *extra):
 
 def run(root, out, *extra):
     assert al_loop.main(tiny_args(root, out, *extra)) == 0
-    return study.read_states(out)
+    return run_folder.read_states(out)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_state_between_saves_follows_the_records(phantom, reference, tmp_path):
     """A state whose labeled list runs ahead of its records (a kill between two saves in older versions)
     is cut back to what the records say: no iteration trains on cases it did not have."""
     out = copy_run(reference, tmp_path)
-    path = study.state_file(out, 0, "rand")
+    path = run_folder.state_file(out, 0, "rand")
     st = json.loads(path.read_text())
     st["iterations"] = []
     path.write_text(json.dumps(st))
@@ -76,7 +79,7 @@ def test_checkpoint_of_other_cases_is_redone(phantom, reference, tmp_path):
     out = copy_run(reference, tmp_path)
     ckpt = out / "checkpoints" / "seed0" / "rand"
     shutil.copy(ckpt / "iter1_sup.pt", ckpt / "iter0_sup.pt")      # trained on 4 cases, not iteration 0's 2
-    path = study.state_file(out, 0, "rand")
+    path = run_folder.state_file(out, 0, "rand")
     st = json.loads(path.read_text())
     st["iterations"], st["labeled"] = [], st["labeled"][:2]
     path.write_text(json.dumps(st))
@@ -105,7 +108,7 @@ def test_retrained_proxy_scores_the_pool_again(phantom, reference, tmp_path):
                                   '{"labeled": [], "iterations": [{"n_labeled": "two"}], "scores": {}}'])
 def test_corrupt_state_file_names_it_and_rebuild_state_recovers(phantom, reference, tmp_path, text):
     out = copy_run(reference, tmp_path)
-    path = study.state_file(out, 0, "proxyrank_var_semi")
+    path = run_folder.state_file(out, 0, "proxyrank_var_semi")
     path.write_text(text)
     with pytest.raises(SystemExit, match=f"{path.name}.*--rebuild-state"):
         al_loop.main(tiny_args(phantom, out))
@@ -191,7 +194,7 @@ def test_killed_run_resumes_to_the_same_results(phantom, reference, tmp_path, ta
         while (line := proc.stdout.readline()) and not line.startswith("held before the rename onto"):
             log.append(line)
         held = Path(line.split(" onto ", 1)[1].strip()) if line else None
-        states = study.read_states(out)              # what the run had finished when it was killed
+        states = run_folder.read_states(out)              # what the run had finished when it was killed
         proc.kill()
         proc.wait()
     finally:
@@ -212,7 +215,7 @@ def test_second_process_on_a_run_folder_stops_naming_the_holder(phantom, tmp_pat
     out = tmp_path / "run"
     out.mkdir()
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import study\n"
-            f"with study.run_folder({str(out)!r}):\n    print('locked', flush=True); sys.stdin.readline()")
+            f"with run_folder.locked({str(out)!r}):\n    print('locked', flush=True); sys.stdin.readline()")
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -221,7 +224,7 @@ def test_second_process_on_a_run_folder_stops_naming_the_holder(phantom, tmp_pat
     finally:
         holder.send_signal(signal.SIGKILL)          # the OS drops a dead process's lock
         holder.wait()
-    with study.run_folder(out):
+    with run_folder.locked(out):
         assert (out / ".lock").read_text().strip() == str(os.getpid())
 
 
@@ -230,7 +233,7 @@ def test_second_process_on_a_run_folder_stops_naming_the_holder(phantom, tmp_pat
 
 def test_cache_that_cannot_be_written_stops_the_run(phantom, tmp_path, monkeypatch):
     """Half the cases are cached, the disk is full for the rest: the run stops, no case is dropped."""
-    cases = data.read_msd(phantom)
+    cases = folders.read_msd(phantom)
     for case in cases[:5]:
         data.cached_case(case, tmp_path / "cache", (6.0, 6.0, 6.0), with_label=False)
 
@@ -245,7 +248,7 @@ def test_cache_that_cannot_be_written_stops_the_run(phantom, tmp_path, monkeypat
 def test_unreadable_and_nan_cases_are_left_out_and_listed(phantom, tmp_path):
     root = tmp_path / "bad"
     shutil.copytree(phantom, root)
-    cases = {c["id"]: c for c in data.read_msd(root)}
+    cases = {c["id"]: c for c in folders.read_msd(root)}
     Path(cases["phantom_4"]["image"]).write_bytes(b"not a nifti file")
     img = nib.load(cases["phantom_7"]["image"])
     volume = np.asarray(img.dataobj, dtype=np.float32)
@@ -271,7 +274,7 @@ def test_nan_voxels_are_an_error_naming_the_file(tmp_path):
 
 def break_label(root, which, how):
     """Rewrite one case's label: 'grid' (another affine), 'value' (a class the task lacks)."""
-    case = data.read_msd(root)[which]
+    case = folders.read_msd(root)[which]
     img = nib.load(case["label"])
     label, affine = np.asarray(img.dataobj).astype(np.uint8), img.affine.copy()
     if how == "grid":
@@ -290,8 +293,8 @@ def test_label_problems_stop_before_training(phantom, tmp_path, part, how, messa
     """Every label header, and every validation label's values, are checked before the first training step."""
     root = tmp_path / "data"
     shutil.copytree(phantom, root)
-    ids = [c["id"] for c in data.read_msd(root)]
-    case = break_label(root, ids.index(data.split_cases(ids, 2, 0, None)[part][0]), how)
+    ids = [c["id"] for c in folders.read_msd(root)]
+    case = break_label(root, ids.index(split_cases(ids, 2, 0, None)[part][0]), how)
     with pytest.raises(SystemExit, match=message.format(name=Path(case["label"]).name)):
         al_loop.main(tiny_args(root, tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -311,13 +314,13 @@ def test_pool_label_values_checked_before_training(phantom, tmp_path, monkeypatc
     is selected): a bad one stops the run at once with a message naming the file, and nothing is trained."""
     root = tmp_path / "data"
     shutil.copytree(phantom, root)
-    split = data.split_cases([c["id"] for c in data.read_msd(root)], 2, 0, None)
-    ids = [c["id"] for c in data.read_msd(root)]
+    split = split_cases([c["id"] for c in folders.read_msd(root)], 2, 0, None)
+    ids = [c["id"] for c in folders.read_msd(root)]
     for cid in split["pool"]:
         break_label(root, ids.index(cid), "value")
     with pytest.raises(SystemExit, match="case phantom_.*labelsTr/phantom_.*label value 7"):
         al_loop.main(tiny_args(root, tmp_path / "run", "--strategy", "rand"))
-    assert not list((tmp_path / "run").glob("**/*.pt")) and not study.state_file(tmp_path / "run", 0, "rand").exists()
+    assert not list((tmp_path / "run").glob("**/*.pt")) and not run_folder.state_file(tmp_path / "run", 0, "rand").exists()
 
 
 # ------------------------------------------------------------------------------------ options and user mistakes

@@ -17,6 +17,8 @@ import tiny
 from test_annotator import own_scans, to_annotate
 from test_faults import messages, snapshot
 from test_reliability import run, tiny_args
+import folders
+import run_folder
 
 
 def deliver_labels(truth, root, out):
@@ -49,7 +51,7 @@ def test_out_on_a_users_folder_is_refused_and_nothing_in_it_touched(phantom, tmp
         al_loop.main(tiny_args(phantom, empty, "--k", "50"))
     assert empty.is_dir() and not list(empty.iterdir())
     run(phantom, empty, "--strategy", "rand", "--iterations", "1")         # an empty folder is taken
-    assert (empty / study.MARKER).is_file() and (empty / "results.csv").is_file()
+    assert (empty / run_folder.MARKER).is_file() and (empty / "results.csv").is_file()
     run(phantom, empty, "--strategy", "rand", "--iterations", "2")         # and recognised as the run's own
 
 
@@ -57,8 +59,8 @@ def test_run_folder_of_an_older_proxy_al_is_recognised_by_its_config(phantom, tm
     """A run folder made before the marker file has a config.json with the project's keys: it is the run's."""
     out = tmp_path / "run"
     run(phantom, out, "--strategy", "rand", "--iterations", "1")
-    (out / study.MARKER).unlink()
-    assert study.is_run_folder(out)
+    (out / run_folder.MARKER).unlink()
+    assert run_folder.is_run_folder(out)
     run(phantom, out, "--strategy", "rand", "--iterations", "2")
     assert json.loads((out / "state" / "seed0_rand.json").read_text())["iterations"][1]["n_labeled"] == 2 * tiny.K
 
@@ -76,7 +78,7 @@ def test_annotation_mode_runs_to_its_end_when_the_user_labels_what_it_asks(phant
         assert al_loop.main(args) == 0
         asked += deliver_labels(phantom, root, out)
     assert al_loop.main(args) == 0                        # iteration 2 trains on all of them
-    st = study.read_states(out)["0"]["proxyrank_var_semi"]
+    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
     given = 2 if labeled == 4 else 4
     assert [r["n_labeled"] for r in st["iterations"]] == [given + 2, given + 4] and len(set(asked)) == 4
     said = capsys.readouterr().out
@@ -125,7 +127,7 @@ def test_rerun_with_another_setting_of_the_saved_stages_is_refused(phantom, tmp_
 def test_saved_pseudo_labels_are_keyed_by_what_made_them(phantom, tmp_path):
     """A pseudo label saved under one band (or grid, or image file) is never read for another."""
     out = tmp_path / "run"
-    s = study.Study(al_loop.parse_args(tiny_args(phantom, out))[0])
+    s = run_folder.RunFolder(out)
     made = []
     make = lambda value: lambda: made.append(value) or np.full((2, 2, 2), value, np.uint8)
     assert s.saved_array("pseudo_labels/x", make(1), ["100,150", [6, 6, 6]]).max() == 1
@@ -163,21 +165,21 @@ def test_images_added_after_the_run_began_are_named_in_one_message_and_not_used(
         "phantom_12) are not used (phantom_0_seg: a label saved among the images?" in said[0]
     assert "the run goes on with 8 pool and 2 validation cases" in said[0]
     assert not (out / "to_annotate.csv").exists()
-    assert [r["n_labeled"] for r in study.read_states(out)["0"]["rand"]["iterations"]] == [2, 4]
+    assert [r["n_labeled"] for r in run_folder.read_states(out)["0"]["rand"]["iterations"]] == [2, 4]
 
 
 def test_removed_scan_never_selected_is_left_out_and_a_selected_one_is_named(phantom, tmp_path):
     root, out = binary_folder(phantom, tmp_path / "scans"), tmp_path / "run"
     args = tiny_args(root, out, "--strategy", "rand")
     assert al_loop.main(args + ["--iterations", "1"]) == 0
-    st = study.read_states(out)["0"]["rand"]
+    st = run_folder.read_states(out)["0"]["rand"]
     split = json.loads((out / "split.json").read_text())
     unused = next(c for c in split["pool"] if c not in st["labeled"])
     for folder in ("imagesTr", "labelsTr"):
         (root / folder / f"{unused}.nii.gz").unlink()
     with pytest.warns(UserWarning, match=rf"1 pool image\(s\) removed \({unused}\), never selected, are left out"):
         assert al_loop.main(args + ["--iterations", "2"]) == 0
-    st = study.read_states(out)["0"]["rand"]
+    st = run_folder.read_states(out)["0"]["rand"]
     assert len(st["iterations"]) == 2 and unused not in st["labeled"]
     assert unused in (out / "summary.md").read_text()
     picked = st["labeled"][0]
@@ -194,4 +196,4 @@ def test_sigterm_during_a_file_read_is_not_taken_for_a_damaged_file(phantom, mon
         study._terminated(15, None)
     monkeypatch.setattr(nib, "load", terminated)
     with pytest.raises(study.Terminated):
-        data._open_nifti(data.read_msd(phantom)[0]["image"])
+        data._open_nifti(folders.read_msd(phantom)[0]["image"])
