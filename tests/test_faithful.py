@@ -424,8 +424,8 @@ def test_mean_dice_is_monais_mean_over_cases_of_present_classes(monkeypatch):
     the mean over the cases that have one."""
     per_case = np.array([[0.8, np.nan], [0.6, 0.2], [np.nan, np.nan]])
     monkeypatch.setattr(al_loop, "evaluate", lambda *a, **kw: per_case)
-    fake = type("S", (), {"val": ["a", "b", "c"], "num_classes": 3, "cfg": al_loop.PAPER,
-                          "labeled_case": lambda self, c: None})()
+    cases = type("C", (), {"val": ["a", "b", "c"], "num_classes": 3, "labeled_case": lambda self, c: None})()
+    fake = type("S", (), {"cases": cases, "cfg": al_loop.PAPER})()
     record = al_loop.validate(fake, None)
     assert record["mean_dice"] == pytest.approx((0.8 + 0.4) / 2)
     assert record["dice"] == pytest.approx([0.7, 0.2])
