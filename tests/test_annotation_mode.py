@@ -1,5 +1,6 @@
-"""The annotator's side: pre-segmentations and uncertainty maps on each scan's own grid, labels saved from
-them accepted on the rerun, a user's dataset.json without label entries, and the BALD strategies."""
+"""Annotation mode end to end: to_annotate.csv, pre-segmentations and uncertainty maps on each scan's own grid,
+labels saved from them accepted on the rerun until the run ends, another --k keeping every annotated case. CPU,
+tiny phantoms."""
 import csv
 import json
 import shutil
@@ -9,25 +10,55 @@ import numpy as np
 import pytest
 
 import al_loop
-import study
-import strategies
 import data
 import tiny
 import folders
 import run_folder
+from tiny import deliver_labels, own_scans, states_of, to_annotate
 
 
-def own_scans(phantom, tmp_path, labeled=3):
-    """The user's folder: all scans, labels for the first `labeled` cases, a dataset.json whose other
-    entries have no "label" (as a user writes it for unlabeled scans)."""
+def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
     root = tmp_path / "mine"
     shutil.copytree(phantom, root)
-    info = json.loads((root / "dataset.json").read_text())
-    for i, entry in enumerate(sorted(info["training"], key=lambda e: folders.natural_key(e["image"]))):
-        if i >= labeled:
-            (root / entry.pop("label")).unlink()
-    (root / "dataset.json").write_text(json.dumps(info))
-    return root
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    cases = folders.read_msd(root)
+    for case in cases[3:]:  # the user has labels for three cases only
+        shutil.move(case["label"], hidden)
+    out = tmp_path / "run"
+    for attempt in range(10):
+        with pytest.warns(UserWarning):
+            assert al_loop.main(tiny.args(root, out, "--k", "1")) == 0
+        todo = out / "to_annotate.csv"
+        if not todo.exists():
+            break
+        with open(todo) as f:
+            rows = list(csv.DictReader(f))
+        assert rows and set(rows[0]) == {"case", "image", "score", "rank", "prediction", "uncertainty", "save_label_as"}
+        for row in rows:  # the "annotator" delivers the requested labels
+            shutil.move(hidden / f"{row['case']}.nii.gz", root / "labelsTr")
+        todo.unlink()
+    state = run_folder.read_states(out)
+    st = state["0"]["proxyrank_var_semi"]
+    assert len(st["iterations"]) == 2 and attempt >= 2
+    assert not set(st["labeled"]) & set(json.loads((out / "split.json").read_text())["val"])
+
+
+def test_k_changed_in_annotation_mode_keeps_every_annotated_case(phantom, tmp_path):
+    """Two rounds of --k 2, then --k 1: Tl keeps all four selected cases (no 'disagrees' warning), and the
+    new --k sizes only the next acquisition."""
+    import warnings
+    from test_annotator import own_scans, to_annotate
+    root, out = own_scans(phantom, tmp_path, labeled=4), tmp_path / "run"
+    for k in ("2", "2", "1"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*disagrees with the iteration records")
+            assert al_loop.main(tiny.args(root, out, "--strategy", "rand", "--k", k)) == 0
+        for r in to_annotate(out):
+            shutil.copy(phantom / "labelsTr" / f"{r['case']}.nii.gz", r["save_label_as"])
+    st = states_of(out)["rand"]
+    assert [r["n_labeled"] for r in st["iterations"]] == [4, 6]          # 2 in hand + 2, then + 2
+    assert len(st["iterations"][1]["acquired"]) == 1 and len(st["labeled"]) == len(set(st["labeled"])) == 7
 
 
 def same_grid(path, image_path):
@@ -35,11 +66,6 @@ def same_grid(path, image_path):
     img, ref = nib.load(str(path)), nib.load(str(image_path))
     assert img.shape == ref.shape and np.allclose(img.affine, ref.affine, atol=1e-4)
     return np.asarray(img.dataobj)
-
-
-def to_annotate(out):
-    with open(out / "to_annotate.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def test_presegmentations_on_the_native_grid_and_labels_saved_from_them_continue(phantom, tmp_path, capsys):
@@ -81,22 +107,31 @@ def test_save_maps_writes_on_the_native_grid(phantom, tmp_path):
     for path in maps:
         assert same_grid(path, cases[path.name.removesuffix("_uncertainty.nii.gz")]["image"]).max() > 0
 
+# ----------------------------------------------------------------------------------------- annotation mode
 
-def test_bald_strategies_run_apart_from_the_paper(phantom, tmp_path):
-    chosen = lambda *flags: study.open_study(al_loop.parse_args(tiny.args(phantom, tmp_path / "s", *flags))[0])[1]
-    assert [x.name for x in chosen("--strategy", "extended")] == list(strategies.EXTENDED) and len(strategies.EXTENDED) == 16
-    assert len(chosen("--strategy", "all")) == 12
-    bald = strategies.parse("proxyrank_bald_semi")
-    assert (bald.proxy, bald.acquisition, bald.semi) == (True, "bald", True)
-    out = tmp_path / "run"
-    names = ["bald", "bald_semi", "proxyrank_bald", "proxyrank_bald_semi"]
-    assert al_loop.main(tiny.args(phantom, out, "--strategy", ",".join(names))) == 0
-    state = run_folder.read_states(out)["0"]
-    assert sorted(state) == sorted(names) and all(len(st["iterations"]) == 2 for st in state.values())
-    proxy = {c: json.loads((out / "scores" / "seed0" / f"{c}.json").read_text()) for c in json.loads(
-        (out / "split.json").read_text())["pool"]}
-    by_bald = sorted(proxy, key=lambda c: -proxy[c]["bald"])[:tiny.K]
-    assert state["proxyrank_bald"]["labeled"][:tiny.K] == by_bald             # line 4 ranks by the proxy's BALD
-    acquired = state["bald"]["iterations"][0]["acquired"]
-    scores = state["bald"]["iterations"][0]["scores"]
-    assert acquired == sorted(scores, key=lambda c: -scores[c])[:tiny.K]     # the most uncertain by BALD
+
+@pytest.mark.parametrize("labeled", [4, 6])
+def test_annotation_mode_runs_to_its_end_when_the_user_labels_what_it_asks(phantom, tmp_path, capsys, labeled):
+    """10 cases, labels for 4 (6 unlabeled pool cases) or 6 (exactly k x iterations = 4), --k 2 --iterations 2:
+    every round the user saves the labels asked for, and the run goes on to its end (no 'lower --k')."""
+    root, out = own_scans(phantom, tmp_path, labeled=labeled), tmp_path / "run"
+    args = tiny.args(root, out, "--strategy", "proxyrank_var_semi")
+    asked = []
+    for _ in range(2):                                    # line 5's selection, then iteration 1's
+        assert al_loop.main(args) == 0
+        asked += deliver_labels(phantom, root, out)
+    assert al_loop.main(args) == 0                        # iteration 2 trains on all of them
+    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
+    given = 2 if labeled == 4 else 4
+    assert [r["n_labeled"] for r in st["iterations"]] == [given + 2, given + 4] and len(set(asked)) == 4
+    said = capsys.readouterr().out
+    if labeled == 6:                                      # the pool is spent: the run is done
+        assert not st["iterations"][1].get("acquired") and "done: results.csv" in said
+        assert not [r for r in to_annotate(out) if r["case"] not in asked]
+    else:                                                 # two more asked for; labeled, the run is done
+        assert len(st["iterations"][1]["acquired"]) == 2
+        deliver_labels(phantom, root, out)
+        assert al_loop.main(args) == 0
+        said = capsys.readouterr().out
+        assert "the 2 case(s) acquired after iteration 2 are labeled but not trained on; rerun with " \
+               "--iterations 3 to train on them" in said and "done: results.csv" in said

@@ -1,63 +1,46 @@
-"""The faults of issue 23, one test each: every test first makes the fault happen (and checks that it did),
-then asserts the decided behaviour and, for an error, its message. CPU, tiny phantoms, seconds each."""
-import dataclasses
-import errno
-import io
+"""A study on the user's own data: labels already in hand, labels named by case, scans without labels, label
+files with foreign classes or no foreground, unreadable or NaN cases, images added or removed between reruns, a
+pseudo-label band that misses the organ. Each test makes the situation happen, then checks what the run does and
+says. CPU, tiny phantoms, seconds each."""
 import json
-import os
+from pathlib import Path
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 import al_loop
-import data
 import study
+import data
 import tiny
-from phantom import make_phantom_dataset
-from report import nanmean
-from test_annotator import own_scans, to_annotate
-
-from test_reliability import REPO, STRATEGIES, run, tiny_args
 import folders
 import run_folder
+from report import nanmean
 from cases import split_cases
+from tiny import copy_data, deliver_labels, messages, own_scans, run, tiny_args, to_annotate
 
 
-def same_results(a, b):
-    for name in ("rand", "proxyrank_var_semi"):
-        assert a["0"][name]["labeled"] == b["0"][name]["labeled"], name
-        assert [r["mean_dice"] for r in a["0"][name]["iterations"]] == pytest.approx(
-            [r["mean_dice"] for r in b["0"][name]["iterations"]], nan_ok=True), name
+def test_unreadable_case_is_left_out_with_a_warning(phantom, tmp_path):
+    root = tmp_path / "bad"
+    shutil.copytree(phantom, root)
+    (root / "imagesTr" / "phantom_4.nii.gz").write_bytes(b"not a nifti file")
+    cfg = al_loop.parse_args(tiny.args(root, tmp_path / "run"))[0]
+    with pytest.warns(UserWarning, match="phantom_4"):
+        s = study.open_study(cfg)[0]
+        study.preprocess(s)
+    assert "phantom_4" not in s.cases.pool + s.cases.val
+    assert len(s.cases.pool) + len(s.cases.val) == 9
 
 
-@pytest.fixture(scope="module")
-def reference(phantom, tmp_path_factory):
-    """A finished tiny study on the 10 phantoms: (run folder, its states)."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    return out, run(phantom, out)
-
-
-@pytest.fixture(scope="module")
-def phantom12(tmp_path_factory):
-    """12 phantom cases as the `phantom` fixture makes its 10."""
-    root = tmp_path_factory.mktemp("phantom12") / "Phantom"
-    make_phantom_dataset(root, 12, seed=3, shape_vox=(24, 24, 16), spacing_mm=(5.0, 5.0, 6.0))
-    return root
-
-
-def copy_data(root, tmp_path, name="data"):
-    dest = tmp_path / name
-    shutil.copytree(root, dest)
-    return dest
+def test_own_scans_without_any_label_get_no_validation_set(phantom, tmp_path):
+    root = tmp_path / "unlabeled"
+    shutil.copytree(phantom, root)
+    shutil.rmtree(root / "labelsTr")
+    (root / "dataset.json").unlink()
+    s = study.open_study(al_loop.parse_args(tiny.args(root, tmp_path / "run"))[0])[0]
+    assert s.cases.annotation and s.cases.val == [] and len(s.cases.pool) == 10
 
 
 def rewrite_label(path, change):
@@ -66,16 +49,6 @@ def rewrite_label(path, change):
     label = change(np.asarray(img.dataobj).astype(np.uint8))
     nib.save(nib.Nifti1Image(label, img.affine), path)
     return label
-
-
-def messages(record):
-    return [str(w.message) for w in record]
-
-
-def snapshot(folder):
-    """Every file under `folder` with its size and modification time."""
-    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in Path(folder).rglob("*") if p.is_file())
 
 
 # ----------------------------------------------------------------------------------- 1. _semi with the pool all labeled
@@ -100,66 +73,6 @@ def test_semi_strategy_with_every_pool_case_labeled_skips_lines_9_to_11(phantom1
     assert np.isfinite(st["iterations"][1]["mean_dice"])                      # Ms stands in for Msemi
     assert not (out / "checkpoints" / "seed0" / "proxyrank_var_semi" / "iter1_semi.pt").exists()
     assert (out / "checkpoints" / "seed0" / "proxyrank_var_semi" / "iter0_semi.pt").exists()
-
-
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch has no torch.distributed")
-def test_semi_strategy_with_every_pool_case_labeled_under_torchrun(phantom12, tmp_path):
-    from test_distributed import torchrun      # the same launcher as the distributed tests
-    out = tmp_path / "run"
-    proc = torchrun(tiny_args(phantom12, out, "--n-val", "8"))
-    log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, log[-3000:]
-    assert "[rank 1 " in log and "every pool case is labeled, so lines 9-11" in log, log[-3000:]
-    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
-    assert [r["n_labeled"] for r in st["iterations"]] == [2, 4] and st["iterations"][1]["certain"] == []
-
-# ------------------------------------------------------------------------------------ 2. a refused run writes nothing
-
-
-def test_refused_request_leaves_no_split_and_the_corrected_one_runs(phantom, tmp_path):
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"--n-val 2 leaves 8 pool cases of 10, but --k 10 x --iterations 2 needs "
-                                         r"20; lower --n-val, --k or --iterations"):
-        al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--k", "10"))
-    assert not out.exists()                                   # no folder, so no split.json fixed by a refused run
-    assert al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--n-val", "4")) == 0
-    split = json.loads((out / "split.json").read_text())
-    assert len(split["val"]) == 4 and len(split["pool"]) == 6 and split["n_val"] == 4
-    config = (out / "config.json").read_text()
-    with pytest.raises(SystemExit, match=r"config.json: this rerun asks for --n-val 3 \(the run has 4\)\. .* Rerun "
-                                         r"with the run's values, or start a new --out"):
-        al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--n-val", "3"))
-    assert json.loads((out / "split.json").read_text()) == split
-    assert (out / "config.json").read_text() == config                   # records only what the run has
-
-
-def test_too_many_validation_cases_refused_then_a_smaller_count_is_not(phantom, tmp_path):
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"--n-val 20 leaves 1 pool case of 10, but --k 2 x --iterations 2 needs 4"):
-        al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--n-val", "20"))
-    assert not out.exists()
-    assert al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--n-val", "4")) == 0   # not refused
-    assert len(json.loads((out / "split.json").read_text())["val"]) == 4
-    assert [r["n_labeled"] for r in run_folder.read_states(out)["0"]["rand"]["iterations"]] == [2, 4]
-
-# ------------------------------------------------------------------------------------ 3. a damaged pool-score file
-
-
-def test_truncated_score_file_is_named_and_scored_again(phantom, reference, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(reference[0], out, ignore=shutil.ignore_patterns(".lock"))
-    first = reference[1]["0"]["proxyrank_var_semi"]["labeled"][0]     # line 5 chose it by this score
-    path = out / "scores" / "seed0" / f"{first}.json"
-    original = json.loads(path.read_text())
-    path.write_text(path.read_text()[:len(path.read_text()) // 2])
-    with pytest.raises(json.JSONDecodeError):                          # the fault: the file is damaged
-        json.loads(path.read_text())
-    run_folder.state_file(out, 0, "proxyrank_var_semi").unlink()           # line 5 ranks the pool again
-    with pytest.warns(UserWarning, match=re.escape(str(path)) + r": not valid JSON.*scoring that case again"):
-        state = run(phantom, out)
-    assert json.loads(path.read_text()) == pytest.approx(original)
-    same_results(state, reference[1])
-    assert (out / "results.csv").read_text() == (reference[0] / "results.csv").read_text()
 
 # ----------------------------------------------------------------------------------- 4. labels in hand, annotation mode
 
@@ -217,47 +130,6 @@ def test_labels_named_by_case_are_used_and_an_orphan_is_named(phantom, tmp_path)
         states = run(root, out)
     assert not (out / "to_annotate.csv").exists()
     assert all(len(st["iterations"]) == 2 for st in states["0"].values())
-
-# ------------------------------------------------------------------------------------ 6. a full disk
-
-
-class FullDisk(io.RawIOBase):
-    """A file on a full disk: every write fails as the OS fails it (errno ENOSPC, no file name)."""
-
-    def writable(self):
-        return True
-
-    def write(self, b):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def test_full_disk_at_a_checkpoint_is_a_message_and_a_rerun_continues(phantom, reference, tmp_path, monkeypatch):
-    out, saves, real_save = tmp_path / "run", [], torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: saves.append(obj) or real_save(obj, FullDisk()))
-    with pytest.raises(SystemExit) as err:
-        al_loop.main(tiny_args(phantom, out))
-    assert len(saves) == 1 and "model" in saves[0]                    # the fault: the first checkpoint save failed
-    message = str(err.value)
-    assert message.startswith(f"{out}: no space left on the disk"), message
-    assert "rerun the same command" in message and "--out" in message and "Traceback" not in message
-    assert not list(out.rglob("*.pt")) and not list(out.rglob(".*.tmp"))  # no half a checkpoint
-    monkeypatch.setattr(torch, "save", real_save)
-    same_results(run(phantom, out), reference[1])
-
-# ------------------------------------------------------------------------------------ 7. --window-hu -21,189
-
-
-def test_window_hu_takes_a_negative_lower_bound(capsys):
-    for argv in (["--window-hu", "-21,189"], ["--window-hu=-21,189"], ["--window-hu", "-21,189", "--k", "5"],
-                 ["--hu-band", "-50,50", "--window-hu", "-21,189"]):
-        cfg = al_loop.parse_args(["--data", "somewhere", *argv])[0]
-        assert cfg.window_hu == (-21, 189), argv
-        al_loop.cli.check_options(dataclasses.replace(cfg, device="cpu"))      # a valid window, no complaint
-    assert al_loop.parse_args(["--hu-band", "-50,50"])[0].hu_band == "-50,50"
-    with pytest.raises(SystemExit):
-        al_loop.parse_args(["--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
-    assert "(e.g. --window-hu -21,189)" in help_text
 
 # ------------------------------------------------------------------------------------ 8. labels checked before training
 
@@ -328,39 +200,6 @@ def test_pseudo_label_band_that_misses_the_organ_points_to_hu_band_auto(phantom,
     said = [m for m in messages(record) if "--hu-band auto" in m]
     assert any(says in m for m in said), messages(record)
 
-# ------------------------------------------------------------------------------------ 11. --out inside the data
-
-
-@pytest.mark.parametrize("where", [".", "runs/first"])
-def test_out_in_the_data_folder_is_refused_and_nothing_written(phantom, tmp_path, where):
-    root = copy_data(phantom, tmp_path)
-    before = snapshot(root)
-    out = root / where
-    where_ = "is the data folder" if where == "." else f"lies inside the data folder {root.resolve()}"
-    with pytest.raises(SystemExit, match=re.escape(f"--out {out}: {where_}")):
-        al_loop.main(tiny_args(root, out))
-    assert snapshot(root) == before
-    assert not (root / "runs").exists()
-
-# ------------------------------------------------------------------------------------ 12. the default cache
-
-
-def without_cache_dir(args):
-    i = args.index("--cache-dir")
-    return args[:i] + args[i + 2:]
-
-
-def test_default_cache_is_the_user_cache_folder_and_logged(phantom, tmp_path, monkeypatch, capsys):
-    xdg, cwd = tmp_path / "xdg", tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
-    monkeypatch.chdir(cwd)
-    assert al_loop.main(without_cache_dir(tiny.args(phantom, tmp_path / "run", "--strategy", "rand"))) == 0
-    cache = xdg / "proxy-al"
-    assert len(list(cache.rglob("*.npy"))) >= 10                       # every image's entry
-    assert f"; cache {cache}" in capsys.readouterr().out
-    assert os.listdir(cwd) == []
-
 # ------------------------------------------------------------------------------- 13. the demo preset on a user's folder
 
 
@@ -373,29 +212,146 @@ def test_demo_preset_on_a_users_folder_keeps_the_papers_validation_rule(tmp_path
     assert al_loop.parse_args(["--preset", "demo"])[0].n_val == 8
     assert al_loop.parse_args([])[0].n_val == 8
 
-# ------------------------------------------------------------------------------------ 14. SIGTERM
+
+def test_unreadable_and_nan_cases_are_left_out_and_listed(phantom, tmp_path):
+    root = tmp_path / "bad"
+    shutil.copytree(phantom, root)
+    cases = {c["id"]: c for c in folders.read_msd(root)}
+    Path(cases["phantom_4"]["image"]).write_bytes(b"not a nifti file")
+    img = nib.load(cases["phantom_7"]["image"])
+    volume = np.asarray(img.dataobj, dtype=np.float32)
+    volume[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(volume, img.affine), cases["phantom_7"]["image"])
+    with pytest.warns(UserWarning, match="phantom_7.nii.gz: the image has NaN or infinite voxels"):
+        run(root, tmp_path / "run", "--n-val", "1")
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "2 case(s) left out" in summary and "- phantom_4:" in summary and "- phantom_7:" in summary
 
 
-def test_sigterm_ends_with_a_message_and_a_rerun_continues(phantom, reference, tmp_path):
-    out, log = tmp_path / "run", tmp_path / "stdout.txt"
-    with open(log, "w") as stdout:
-        proc = subprocess.Popen([sys.executable, str(REPO / "al_loop.py"), *tiny_args(phantom, out)], cwd=tmp_path,
-                                stdout=stdout, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            deadline = time.monotonic() + 300        # a safety net only: the test waits for the state file
-            while not list(out.glob("state/seed0_*.json")):
-                assert proc.poll() is None, f"the run ended before its first state file:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no state file after 300 s:\n{log.read_text()[-3000:]}"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    text = log.read_text()
-    assert "done: results.csv" not in text                              # the fault: it stopped before the end
-    assert "SIGTERM: stopped during" in text and f"Every finished stage is saved in {out}; rerun the same command " \
-                                                  "to continue from there." in text, text[-3000:]
-    assert "Traceback" not in text
-    same_results(run(phantom, out), reference[1])
+def test_nan_voxels_are_an_error_naming_the_file(tmp_path):
+    volume = np.zeros((9, 10, 11), np.float32)
+    volume[1, 2, 3] = np.inf
+    path = tmp_path / "x.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 2.0, 1.0])), str(path))
+    with pytest.raises(ValueError, match="x.nii.gz: the image has NaN or infinite voxels"):
+        data.preprocess_case(path, None, (2.0, 2.0, 2.0))
+
+
+# ------------------------------------------------------------------------------------ labels before training
+
+
+def break_label(root, which, how):
+    """Rewrite one case's label: 'grid' (another affine), 'value' (a class the task lacks)."""
+    case = folders.read_msd(root)[which]
+    img = nib.load(case["label"])
+    label, affine = np.asarray(img.dataobj).astype(np.uint8), img.affine.copy()
+    if how == "grid":
+        affine[0, 3] += 10.0
+    else:
+        label[label > 0] = 7
+    nib.save(nib.Nifti1Image(label, affine), case["label"])
+    return case
+
+
+@pytest.mark.parametrize("part, how, message", [
+    ("pool", "grid", "(?s)1 label file.*{name}.*do not share one voxel grid"),
+    ("val", "grid", "(?s)1 label file.*{name}.*do not share one voxel grid"),
+    ("val", "value", "{name}: label value 7 but the task has 3 classes")])
+def test_label_problems_stop_before_training(phantom, tmp_path, part, how, message):
+    """Every label header, and every validation label's values, are checked before the first training step."""
+    root = tmp_path / "data"
+    shutil.copytree(phantom, root)
+    ids = [c["id"] for c in folders.read_msd(root)]
+    case = break_label(root, ids.index(split_cases(ids, 2, 0, None)[part][0]), how)
+    with pytest.raises(SystemExit, match=message.format(name=Path(case["label"]).name)):
+        al_loop.main(tiny_args(root, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_multiclass_labels_without_dataset_json_are_a_clear_error(phantom, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(phantom, root)
+    (root / "dataset.json").unlink()                 # the phantom labels hold classes 0, 1, 2
+    with pytest.raises(SystemExit, match="label value 2 but the task has 2 classes.*without a dataset.json"):
+        al_loop.main(tiny_args(root, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_pool_label_values_checked_before_training(phantom, tmp_path, monkeypatch):
+    """Every pool label's values are checked before any training (none is used for selection before its case
+    is selected): a bad one stops the run at once with a message naming the file, and nothing is trained."""
+    root = tmp_path / "data"
+    shutil.copytree(phantom, root)
+    split = split_cases([c["id"] for c in folders.read_msd(root)], 2, 0, None)
+    ids = [c["id"] for c in folders.read_msd(root)]
+    for cid in split["pool"]:
+        break_label(root, ids.index(cid), "value")
+    with pytest.raises(SystemExit, match="case phantom_.*labelsTr/phantom_.*label value 7"):
+        al_loop.main(tiny_args(root, tmp_path / "run", "--strategy", "rand"))
+    assert not list((tmp_path / "run").glob("**/*.pt")) and not run_folder.state_file(tmp_path / "run", 0, "rand").exists()
+
+
+def test_validation_label_deleted_between_rounds_is_named_before_training(phantom, tmp_path):
+    root, out = own_scans(phantom, tmp_path, labeled=6), tmp_path / "run"
+    args = tiny.args(root, out, "--strategy", "rand")
+    assert al_loop.main(args) == 0
+    deliver_labels(phantom, root, out)
+    val = json.loads((out / "split.json").read_text())["val"][0]
+    (root / "labelsTr" / f"{val}.nii.gz").unlink()                         # the user deletes a validation label
+    with pytest.raises(SystemExit, match=rf"labelsTr/{val}.nii.gz: missing, but {val} is a validation case of "
+                                         r"this run \(split.json\); put its label back"):
+        al_loop.main(args)
+    assert not (out / "checkpoints").exists()                             # before any training
+
+# ----------------------------------------------------------------------------------------- the data changed
+
+
+def binary_folder(phantom, dest):
+    """The phantoms without dataset.json (imagesTr/ + labelsTr/ paired by name), labels 0/1."""
+    shutil.copytree(phantom, dest)
+    (dest / "dataset.json").unlink()
+    for path in (dest / "labelsTr").glob("*.nii.gz"):
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.uint8), img.affine), path)
+    return dest
+
+
+def test_images_added_after_the_run_began_are_named_in_one_message_and_not_used(phantom, tmp_path):
+    """A new scan and a label saved among the images by mistake: one message names both, says they are not
+    used and what the run does; no competing split-size warning; no annotation mode for the unlabeled two."""
+    root, out = binary_folder(phantom, tmp_path / "scans"), tmp_path / "run"
+    args = tiny_args(root, out, "--strategy", "rand", "--n-val", "0")        # the 20 % rule: 2 of 10
+    assert al_loop.main(args + ["--iterations", "1"]) == 0
+    for name in ("phantom_10", "phantom_11", "phantom_12"):
+        shutil.copy(root / "imagesTr" / "phantom_1.nii.gz", root / "imagesTr" / f"{name}.nii.gz")
+    shutil.copy(root / "labelsTr" / "phantom_0.nii.gz", root / "imagesTr" / "phantom_0_seg.nii.gz")
+    with pytest.warns(UserWarning) as record:
+        assert al_loop.main(args + ["--iterations", "2"]) == 0
+    said = [m for m in messages(record) if "phantom_1" in m or "split" in m]
+    assert len(said) == 1, said
+    assert "changed since this run began" in said[0] and "4 image(s) added (phantom_0_seg, phantom_10, phantom_11, " \
+        "phantom_12) are not used (phantom_0_seg: a label saved among the images?" in said[0]
+    assert "the run goes on with 8 pool and 2 validation cases" in said[0]
+    assert not (out / "to_annotate.csv").exists()
+    assert [r["n_labeled"] for r in run_folder.read_states(out)["0"]["rand"]["iterations"]] == [2, 4]
+
+
+def test_removed_scan_never_selected_is_left_out_and_a_selected_one_is_named(phantom, tmp_path):
+    root, out = binary_folder(phantom, tmp_path / "scans"), tmp_path / "run"
+    args = tiny_args(root, out, "--strategy", "rand")
+    assert al_loop.main(args + ["--iterations", "1"]) == 0
+    st = run_folder.read_states(out)["0"]["rand"]
+    split = json.loads((out / "split.json").read_text())
+    unused = next(c for c in split["pool"] if c not in st["labeled"])
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder / f"{unused}.nii.gz").unlink()
+    with pytest.warns(UserWarning, match=rf"1 pool image\(s\) removed \({unused}\), never selected, are left out"):
+        assert al_loop.main(args + ["--iterations", "2"]) == 0
+    st = run_folder.read_states(out)["0"]["rand"]
+    assert len(st["iterations"]) == 2 and unused not in st["labeled"]
+    assert unused in (out / "summary.md").read_text()
+    picked = st["labeled"][0]
+    (root / "imagesTr" / f"{picked}.nii.gz").unlink()
+    with pytest.raises(SystemExit, match=rf"the image\(s\) of {picked} are gone since this run began, but the run "
+                                         r"validates on them or has selected them .* put the files back"):
+        al_loop.main(args + ["--iterations", "3"])

@@ -1,61 +1,159 @@
-"""Nothing lost, nothing silently changed: state that cannot contradict itself, corrupt run files, one writer
-per run folder, environment errors vs bad cases, checks before the long work, options. CPU, tiny phantoms."""
+"""Resume: a run stopped anywhere (killed, SIGTERM, an exception between stages, a full disk) continues to the
+results of an uninterrupted run; state that cannot contradict itself, corrupt or truncated run files named and
+redone, more iterations or another --k on a finished run. CPU, tiny phantoms."""
 import errno
+import io
 import json
 import os
+from pathlib import Path
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
+import time
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
 import al_loop
-import study
-import strategies
-import data
-import files
-import folders
 import run_folder
-import tiny
-from cases import split_cases
-
-REPO = Path(__file__).resolve().parents[1]
-STRATEGIES = ("--strategy", "rand,proxyrank_var_semi")
+from tiny import REPO, run, same_results, states_of, tiny_args
 
 
-def tiny_args(root, out, *extra):
-    return tiny.args(root, out, *STRATEGIES, *extra)
+def test_resume_after_stop_between_stages(phantom, tmp_path, monkeypatch):
+    args = ("--strategy", "proxyrank_var_semi,rand")
+    reference = run(phantom, tmp_path / "ref", *args)
+    real_semi = al_loop.semi_finetune
+    calls = []
+
+    def dying_semi(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # second iteration, after its supervised stage was saved
+            raise KeyboardInterrupt
+        return real_semi(*a, **kw)
+
+    monkeypatch.setattr(al_loop, "semi_finetune", dying_semi)
+    with pytest.raises(KeyboardInterrupt):
+        run(phantom, tmp_path / "cut", *args)
+    monkeypatch.setattr(al_loop, "semi_finetune", real_semi)
+    resumed = run(phantom, tmp_path / "cut", *args)
+    for name in ("proxyrank_var_semi", "rand"):      # NaN: a class absent from every validation label
+        assert resumed["0"][name]["labeled"] == reference["0"][name]["labeled"]
+        assert resumed["0"][name]["iterations"][-1]["dice"] == pytest.approx(
+            reference["0"][name]["iterations"][-1]["dice"], nan_ok=True)
 
 
-def run(root, out, *extra):
-    assert al_loop.main(tiny_args(root, out, *extra)) == 0
-    return run_folder.read_states(out)
+def test_k_changed_after_a_run_cut_back_never_labels_a_case_twice(phantom, tmp_path):
+    """A run of --k 2 cut back to its first iteration, rerun with --k 3: Tl holds 4 distinct cases, as before."""
+    out = tmp_path / "run"
+    run(phantom, out, "--strategy", "rand")
+    path = run_folder.state_file(out, 0, "rand")
+    st = json.loads(path.read_text())
+    before = st["labeled"]
+    st["iterations"] = st["iterations"][:1]
+    path.write_text(json.dumps(st))
+    run(phantom, out, "--strategy", "rand", "--k", "3")
+    st = states_of(out)["rand"]
+    assert st["labeled"] == before and [r["n_labeled"] for r in st["iterations"]] == [2, 4]
+    assert "n_labeled" in (out / "results.csv").read_text().splitlines()[0]
+    assert [line.split(",")[3] for line in (out / "results.csv").read_text().splitlines()[1:]] == ["2", "4"]
 
 
-@pytest.fixture(scope="module")
-def reference(phantom, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    return out, run(phantom, out)
+def test_a_finished_run_given_more_iterations_acquires_first_as_an_uninterrupted_run(phantom, tmp_path):
+    """--iterations 1, then --iterations 2: the same Tl and Dice as one run of 2 iterations (the acquisition
+    after iteration 1 is made under its own final model); then --iterations 3 --k 3 acquires 3 more."""
+    strategies_ = ("--strategy", "rand,proxyrank_var_semi")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(phantom, one, *strategies_, "--iterations", "1")
+    run(phantom, one, *strategies_, "--iterations", "2")
+    run(phantom, two, *strategies_, "--iterations", "2")
+    for name in ("rand", "proxyrank_var_semi"):
+        a, b = states_of(one)[name], states_of(two)[name]
+        assert a["labeled"] == b["labeled"] and [r["n_labeled"] for r in a["iterations"]] == [2, 4], name
+        assert [r["mean_dice"] for r in a["iterations"]] == pytest.approx([r["mean_dice"] for r in b["iterations"]],
+                                                                          nan_ok=True)
+    run(phantom, one, "--strategy", "rand", "--iterations", "3", "--k", "3")
+    assert [r["n_labeled"] for r in states_of(one)["rand"]["iterations"]] == [2, 4, 7]
+
+# ------------------------------------------------------------------------------------ 3. a damaged pool-score file
+
+
+def test_truncated_score_file_is_named_and_scored_again(phantom, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out, ignore=shutil.ignore_patterns(".lock"))
+    first = reference[1]["0"]["proxyrank_var_semi"]["labeled"][0]     # line 5 chose it by this score
+    path = out / "scores" / "seed0" / f"{first}.json"
+    original = json.loads(path.read_text())
+    path.write_text(path.read_text()[:len(path.read_text()) // 2])
+    with pytest.raises(json.JSONDecodeError):                          # the fault: the file is damaged
+        json.loads(path.read_text())
+    run_folder.state_file(out, 0, "proxyrank_var_semi").unlink()           # line 5 ranks the pool again
+    with pytest.warns(UserWarning, match=re.escape(str(path)) + r": not valid JSON.*scoring that case again"):
+        state = run(phantom, out)
+    assert json.loads(path.read_text()) == pytest.approx(original)
+    same_results(state, reference[1])
+    assert (out / "results.csv").read_text() == (reference[0] / "results.csv").read_text()
+
+# ------------------------------------------------------------------------------------ 6. a full disk
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a full disk: every write fails as the OS fails it (errno ENOSPC, no file name)."""
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_at_a_checkpoint_is_a_message_and_a_rerun_continues(phantom, reference, tmp_path, monkeypatch):
+    out, saves, real_save = tmp_path / "run", [], torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: saves.append(obj) or real_save(obj, FullDisk()))
+    with pytest.raises(SystemExit) as err:
+        al_loop.main(tiny_args(phantom, out))
+    assert len(saves) == 1 and "model" in saves[0]                    # the fault: the first checkpoint save failed
+    message = str(err.value)
+    assert message.startswith(f"{out}: no space left on the disk"), message
+    assert "rerun the same command" in message and "--out" in message and "Traceback" not in message
+    assert not list(out.rglob("*.pt")) and not list(out.rglob(".*.tmp"))  # no half a checkpoint
+    monkeypatch.setattr(torch, "save", real_save)
+    same_results(run(phantom, out), reference[1])
+
+# ------------------------------------------------------------------------------------ 14. SIGTERM
+
+
+def test_sigterm_ends_with_a_message_and_a_rerun_continues(phantom, reference, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "stdout.txt"
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, str(REPO / "al_loop.py"), *tiny_args(phantom, out)], cwd=tmp_path,
+                                stdout=stdout, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + 300        # a safety net only: the test waits for the state file
+            while not list(out.glob("state/seed0_*.json")):
+                assert proc.poll() is None, f"the run ended before its first state file:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no state file after 300 s:\n{log.read_text()[-3000:]}"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text()
+    assert "done: results.csv" not in text                              # the fault: it stopped before the end
+    assert "SIGTERM: stopped during" in text and f"Every finished stage is saved in {out}; rerun the same command " \
+                                                  "to continue from there." in text, text[-3000:]
+    assert "Traceback" not in text
+    same_results(run(phantom, out), reference[1])
 
 
 def copy_run(reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference[0], out, ignore=shutil.ignore_patterns(".lock"))
     return out
-
-
-def same_results(a, b):
-    """The same cases labeled and the same Dice (NaN where a class is absent from every validation label)."""
-    for name in ("rand", "proxyrank_var_semi"):
-        assert a["0"][name]["labeled"] == b["0"][name]["labeled"]
-        assert [r["mean_dice"] for r in a["0"][name]["iterations"]] == pytest.approx(
-            [r["mean_dice"] for r in b["0"][name]["iterations"]], nan_ok=True)
 
 
 # ------------------------------------------------------------------------------------ state and checkpoints
@@ -149,18 +247,8 @@ def test_leftover_temporary_files_are_removed(phantom, reference, tmp_path):
     assert not any(p.exists() for p in leftovers) and all(p.read_bytes() == b"half a file" for p in users)
 
 
-def test_atomic_write_fsyncs_before_the_rename(tmp_path, monkeypatch):
-    order = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: order.append("fsync") or real_fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: order.append("replace") or real_replace(a, b))
-    files.atomic_write(tmp_path / "x.pt", lambda f: torch.save({"a": 1}, f))
-    assert order == ["fsync", "replace"]
-
-
 # A run whose n-th rename onto a file named TARGET stops there, its temporary file complete, until it is killed.
 HELD_RUN = """import os, sys
-sys.path.insert(0, {repo!r})
 import al_loop
 rename, seen = os.replace, []
 
@@ -206,201 +294,3 @@ def test_killed_run_resumes_to_the_same_results(phantom, reference, tmp_path, ta
     with pytest.warns(UserWarning, match="removed 1 temporary file"):
         state = run(phantom, out)
     same_results(state, reference[1])
-
-
-# ------------------------------------------------------------------------------------ one writer per folder
-
-
-def test_second_process_on_a_run_folder_stops_naming_the_holder(phantom, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import study\n"
-            f"with run_folder.locked({str(out)!r}):\n    print('locked', flush=True); sys.stdin.readline()")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(SystemExit, match=f"{out}: run folder in use by another proxy-al process \\(pid {holder.pid}\\)"):
-            al_loop.main(tiny_args(phantom, out))
-    finally:
-        holder.send_signal(signal.SIGKILL)          # the OS drops a dead process's lock
-        holder.wait()
-    with run_folder.locked(out):
-        assert (out / ".lock").read_text().strip() == str(os.getpid())
-
-
-# ------------------------------------------------------------------------------------ the data never changes silently
-
-
-def test_cache_that_cannot_be_written_stops_the_run(phantom, tmp_path, monkeypatch):
-    """Half the cases are cached, the disk is full for the rest: the run stops, no case is dropped."""
-    cases = folders.read_msd(phantom)
-    for case in cases[:5]:
-        data.cached_case(case, tmp_path / "cache", (6.0, 6.0, 6.0), with_label=False)
-
-    def disk_full(path, array):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    monkeypatch.setattr(data, "atomic_save_npy", disk_full)
-    with pytest.raises(SystemExit, match="cannot write the preprocessed cache.*No space left.*--cache-dir"):
-        al_loop.main(tiny_args(phantom, tmp_path / "run"))
-
-
-def test_unreadable_and_nan_cases_are_left_out_and_listed(phantom, tmp_path):
-    root = tmp_path / "bad"
-    shutil.copytree(phantom, root)
-    cases = {c["id"]: c for c in folders.read_msd(root)}
-    Path(cases["phantom_4"]["image"]).write_bytes(b"not a nifti file")
-    img = nib.load(cases["phantom_7"]["image"])
-    volume = np.asarray(img.dataobj, dtype=np.float32)
-    volume[3, 4, 5] = np.nan
-    nib.save(nib.Nifti1Image(volume, img.affine), cases["phantom_7"]["image"])
-    with pytest.warns(UserWarning, match="phantom_7.nii.gz: the image has NaN or infinite voxels"):
-        run(root, tmp_path / "run", "--n-val", "1")
-    summary = (tmp_path / "run" / "summary.md").read_text()
-    assert "2 case(s) left out" in summary and "- phantom_4:" in summary and "- phantom_7:" in summary
-
-
-def test_nan_voxels_are_an_error_naming_the_file(tmp_path):
-    volume = np.zeros((9, 10, 11), np.float32)
-    volume[1, 2, 3] = np.inf
-    path = tmp_path / "x.nii.gz"
-    nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 2.0, 1.0])), str(path))
-    with pytest.raises(ValueError, match="x.nii.gz: the image has NaN or infinite voxels"):
-        data.preprocess_case(path, None, (2.0, 2.0, 2.0))
-
-
-# ------------------------------------------------------------------------------------ labels before training
-
-
-def break_label(root, which, how):
-    """Rewrite one case's label: 'grid' (another affine), 'value' (a class the task lacks)."""
-    case = folders.read_msd(root)[which]
-    img = nib.load(case["label"])
-    label, affine = np.asarray(img.dataobj).astype(np.uint8), img.affine.copy()
-    if how == "grid":
-        affine[0, 3] += 10.0
-    else:
-        label[label > 0] = 7
-    nib.save(nib.Nifti1Image(label, affine), case["label"])
-    return case
-
-
-@pytest.mark.parametrize("part, how, message", [
-    ("pool", "grid", "(?s)1 label file.*{name}.*do not share one voxel grid"),
-    ("val", "grid", "(?s)1 label file.*{name}.*do not share one voxel grid"),
-    ("val", "value", "{name}: label value 7 but the task has 3 classes")])
-def test_label_problems_stop_before_training(phantom, tmp_path, part, how, message):
-    """Every label header, and every validation label's values, are checked before the first training step."""
-    root = tmp_path / "data"
-    shutil.copytree(phantom, root)
-    ids = [c["id"] for c in folders.read_msd(root)]
-    case = break_label(root, ids.index(split_cases(ids, 2, 0, None)[part][0]), how)
-    with pytest.raises(SystemExit, match=message.format(name=Path(case["label"]).name)):
-        al_loop.main(tiny_args(root, tmp_path / "run"))
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_multiclass_labels_without_dataset_json_are_a_clear_error(phantom, tmp_path):
-    root = tmp_path / "data"
-    shutil.copytree(phantom, root)
-    (root / "dataset.json").unlink()                 # the phantom labels hold classes 0, 1, 2
-    with pytest.raises(SystemExit, match="label value 2 but the task has 2 classes.*without a dataset.json"):
-        al_loop.main(tiny_args(root, tmp_path / "run"))
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_pool_label_values_checked_before_training(phantom, tmp_path, monkeypatch):
-    """Every pool label's values are checked before any training (none is used for selection before its case
-    is selected): a bad one stops the run at once with a message naming the file, and nothing is trained."""
-    root = tmp_path / "data"
-    shutil.copytree(phantom, root)
-    split = split_cases([c["id"] for c in folders.read_msd(root)], 2, 0, None)
-    ids = [c["id"] for c in folders.read_msd(root)]
-    for cid in split["pool"]:
-        break_label(root, ids.index(cid), "value")
-    with pytest.raises(SystemExit, match="case phantom_.*labelsTr/phantom_.*label value 7"):
-        al_loop.main(tiny_args(root, tmp_path / "run", "--strategy", "rand"))
-    assert not list((tmp_path / "run").glob("**/*.pt")) and not run_folder.state_file(tmp_path / "run", 0, "rand").exists()
-
-
-# ------------------------------------------------------------------------------------ options and user mistakes
-
-
-@pytest.mark.parametrize("flag, value, message", [
-    ("--tau", "0", "--tau 0.0: must lie in \\(0, 1\\]"), ("--tau", "1.5", "--tau"),
-    ("--overlap", "1", "--overlap 1.0: must lie in \\[0, 1\\)"), ("--lr", "0", "--lr 0.0: must be > 0"),
-    ("--mc-passes", "1", "--mc-passes 1: must be at least 2"), ("--batch-size", "0", "--batch-size 0"),
-    ("--steps", "0", "--steps 0"), ("--iterations", "0", "--iterations 0"), ("--k", "0", "--k 0"),
-    ("--dropout", "1", "--dropout 1.0: must lie in \\[0, 1\\)"), ("--hu-band", "150,100", "--hu-band 150,100"),
-    ("--hu-band", "x", "--hu-band x"), ("--window-hu", "100,-20", "--window-hu 100,-20"),
-    ("--spacing-mm", "1.5,0,2", "--spacing-mm 1.5,0,2: three numbers > 0"),
-    ("--spacing-mm", "1.5,2", "--spacing-mm"), ("--patch-vox", "20,20,20", "multiple of 16"),
-    ("--device", "tpu", "--device tpu"), ("--lr-decay", "linear", "--lr-decay linear"),
-])
-def test_bad_option_is_named_before_any_work(tmp_path, flag, value, message):
-    args = ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), flag, value]
-    with pytest.raises(SystemExit, match=message):
-        al_loop.main(args)
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_without_cuda_is_a_message(tmp_path):
-    with pytest.raises(SystemExit, match="--device cuda: this PyTorch sees no CUDA device"):
-        al_loop.main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cuda"])
-
-
-def test_several_bad_options_are_listed_together(tmp_path):
-    with pytest.raises(SystemExit, match="invalid options:\n  --lr -1.0: must be > 0\n  --tau 2.0: must lie in"):
-        al_loop.main(["--tau", "2", "--lr", "-1", "--out", str(tmp_path / "run")])
-
-
-def user_mistakes(root, tmp_path):
-    """(name, how to make it, expected message) for mistakes a user can make with the data or --out."""
-    def empty(r):
-        (r / "imagesTr").mkdir(parents=True)
-
-    def bad_json(r):
-        shutil.copytree(root, r)
-        (r / "dataset.json").write_text("{not json")
-
-    def no_labels(r):
-        shutil.copytree(root, r)
-        info = json.loads((r / "dataset.json").read_text())
-        del info["labels"]
-        (r / "dataset.json").write_text(json.dumps(info))
-
-    def missing_file(r):
-        shutil.copytree(root, r)
-        (r / "imagesTr" / "phantom_3.nii.gz").unlink()
-
-    def single_case(r):
-        shutil.copytree(root, r)
-        info = json.loads((r / "dataset.json").read_text())
-        info["training"] = info["training"][:1]
-        (r / "dataset.json").write_text(json.dumps(info))
-
-    return [(empty, "no .nii.gz or .nii images"), (bad_json, "dataset.json: not valid JSON"),
-            (no_labels, "'labels' must map class numbers"), (missing_file, "phantom_3.nii.gz: listed in"),
-            (single_case, "1 case; active learning needs at least 2 cases")]
-
-
-@pytest.mark.parametrize("index", range(5))
-def test_user_mistakes_print_without_a_traceback(phantom, tmp_path, index):
-    make, message = user_mistakes(phantom, tmp_path)[index]
-    make(tmp_path / "data")
-    with pytest.raises(SystemExit, match=message):   # SystemExit: printed as a message, no traceback
-        al_loop.main(tiny_args(tmp_path / "data", tmp_path / "run"))
-
-
-def test_out_that_is_a_file(phantom, tmp_path):
-    (tmp_path / "run").write_text("my notes")
-    with pytest.raises(SystemExit, match="--out .*run: is a file"):
-        al_loop.main(tiny_args(phantom, tmp_path / "run"))
-    assert (tmp_path / "run").read_text() == "my notes"
-
-
-def test_user_mistake_from_the_command_line_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "al_loop.py"), "--data", str(tmp_path), "--out",
-                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "imagesTr" in proc.stderr
