@@ -48,7 +48,6 @@ def test_k_changed_in_annotation_mode_keeps_every_annotated_case(phantom, tmp_pa
     """Two rounds of --k 2, then --k 1: Tl keeps all four selected cases (no 'disagrees' warning), and the
     new --k sizes only the next acquisition."""
     import warnings
-    from test_annotator import own_scans, to_annotate
     root, out = own_scans(phantom, tmp_path, labeled=4), tmp_path / "run"
     for k in ("2", "2", "1"):
         with warnings.catch_warnings():

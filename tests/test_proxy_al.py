@@ -21,7 +21,7 @@ from proxy_al import (
 from train import make_optimizer, supervised_loss, train_steps
 from tiny import CPU, ROI, fixed_batch, same_weights, tiny_unet, weights
 
-# The variance here sums every class, as direct_scores does; the foreground variance is in test_faithful.py.
+# The variance here sums every class, as direct_scores does; the foreground variance is in test_paper_settings.py.
 mc_scores = functools.partial(proxy_al.mc_scores, variance_classes="all")
 
 

@@ -225,7 +225,6 @@ def test_report_merges_the_state_files_of_a_run(one_rank, tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch has no torch.distributed")
 def test_semi_strategy_with_every_pool_case_labeled_under_torchrun(phantom12, tmp_path):
-    from test_distributed import torchrun      # the same launcher as the distributed tests
     out = tmp_path / "run"
     proc = torchrun(tiny_args(phantom12, out, "--n-val", "8"))
     log = proc.communicate(timeout=300)[0]
