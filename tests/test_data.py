@@ -1,156 +1,17 @@
-"""Tests for data.py: tiny synthetic NIfTI volumes in MSD layout, odd sizes, non-identity affines. CPU, seconds."""
-import gzip
-import json
+"""Tests for data.py: loading CT as RAS, preprocessing, resampling, windows, the cache; tiny synthetic NIfTI volumes,
+odd sizes, non-identity affines; real CT when shared/data/real_ct is present. CPU, seconds."""
 import os
-import shutil
-import sys
 from pathlib import Path
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import files
+import data
 import folders
-import train
-from cases import default_n_val, split_cases
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-LPS_AFFINE = np.array([[-0.8, 0, 0, 40.0], [0, -0.9, 0, 60.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
-
-
-def save(path, array, affine=LPS_AFFINE, slope_inter=None):
-    """Write a NIfTI (gzip when the name says so) with nibabel, as a scanner export would."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=float))
-    if slope_inter is not None:
-        img.header.set_slope_inter(*slope_inter)
-    nib.save(img, str(path))
-    return str(path)
-
-
-def make_msd(root, names, labelled=None, shape=(9, 11, 7), with_json=True):
-    """MSD folder with int16 images and uint8 labels; labelled: names that get a label (default all)."""
-    rng = np.random.default_rng(0)
-    labelled = names if labelled is None else labelled
-    training = []
-    for name in names:
-        save(root / "imagesTr" / f"{name}.nii.gz", rng.integers(-200, 300, shape).astype(np.int16))
-        if name in labelled:
-            save(root / "labelsTr" / f"{name}.nii.gz", (rng.random(shape) < 0.3).astype(np.uint8))
-        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-    if with_json:
-        info = {"name": "Liver", "labels": {"0": "background", "1": "liver"}, "numTraining": len(names),
-                "training": training, "test": ["./imagesTs/x_9.nii.gz"]}
-        (root / "dataset.json").write_text(json.dumps(info))
-    return root
-
-
-# ---------------------------------------------------------------------------------------------- read_msd
-
-
-def test_read_msd_with_dataset_json_natural_order(tmp_path):
-    make_msd(tmp_path, ["liver_10", "liver_2", "liver_1"])
-    cases = folders.read_msd(tmp_path)
-    assert [c["id"] for c in cases] == ["liver_1", "liver_2", "liver_10"]
-    assert cases[1]["image"] == str(tmp_path / "./imagesTr/liver_2.nii.gz")
-    assert all(Path(c["image"]).is_file() and Path(c["label"]).is_file() for c in cases)
-
-
-def test_read_msd_without_json_pairs_by_name_and_skips_appledouble(tmp_path):
-    make_msd(tmp_path, ["case_10", "case_2", "case_1"], labelled=["case_2"], with_json=False)
-    (tmp_path / "imagesTr" / "._case_2.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
-    save(tmp_path / "imagesTr" / "case_3.nii", np.zeros((4, 5, 6), np.int16))  # uncompressed also counts
-    cases = folders.read_msd(tmp_path)
-    assert [c["id"] for c in cases] == ["case_1", "case_2", "case_3", "case_10"]
-    assert [c["label"] is not None for c in cases] == [False, True, False, False]
-
-
-def test_two_label_files_for_one_case_are_refused_naming_both(tmp_path):
-    """A case with a label under both accepted names (labelsTr/<case> and labelsTr/<case>_0000) is refused with
-    a message naming the two files, instead of one of them being picked silently."""
-    rng = np.random.default_rng(0)
-    for name in ("ph1", "ph2"):
-        save(tmp_path / "imagesTr" / f"{name}_0000.nii.gz", rng.integers(-200, 300, (6, 5, 4)).astype(np.int16))
-    save(tmp_path / "labelsTr" / "ph1.nii.gz", np.ones((6, 5, 4), np.uint8))
-    assert folders.read_msd(tmp_path)[0]["label"] == str(tmp_path / "labelsTr" / "ph1.nii.gz")
-    shutil.copy(tmp_path / "labelsTr" / "ph1.nii.gz", tmp_path / "labelsTr" / "ph1_0000.nii.gz")   # saved again
-    with pytest.raises(ValueError, match=r"labelsTr/ph1.nii.gz and .*labelsTr/ph1_0000.nii.gz are both labels of "
-                                         r"case ph1 .*keep one"):
-        folders.read_msd(tmp_path)
-
-
-def test_read_msd_listed_image_missing_names_the_file(tmp_path):
-    make_msd(tmp_path, ["a_1", "ghost_7"])
-    os.remove(tmp_path / "imagesTr" / "ghost_7.nii.gz")
-    with pytest.raises(FileNotFoundError, match="ghost_7.nii.gz"):
-        folders.read_msd(tmp_path)
-
-
-def test_read_msd_listed_label_missing_is_unlabeled_with_warning(tmp_path):
-    make_msd(tmp_path, ["a_1", "a_2"], labelled=["a_1"])
-    with pytest.warns(UserWarning, match="a_2.nii.gz"):
-        cases = folders.read_msd(tmp_path)
-    assert cases[0]["label"] is not None and cases[1]["label"] is None
-
-
-@pytest.mark.parametrize("text", ['{"training": [', '{"name": "x"}', '{"training": ["./imagesTr/a_1.nii.gz"]}',
-                                  '{"training": {"image": "x"}}', '{"training": []}', "[1, 2]"])
-def test_read_msd_malformed_json_raises_naming_the_file(tmp_path, text):
-    make_msd(tmp_path, ["a_1"])
-    (tmp_path / "dataset.json").write_text(text)
-    with pytest.raises(ValueError, match="dataset.json"):
-        folders.read_msd(tmp_path)
-
-
-def test_read_msd_missing_folder_and_empty_images(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        folders.read_msd(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="imagesTr"):
-        folders.read_msd(tmp_path)
-    (tmp_path / "imagesTr").mkdir()
-    (tmp_path / "imagesTr" / "._junk.nii.gz").write_bytes(b"x")
-    with pytest.raises(ValueError, match="imagesTr"):
-        folders.read_msd(tmp_path)
-
-
-def test_real_task08_dataset_json_is_accepted(tmp_path):
-    source = SHARED_DATA / "msd_json" / "Task08_HepaticVessel_dataset.json"
-    if not source.is_file():
-        pytest.skip(f"{source} not present")
-    shutil.copy(source, tmp_path / "dataset.json")
-    info = json.loads(source.read_text())
-    for entry in info["training"]:  # empty placeholders: read_msd checks existence, not content
-        for key in ("image", "label"):
-            (tmp_path / entry[key]).parent.mkdir(exist_ok=True)
-            (tmp_path / entry[key]).touch()
-    cases = folders.read_msd(tmp_path)
-    assert len(cases) == 303 and len(info["test"]) == 139 and info["numTest"] == 140
-    assert cases[0]["id"] == "hepaticvessel_001" and all(c["label"] for c in cases)
-    task = folders.read_task_info(tmp_path)
-    assert task == {"name": "HepaticVessel", "labels": {0: "background", 1: "Vessel", 2: "Tumour"}, "num_classes": 3}
-    assert data.task_window(task["name"]) == (-3.0, 243.0)
-    assert default_n_val(task["name"], len(cases)) == 61
-
-
-def test_task_info_and_windows(tmp_path):
-    make_msd(tmp_path / "Task03_Liver", ["a_1"], with_json=False)
-    assert folders.read_task_info(tmp_path / "Task03_Liver") == {
-        "name": "Task03_Liver", "labels": {0: "background", 1: "foreground"}, "num_classes": 2}
-    assert data.task_window("Task03_Liver") == (-21.0, 189.0)
-    assert data.task_window("Liver") == (-21.0, 189.0)
-    assert data.task_window("Task08_HepaticVessel") == (-3.0, 243.0)
-    assert data.task_window("Phantom") == tuple(float(v) for v in data.DEFAULT_WINDOW_HU)
-    assert data.task_window("Liver", override=(-100, 200)) == (-100.0, 200.0)
-    with pytest.raises(ValueError):
-        data.task_window("Liver", override=(10, 10))
-    (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "dataset.json").write_text('{"training": [], "labels": {"0": "bg", "2": "x"}}')
-    with pytest.raises(ValueError, match="labels"):
-        folders.read_task_info(tmp_path / "t")
+from tiny import LPS_AFFINE, SHARED_DATA, make_msd, save
 
 
 # ---------------------------------------------------------------------------------------------- load_ct
@@ -402,108 +263,6 @@ def test_cache_checks_classes_and_grid(tmp_path):
         data.cached_case(case, tmp_path / "cache")
 
 
-# ---------------------------------------------------------------------------------------------- patches
-
-
-def test_foreground_index_lists_present_classes():
-    label = np.zeros((5, 6, 7), np.uint8)
-    label[1, 2, 3], label[4, 5, 6] = 1, 3
-    index = train.foreground_index(label)
-    assert sorted(index) == [1, 3]
-    assert np.unravel_index(int(index[3][0]), label.shape) == (4, 5, 6)
-
-
-def test_sample_patch_foreground_ratio_and_class_balance():
-    rng = np.random.default_rng(0)
-    image = rng.normal(50, 100, (21, 19, 17)).astype(np.float32)
-    label = np.zeros(image.shape, np.uint8)
-    label[4:7, 5:8, 6:9] = 1            # 27 voxels = 0.4 % of the volume
-    label[15, 15, 15] = 2               # one voxel: by class, still half of the foreground-centred draws
-    fg_index = train.foreground_index(label)
-    centres = []
-    for _ in range(800):
-        patch, lab = train.sample_patch(image, label, (9, 8, 7), 0.3, rng, (-21, 189), fg_index, by_class=True)
-        centres.append(lab[4, 4, 3])    # the centre voxel sits at patch_vox // 2
-    centres = np.array(centres)
-    assert patch.shape == (9, 8, 7) and patch.dtype == np.float32 and lab.dtype == np.uint8
-    assert abs((centres > 0).mean() - 0.3) < 0.06     # background centres land on background only
-    assert abs((centres == 2).sum() / (centres > 0).sum() - 0.5) < 0.12
-
-
-def test_sample_patch_rejects_fg_fraction_outside_0_1():
-    with pytest.raises(ValueError, match="fg_fraction 1.5"):
-        train.sample_patch(np.zeros((4, 4, 4)), None, (2, 2, 2), 1.5, np.random.default_rng(0), (-21, 189))
-
-
-def test_sample_patch_pads_small_odd_volume_after_windowing(tmp_path):
-    image = np.full((5, 7, 3), 500, np.int16)            # above the window: 1 after windowing
-    np.save(tmp_path / "img.npy", image)
-    memmap = np.load(tmp_path / "img.npy", mmap_mode="r")
-    label = np.ones((5, 7, 3), np.uint8)
-    rng = np.random.default_rng(3)
-    patch, lab = train.sample_patch(memmap, label, (11, 15, 7), 0.5, rng, (-21, 189))  # > 2x the volume
-    assert patch.shape == lab.shape == (11, 15, 7) and patch.dtype == np.float32
-    assert patch.sum() == 5 * 7 * 3 and lab.sum() == 5 * 7 * 3  # whole volume inside, the rest padded with 0
-    assert set(np.unique(patch)) == {0.0, 1.0}
-    for _ in range(20):  # partly outside: image and label padding line up
-        patch, lab = train.sample_patch(memmap, label, (8, 9, 6), 0.5, rng, (-21, 189))
-        assert np.array_equal(patch, lab.astype(np.float32)) and 0 < lab.sum() < 8 * 9 * 6
-    patch, lab = train.sample_patch(memmap, None, (4, 4, 4), 1.0, np.random.default_rng(3), (-21, 189))
-    assert lab is None and patch.shape == (4, 4, 4)
-
-
-def test_augment_intensity_keeps_shape_and_sometimes_changes():
-    rng = np.random.default_rng(0)
-    patch = np.linspace(0, 1, 7 * 6 * 5, dtype=np.float32).reshape(7, 6, 5)
-    copy = patch.copy()
-    outs = [train.augment_intensity(patch, rng) for _ in range(40)]
-    assert all(o.shape == patch.shape and o.dtype == np.float32 for o in outs)
-    changed = [not np.array_equal(o, patch) for o in outs]
-    assert any(changed) and not all(changed)  # each transform has p = 0.5: all three skipped 1 time in 8
-    assert np.array_equal(patch, copy)
-
-
-# ---------------------------------------------------------------------------------------------- split
-
-
-def test_split_is_deterministic_saved_and_reloaded(tmp_path):
-    ids = [f"liver_{i}" for i in range(20)]
-    a = split_cases(ids, 5, seed=1, path=tmp_path / "a.json")
-    b = split_cases(list(reversed(ids)), 5, seed=1, path=tmp_path / "b.json")
-    assert a == b and len(a["val"]) == 5 and sorted(a["pool"] + a["val"], key=folders.natural_key) == ids
-    assert split_cases(ids, 5, seed=2, path=None) != a
-    assert split_cases(ids, 7, seed=9, path=tmp_path / "a.json") == a  # the saved split wins
-    assert json.loads((tmp_path / "a.json").read_text())["val"] == a["val"]
-    assert len(split_cases(ids, 0.25, seed=1, path=None)["val"]) == 5
-    with pytest.raises(ValueError, match="a.json"):
-        split_cases(ids[:10], 5, seed=1, path=tmp_path / "a.json")
-    for bad in (20, 1.5, "3", True):
-        with pytest.raises(ValueError):
-            split_cases(ids, bad, seed=1, path=None)
-
-
-def test_default_n_val():
-    assert default_n_val("Task03_Liver", 131) == 26
-    assert default_n_val("HepaticVessel", 303) == 61
-    assert default_n_val("Phantom", 12) == 2
-    assert default_n_val("Liver", 10) == 2   # too few cases for the paper's 26
-    assert default_n_val("x", 2) == 1
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-
-def test_atomic_writers_leave_no_temporaries(tmp_path):
-    files.atomic_write_json(tmp_path / "s.json", {"a": [1, 2]})
-    files.atomic_save_npy(tmp_path / "a.npy", np.arange(5))
-    data.write_nifti(tmp_path / "v.nii.gz", np.ones((3, 4, 5), np.int16), LPS_AFFINE)
-    assert json.loads((tmp_path / "s.json").read_text()) == {"a": [1, 2]}
-    assert np.array_equal(np.load(tmp_path / "a.npy"), np.arange(5))
-    assert (tmp_path / "v.nii.gz").read_bytes()[:2] == b"\x1f\x8b"  # really gzipped
-    assert gzip.decompress((tmp_path / "v.nii.gz").read_bytes())[344:348] == b"n+1\x00"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "s.json", "v.nii.gz"]
-
-
 # ---------------------------------------------------------------------------------------------- real CT
 
 
@@ -524,11 +283,3 @@ def test_real_ct_cases_if_present(tmp_path):
     image, label = data.cached_case(cases["upperabd_001"], tmp_path / "cache", num_classes=2)
     assert image.shape == label.shape == (333, 333, 20) and set(np.unique(label)) == {0, 1}
     assert 60 < np.median(image[label == 1]) < 130  # README: liver median about 93 HU
-
-
-def test_split_draws_validation_from_candidates_only(tmp_path):
-    ids = [f"c{i}" for i in range(10)]
-    split = split_cases(ids, 2, seed=0, path=tmp_path / "s.json", candidates=["c3", "c5", "c7"])
-    assert set(split["val"]) <= {"c3", "c5", "c7"} and len(split["val"]) == 2
-    assert sorted(split["pool"] + split["val"], key=folders.natural_key) == ids
-    assert split_cases(ids, 0, seed=0, path=None, candidates=[])["val"] == []    # nothing labeled yet

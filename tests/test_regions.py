@@ -1,81 +1,14 @@
-"""Tests for region-level active learning: the partial-label DiceCE (losses.py) and regions.py."""
+"""Tests for regions.py, the building blocks of region-level active learning: box scores, non-overlapping top
+boxes, label centres, random boxes, partial labels, AUBC (the partial-label DiceCE is in test_losses.py)."""
 import math
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from losses import IGNORE, _partial_dice_ce, dice_ce_loss, soft_dice_loss
+from losses import IGNORE, dice_ce_loss
 from regions import (AREAS, aubc, box_scores, clamp_box, label_centres, overlapping, partial_label,
                      random_boxes, top_boxes)
-
-# ----------------------------------------------------------------------------- partial-label loss
-
-
-def logits_and_labels(shape=(2, 3, 17, 19, 16), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(shape, generator=g)
-    labels = torch.randint(0, shape[1], (shape[0], 1) + shape[2:], generator=g)
-    return logits, labels
-
-
-def test_loss_without_ignore_is_the_plain_dice_ce_bit_for_bit():
-    logits, labels = logits_and_labels()
-    plain = (soft_dice_loss(logits.softmax(1), F.one_hot(labels[:, 0], 3).movedim(-1, 1).float())
-             + F.cross_entropy(logits, labels[:, 0]))
-    assert torch.equal(dice_ce_loss(logits, labels), plain)
-    # The masked path itself, with every voxel known, gives the same bits too.
-    known = torch.ones_like(labels[:, 0], dtype=torch.bool)
-    assert torch.equal(_partial_dice_ce(logits, labels[:, 0], known, 1.0, 1.0), plain)
-
-
-def test_loss_ignores_what_is_masked():
-    logits, labels = logits_and_labels()
-    target = labels.clone()
-    target[0, :, 3:11, :, 5:] = IGNORE
-    target[1, :, :, 10:] = IGNORE
-    ignored = (target == IGNORE).expand_as(logits)
-
-    def loss_and_grad(lg):
-        lg = lg.clone().requires_grad_(True)
-        loss = dice_ce_loss(lg, target)
-        loss.backward()
-        return loss, lg.grad
-
-    loss, grad = loss_and_grad(logits)
-    assert loss.item() != pytest.approx(dice_ce_loss(logits, labels).item())   # the mask did change the loss
-    other = logits.clone()
-    other[ignored] = torch.randn(int(ignored.sum()), generator=torch.Generator().manual_seed(1)) * 5
-    loss2, grad2 = loss_and_grad(other)
-    assert torch.equal(loss, loss2)
-    assert torch.equal(grad[~ignored], grad2[~ignored])
-    assert (grad[ignored] == 0).all()
-
-
-def test_loss_of_a_partial_label_equals_the_loss_on_its_known_box():
-    logits, labels = logits_and_labels((1, 3, 17, 19, 21), seed=2)
-    target = torch.full_like(labels, IGNORE)
-    box = (..., slice(2, 13), slice(4, 19), slice(0, 9))
-    target[box] = labels[box]
-    assert torch.allclose(dice_ce_loss(logits, target), dice_ce_loss(logits[box], labels[box]), rtol=1e-5, atol=1e-6)
-
-
-def test_all_ignored_gives_zero_with_a_graph_and_no_nan():
-    logits, labels = logits_and_labels()
-    logits.requires_grad_(True)
-    loss = dice_ce_loss(logits, torch.full_like(labels, IGNORE))
-    assert loss.item() == 0.0 and loss.grad_fn is not None
-    loss.backward()
-    assert torch.isfinite(logits.grad).all() and (logits.grad == 0).all()
-    # One sample all unknown, the other partly known: finite, and the unknown sample gets no gradient.
-    target = labels.clone()
-    target[0] = IGNORE
-    target[1, :, :8] = IGNORE
-    logits.grad = None
-    loss = dice_ce_loss(logits, target)
-    loss.backward()
-    assert torch.isfinite(loss) and loss.item() > 0 and (logits.grad[0] == 0).all()
 
 
 # ----------------------------------------------------------------------------- box scores

@@ -1,16 +1,28 @@
-"""strategies.py: the recipe for a new score, as its docstring and the README give it, works: applied to a copy of
-the project, a `margin` score ranks lines 4, 9 and 12 of a tiny study."""
+"""strategies.py: the table of strategy names, and the recipe for a new score, as its docstring and the README give
+it, works: applied to a copy of the project, a `margin` score ranks lines 4, 9 and 12 of a tiny study."""
 import json
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+
+import pytest
 
 import strategies
 import tiny
+from tiny import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+
+def test_parse_strategy_covers_table():
+    fields = lambda name: (lambda s: (s.proxy, s.acquisition, s.semi))(strategies.parse(name))
+    assert fields("rand") == (False, "random", False)
+    assert fields("ent_semi") == (False, "entropy", True)
+    assert fields("proxyrank") == (True, "proxy", False)
+    assert fields("proxyrank_var_semi") == (True, "variance", True)
+    assert len(set(strategies.PAPER)) == 12
+    assert strategies.parse("full").reference and "full" not in [s.name for s in strategies.choose("all")]
+    with pytest.raises(ValueError, match="unknown nope; choose from all, extended, rand"):
+        strategies.parse("nope")
 
 
 def recipe(text):
@@ -43,7 +55,6 @@ def apply_recipe(copy):
 
 
 SPY = """import json, sys
-sys.path.insert(0, sys.argv[1])
 import al_loop
 calls, real = [], al_loop.score_cases
 
@@ -88,4 +99,3 @@ def test_a_new_score_added_by_the_recipe_ranks_lines_4_9_and_12(phantom, tmp_pat
     acquired = scored["seed0/proxyrank_margin_semi/iter0"]
     assert first["scores"] == {c: s["margin"] for c, s in acquired.items()}
     assert first["acquired"] == by("margin", acquired, True)[:tiny.K]
-

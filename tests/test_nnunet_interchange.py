@@ -1,38 +1,22 @@
-"""The faithful reference end to end: the all-data reference `full`, the proxy's patch draw under the paper
-preset, an nnU-Net raw folder in (the same results as its MSD twin, annotation mode when partly labeled) and
-a run's selection out (--export-nnunet). CPU, tiny phantoms, seconds each."""
+"""nnU-Net in and out, end to end: a study on an nnU-Net raw folder gives the results of the MSD folder,
+--export-nnunet writes a run's selection, and nnU-Net's own checker and MSD converter accept our folders
+(when nnunetv2 is installed). CPU, tiny phantoms."""
 import csv
 import json
+import os
+from pathlib import Path
 import shutil
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 
 import al_loop
-import data
-import strategies
-import study
 import tiny
 import folders
 import run_folder
-
-STRATEGIES = ("--strategy", "rand,proxyrank_var_semi,full")
-NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-
-
-@pytest.fixture(autouse=True)
-def no_nnunet_env(monkeypatch):
-    """No nnU-Net folder leaks in from the shell: an export writes only where a test says."""
-    for name in NNUNET_ENV:
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(scope="module")
-def msd_run(phantom, tmp_path_factory):
-    """A finished tiny study of rand, proxyrank_var_semi and the all-data reference on the MSD phantom."""
-    out = tmp_path_factory.mktemp("msd") / "run"
-    assert al_loop.main(tiny.args(phantom, out, *STRATEGIES)) == 0
-    return out
+import nnunet
+from tiny import NNUNET_ENV, STRATEGIES, rows
 
 
 def nnunet_copy(msd_root, dest, labeled=None):
@@ -50,62 +34,6 @@ def nnunet_copy(msd_root, dest, labeled=None):
         "name": info["name"], "channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "numTraining": len(cases),
         "labels": {name: int(k) for k, name in info["labels"].items()}}))
     return dest
-
-
-def rows(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-# ------------------------------------------------------------------------------------ the all-data reference
-
-
-def test_full_trains_once_on_the_whole_pool_and_is_reported_apart(msd_run):
-    split = json.loads((msd_run / "split.json").read_text())
-    st = run_folder.read_states(msd_run)["0"]["full"]
-    assert len(st["iterations"]) == 1                                          # one iteration, no selection
-    assert st["iterations"][0]["n_labeled"] == len(split["pool"]) == 8
-    assert sorted(st["labeled"]) == sorted(split["pool"]) and "acquired" not in st["iterations"][0]
-    assert np.isfinite(st["iterations"][0]["mean_dice"])
-    full = [r for r in rows(msd_run / "results.csv") if r["strategy"] == "full"]
-    assert [(r["iteration"], r["n_labeled"], r["pct_labeled"]) for r in full] == [("1", "8", "100.0")]
-    summary = (msd_run / "summary.md").read_text()
-    main, reference = summary.split("Reference (all pool cases labeled")
-    assert "| full |" in reference and "| full |" not in main and "| rand |" in main
-    assert "full (reference)" in summary                                       # in the Wilcoxon table
-    pytest.importorskip("matplotlib")
-    assert (msd_run / "dice_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_full_runs_only_when_named():
-    assert "full" not in [s.name for s in strategies.choose("all")]
-    assert "full" not in [s.name for s in strategies.choose("extended")]
-    assert [s.name for s in strategies.choose("all,full")][-1] == "full"
-    assert al_loop.PAPER.strategy == "all"
-
-# ------------------------------------------------------------------------------------ the proxy's patches
-
-
-class ProxyDrawn(Exception):
-    """Raised in place of the proxy's training, once its arguments are seen."""
-
-
-@pytest.mark.parametrize("extra, fg_fraction", [
-    (("--preset", "paper"), None),                                             # the paper: random patches
-    (("--preset", "paper", "--proxy-patches", "balanced", "--fg-fraction", "0.7"), 0.7),
-    (("--preset", "demo"), 0.5)])                                             # the demo: balanced, as its comment says
-def test_proxy_patch_draw_follows_the_preset(phantom, tmp_path, monkeypatch, extra, fg_fraction):
-    seen = []
-
-    def capture(*args, **kwargs):
-        seen.append(kwargs)
-        raise ProxyDrawn()
-
-    monkeypatch.setattr(al_loop, "train_proxy", capture)
-    with pytest.raises(ProxyDrawn):
-        al_loop.main(tiny.args(phantom, tmp_path / "run", "--strategy", "proxyrank", *extra))
-    assert len(seen) == 1 and seen[0]["fg_fraction"] == fg_fraction
-    assert seen[0]["patch_vox"] == (16, 16, 32)                               # the tiny sizes still hold
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["preset"] == extra[1]
 
 # ------------------------------------------------------------------------------------ nnU-Net raw data in
 
@@ -178,3 +106,76 @@ def test_seed_without_export_nnunet_points_to_seeds(tmp_path, capsys):
     assert "--seed and --iteration choose what --export-nnunet exports; the study's seeds are --seeds" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_export_after_an_annotation_run_includes_the_last_rounds_labels(phantom, tmp_path, capsys):
+    """After an annotation run has ended and the user has labeled what its last round asked for, the default
+    export holds every labeled case (those cases too) and says which cases and from where; --iteration N
+    still gives the training set of iteration N."""
+    root, out = tmp_path / "mine", tmp_path / "run"
+    shutil.copytree(phantom, root)
+    answers = tmp_path / "answers"                          # what the annotator will draw
+    shutil.copytree(root / "labelsTr", answers)
+    info = json.loads((root / "dataset.json").read_text())
+    for entry in info["training"]:                          # labels for 4 of the 10 scans; the rest unlabeled
+        if not entry["label"].endswith(("_0.nii.gz", "_1.nii.gz", "_2.nii.gz", "_3.nii.gz")):
+            (root / entry.pop("label")).unlink()
+    (root / "dataset.json").write_text(json.dumps(info))
+    args = tiny.args(root, out, "--strategy", "rand", "--k", "1")
+    for _ in range(5):                                      # rounds: run, label what it asks for, rerun
+        assert al_loop.main(args) == 0
+        if "need labels" not in capsys.readouterr().out:
+            break
+        with open(out / "to_annotate.csv") as f:
+            for row in csv.DictReader(f):
+                shutil.copy(answers / Path(row["save_label_as"]).name, row["save_label_as"])
+    st = json.loads((out / "state" / "seed0_rand.json").read_text())
+    last = st["iterations"][-1]
+    assert len(st["iterations"]) == 2 and last["acquired"] and last["n_labeled"] == len(st["labeled"]) - 1
+    assert all(Path(root / "labelsTr" / f"{c}.nii.gz").is_file() for c in st["labeled"])   # all labeled now
+    export = ["--out", str(out), "--export-to", str(tmp_path / "raw"), "--export-nnunet"]
+    assert al_loop.main(export + ["501"]) == 0
+    printed = capsys.readouterr().out
+    splits = json.loads((tmp_path / "raw" / "Dataset501_Phantom" / "splits_final.json").read_text())
+    assert splits[0]["train"] == st["labeled"]              # the last round's case included
+    assert f"{last['acquired'][0]} (acquired after iteration 2, labels from {root / 'labelsTr'})" in printed
+    assert "training cases: " + ", ".join(st["labeled"][:-1]) + " (trained on at iteration 2" in printed
+    assert al_loop.main(export + ["502", "--iteration", "2"]) == 0
+    splits = json.loads((tmp_path / "raw" / "Dataset502_Phantom" / "splits_final.json").read_text())
+    assert splits[0]["train"] == st["labeled"][:last["n_labeled"]]
+
+
+# ---------------------------------------------------------------------------------------------- nnU-Net itself
+
+
+def run_nnunet(code, tmp_path):
+    """Run `code` in a fresh Python with nnU-Net's folders under tmp_path: nnunetv2.paths reads them when
+    first imported, so a process of its own sees exactly these."""
+    env = {**os.environ, **{name: str(tmp_path / name) for name in NNUNET_ENV}}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_export_passes_nnunet_verify_dataset_integrity(msd, tmp_path):
+    pytest.importorskip("nnunetv2", reason="nnU-Net v2 not installed (pip install torch==2.13.0 nnunetv2)")
+    cases, labels = folders.read_msd(msd), folders.read_task_info(msd)["labels"]
+    folder = nnunet.export_dataset(cases, ["phantom_0", "phantom_2", "phantom_4"], ["phantom_1"], labels, 501,
+                                   "Phantom", tmp_path / "nnUNet_raw")
+    out = run_nnunet("from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity; "
+                     f"verify_dataset_integrity({str(folder)!r}, num_processes=1)", tmp_path)
+    assert "verify_dataset_integrity Done" in out
+
+
+def test_nnunet_msd_conversion_reads_as_the_msd_folder(msd, tmp_path):
+    pytest.importorskip("nnunetv2", reason="nnU-Net v2 not installed (pip install torch==2.13.0 nnunetv2)")
+    source = tmp_path / msd.name
+    shutil.copytree(msd, source)
+    (source / "imagesTs").mkdir()     # the converter requires it
+    run_nnunet("from nnunetv2.dataset_conversion.convert_MSD_dataset import convert_msd_dataset; "
+               f"convert_msd_dataset({str(source)!r}, overwrite_target_id=509, num_processes=1)", tmp_path)
+    converted = tmp_path / "nnUNet_raw" / "Dataset509_Phantom"
+    cases, reference = folders.read_msd(converted), folders.read_msd(msd)
+    assert [c["id"] for c in cases] == [c["id"] for c in reference]
+    assert all(c["image"].endswith("_0000.nii.gz") and c["label"] for c in cases)
+    assert folders.read_task_info(converted) == folders.read_task_info(msd)

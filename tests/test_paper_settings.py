@@ -2,8 +2,9 @@
 against the paper preset. Where the paper is silent the preset follows the first author's tutorial; each such
 option set to the other value gives the behaviour without it, and the seed's strategies are paired."""
 import itertools
-import warnings
+import json
 from pathlib import Path
+import warnings
 
 import numpy as np
 import pytest
@@ -14,11 +15,12 @@ import al_loop
 import data
 import study
 import tiny
+import run_folder
 from proxy_al import enable_mc_dropout, mc_scores, noisy_label, sliding_window
 from train import PatchStream, Stage, supervised_loss
 from unet import UNet
-import run_folder
 import train
+
 
 WINDOW_HU = (-21, 189)
 N = 4000                     # draws per check; 4 binomial standard deviations as the tolerance
@@ -444,3 +446,29 @@ def test_rand_and_rand_semi_are_paired(phantom, tmp_path):
     load = lambda name: torch.load(out / "checkpoints" / "seed0" / f"{name}.pt", weights_only=False)["model"]
     ms, ms_semi = load("rand/iter0_sup"), load("rand_semi/iter0_sup")
     assert all(torch.equal(ms[k], ms_semi[k]) for k in ms)
+
+
+# ------------------------------------------------------------------------------------ the proxy's patches
+
+
+class ProxyDrawn(Exception):
+    """Raised in place of the proxy's training, once its arguments are seen."""
+
+
+@pytest.mark.parametrize("extra, fg_fraction", [
+    (("--preset", "paper"), None),                                             # the paper: random patches
+    (("--preset", "paper", "--proxy-patches", "balanced", "--fg-fraction", "0.7"), 0.7),
+    (("--preset", "demo"), 0.5)])                                             # the demo: balanced, as its comment says
+def test_proxy_patch_draw_follows_the_preset(phantom, tmp_path, monkeypatch, extra, fg_fraction):
+    seen = []
+
+    def capture(*args, **kwargs):
+        seen.append(kwargs)
+        raise ProxyDrawn()
+
+    monkeypatch.setattr(al_loop, "train_proxy", capture)
+    with pytest.raises(ProxyDrawn):
+        al_loop.main(tiny.args(phantom, tmp_path / "run", "--strategy", "proxyrank", *extra))
+    assert len(seen) == 1 and seen[0]["fg_fraction"] == fg_fraction
+    assert seen[0]["patch_vox"] == (16, 16, 32)                               # the tiny sizes still hold
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["preset"] == extra[1]

@@ -3,28 +3,29 @@ each unit to exactly one rank; a killed worker is restarted and the study ends a
 a failing rank stops the others with a message naming it and its unit; a killed torchrun stops its workers
 with one line each. Tiny phantoms, seconds each."""
 import ctypes
+from datetime import timedelta
 import os
+from pathlib import Path
 import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from datetime import timedelta
-from pathlib import Path
 
-import numpy as np
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 import al_loop
 import study
 import strategies
-import data
 import tiny
 from world import World
 import folders
 import run_folder
+from tiny import same_results, tiny_args
+
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = ("--strategy", "rand,proxyrank,var_semi", "--seeds", "0,1")
@@ -55,15 +56,6 @@ def results(out):
             for seed, by_s in states.items() for s, st in by_s.items()}
 
 
-def same_results(a, b):
-    """The same (seed, strategy) runs, labeled cases and Dice, exactly (NaN where a class is absent from every
-    validation label)."""
-    assert a.keys() == b.keys()
-    for unit in a:
-        assert a[unit][0] == b[unit][0], unit
-        assert a[unit][1] == pytest.approx(b[unit][1], rel=0, abs=0, nan_ok=True), unit
-
-
 @pytest.fixture(scope="module")
 def one_rank(phantom, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "run"
@@ -77,7 +69,7 @@ def test_two_ranks_give_the_results_and_reports_of_one(phantom, one_rank, tmp_pa
     log = finish(proc)
     assert proc.returncode == 0, log
     assert "[rank 1 " in log and "[rank 0 " in log and "active iterations done, ETA" in log
-    same_results(results(out), results(one_rank))
+    same_results(run_folder.read_states(out), run_folder.read_states(one_rank), exact=True)
     assert len(results(out)) == 6
     for name in ("results.csv", "per_case_dice.csv", "summary.md"):
         assert (out / name).read_text() == (one_rank / name).read_text(), name
@@ -149,7 +141,7 @@ def test_killed_worker_is_restarted_and_the_study_ends_the_same(phantom, one_ran
     assert re.search(rf"failed \(exitcode: -9\) local_rank: \d \(pid: {workers[-1]}\)", log), log[-3000:]
     assert log.count("Phantom: 8 pool") == 4, log[-3000:]          # each rank starts twice
     assert proc.returncode == 0, log[-3000:]
-    same_results(results(out), results(one_rank))
+    same_results(run_folder.read_states(out), run_folder.read_states(one_rank), exact=True)
     assert (out / "results.csv").read_text() == (one_rank / "results.csv").read_text()
 
 
@@ -198,7 +190,7 @@ def test_killed_torchrun_stops_its_workers_with_one_line_and_the_rerun_continues
     rerun = torchrun(tiny.args(phantom, out, *STUDY))
     log = finish(rerun)
     assert rerun.returncode == 0, log[-3000:]
-    same_results(results(out), results(one_rank))
+    same_results(run_folder.read_states(out), run_folder.read_states(one_rank), exact=True)
     assert (out / "results.csv").read_text() == (one_rank / "results.csv").read_text()
 
 
@@ -229,3 +221,14 @@ def test_report_merges_the_state_files_of_a_run(one_rank, tmp_path):
     (one_rank / "results.csv").rename(tmp_path / "results.csv")
     assert al_loop.main(["--out", str(one_rank), "--report"]) == 0
     assert (one_rank / "results.csv").read_text() == (tmp_path / "results.csv").read_text()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch has no torch.distributed")
+def test_semi_strategy_with_every_pool_case_labeled_under_torchrun(phantom12, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(tiny_args(phantom12, out, "--n-val", "8"))
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert "[rank 1 " in log and "every pool case is labeled, so lines 9-11" in log, log[-3000:]
+    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
+    assert [r["n_labeled"] for r in st["iterations"]] == [2, 4] and st["iterations"][1]["certain"] == []
