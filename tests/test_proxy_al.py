@@ -512,11 +512,11 @@ def test_mc_scores_restores_mode_when_a_forward_fails():
     double = NoisyDouble().eval()
     double.fail = True
     with pytest.raises(RuntimeError, match="forward failed"):
-        mc_scores(double, rand_image((16, 16, 16)), m=2, roi=(16, 16, 16))
+        mc_scores(double, rand_image((16, 16, 16)), mc_passes=2, roi=(16, 16, 16))
     assert not double.training and not double.drop.training
     double.train()
     with pytest.raises(RuntimeError, match="forward failed"):
-        mc_scores(double, rand_image((16, 16, 16)), m=2, roi=(16, 16, 16))
+        mc_scores(double, rand_image((16, 16, 16)), mc_passes=2, roi=(16, 16, 16))
     assert double.training and double.drop.training
 
 

@@ -22,7 +22,7 @@ from tiny import REPO, run, snapshot, tiny_args
 def test_second_process_on_a_run_folder_stops_naming_the_holder(phantom, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import study\n"
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import run_folder\n"
             f"with run_folder.locked({str(out)!r}):\n    print('locked', flush=True); sys.stdin.readline()")
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
