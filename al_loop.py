@@ -6,7 +6,8 @@
 
 The comments (line N) are the line numbers of Algorithm 1 as the paper prints it. Lines 1-4 run once per
 seed (`pseudo_labels`, `proxy_model`, `proxy_score`, `initial_scores`) and lines 5-18 once per seed and
-strategy (`run_strategy`). The run around the method (its folder, state files and queue) is study.py.
+strategy (`run_strategy`). The run around the method: study.py (the Study and its queue), run_folder.py
+(--out), cases.py (images, labels, split).
 """
 import dataclasses
 import os

@@ -607,7 +607,7 @@ def run_all(cfg, device, work, monai):
 
 
 def unit_work(pool=105, val=26, cfg=None):
-    """Work of each unit of al_loop.plan for one seed of the paper preset (default: MSD Task03, 105-case pool,
+    """Work of each unit of study.plan for one seed of the paper preset (default: MSD Task03, 105-case pool,
     26 validation cases), counted the way al_loop does it: {"proxy": n, "score": n, strategy: n, ...} with
     n = {"proxy_steps", "train_steps", "semi_steps", "mc_volumes", "predictions"}: proxy steps (batch_size
     patches), supervised and semi-supervised steps (batch_size x patches_per_case patches per batch), m-pass MC
@@ -644,7 +644,7 @@ def paper_workload(pool=105, val=26, seeds=3, cfg=None):
 
 def schedule_s(unit_s, pool=105, seeds=3, gpus=1):
     """Wall time of the study on `gpus` ranks (one per GPU): al_loop's queue simulated, units handed out in
-    al_loop.plan's order to the first free rank; a case's scoring waits for its seed's proxy, a proxyrank run
+    study.plan's order to the first free rank; a case's scoring waits for its seed's proxy, a proxyrank run
     for its seed's scored pool. unit_s: {"proxy", "score", strategy: seconds} from unit_work and unit costs."""
     runs = sorted(((s, seed) for seed in range(seeds) for s in strategies.PAPER), key=lambda u: -strategies.parse(u[0]).cost)
     units = ([("proxy", seed) for seed in range(seeds)] + [("score", seed) for seed in range(seeds)

@@ -55,6 +55,7 @@ def apply_recipe(copy):
 
 
 SPY = """import json, sys
+sys.path.insert(0, sys.argv[1])          # the copy, not the repository
 import al_loop
 calls, real = [], al_loop.score_cases
 
