@@ -15,8 +15,11 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
-import torch
+if "LOCAL_RANK" in os.environ:      # a torchrun worker: when the launcher dies, c10d's C++ warning (a stack trace)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")    # would bury world.py's one-line message; set before torch
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 import cli
 from annotate import require_labels, save_maps

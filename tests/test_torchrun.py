@@ -232,3 +232,35 @@ def test_semi_strategy_with_every_pool_case_labeled_under_torchrun(phantom12, tm
     assert "[rank 1 " in log and "every pool case is labeled, so lines 9-11" in log, log[-3000:]
     st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
     assert [r["n_labeled"] for r in st["iterations"]] == [2, 4] and st["iterations"][1]["certain"] == []
+
+
+LAUNCHER_GONE = """import os, subprocess, sys, time
+from datetime import timedelta
+sys.path.insert(0, sys.argv[1])
+import al_loop                  # as a torchrun worker imports it: LOCAL_RANK is set
+import torch.distributed as dist
+server = subprocess.Popen([sys.executable, "-c", "import datetime, sys, time, torch.distributed as d; "
+                           "s = d.TCPStore('127.0.0.1', 0, None, True, timeout=datetime.timedelta(seconds=60), "
+                           "wait_for_workers=False); "
+                           "print(s.port, flush=True); sys.stdin.readline()"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+store = dist.TCPStore("127.0.0.1", int(server.stdout.readline()), None, False, timeout=timedelta(seconds=60))
+store.add("x", 1)
+server.kill()
+server.wait()
+try:
+    store.add("x", 1)           # the launcher's store is gone: c10d warns in C++, then raises
+except Exception as err:
+    print("raised", type(err).__name__)
+"""
+
+
+def test_a_worker_reports_the_launchers_death_without_a_cpp_stack_trace():
+    """c10d prints a C++ warning with a stack trace when a store read fails mid-answer (a launcher killed
+    while a worker waits on it: seen once under load). A torchrun worker's al_loop turns C++ warnings off, so
+    world.py's one line is all the user reads."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", LAUNCHER_GONE, str(REPO)], capture_output=True, text=True,
+                          env={**env, "LOCAL_RANK": "0"}, timeout=SAFETY_S)
+    assert "raised DistNetworkError" in done.stdout, done.stdout + done.stderr
+    assert "frame #" not in done.stderr and "TCPStore.cpp" not in done.stderr, done.stderr
