@@ -59,6 +59,10 @@ class Config:
     batch_size: int = opt(2, "cases per training step (the proxy's: patches per step)", at_least(1))
     patches_per_case: int = opt(4, "patches from each case of a training step of Ms and Msemi (first author's "
                                 "tutorial: 2 cases x 4); 1 -> a case per patch", at_least(1))
+    query: str = opt("volume", "what a query asks the annotator for: volume (a whole pool case, the paper) or patch "
+                     "(a box of --query-vox voxels in a pool case; partial labels, as nnActive)", one_of("volume", "patch"))
+    query_vox: tuple = opt((32, 32, 32), "--query patch: the box of one query, voxels of the training grid (clamped "
+                           "to each case)", (lambda v: len(v) == 3 and min(v) >= 1, "three sides, each >= 1 voxel"))
     crop: str = opt("body", "volumes cut to the body box, voxels above the window's low end (first author's "
                     "tutorial), or none", one_of("body", "none"))
     keep: str = opt("best", "weights a stage of Ms or Msemi ends with: best (validated every --val-every steps, "
@@ -143,25 +147,30 @@ class Proxy:
 def pseudo_labels(study, ids):
     """Line 2: HU band + largest 26-connected component for every case, once per run; reported per case,
     with its Dice against the annotated foreground where a validation label exists (pool labels stay unread)."""
-    band = "auto" if study.cfg.hu_band == "auto" else tuple(float(x) for x in study.cfg.hu_band.split(","))
     report, labels = [], {}
-
-    def make(cid):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an empty band is reported in the table below instead
-            return pseudo_label(study.cases.image_hu(cid), band, cid)
-
     for cid in ids:
-        source = os.stat(study.cases.files[cid]["image"])
-        key = [study.cfg.hu_band, study.cfg.spacing_mm, study.cfg.crop, study.cases.window_hu, study.cases.files[cid]["image"],
-               source.st_size, source.st_mtime_ns]        # what made it: another --crop or grid makes it again
-        labels[cid] = study.run.saved_array(f"pseudo_labels/{cid}", lambda: make(cid), key)
+        labels[cid] = pseudo_label_of(study, cid)
         dice = (dice_per_class(study.cases.uncrop(cid, labels[cid]), np.asarray(study.cases.label(cid)) > 0, 2)[0]
                 if cid in study.cases.val else None)
         report.append((cid, int(labels[cid].sum()), dice))
     labeled_hu = lambda: np.concatenate([hu[label > 0] for hu, label, _ in map(study.cases.labeled_volume, study.cases.val)])
     study.log(pseudo_label_report(study.out, report, study.cfg.hu_band, study.cfg.spacing_mm, labeled_hu))
     return labels
+
+
+def pseudo_label_of(study, cid):
+    """Line 2 for one case, on image(cid): made once and saved, keyed by everything that made it."""
+    band = "auto" if study.cfg.hu_band == "auto" else tuple(float(x) for x in study.cfg.hu_band.split(","))
+
+    def make():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an empty band is reported in pseudo_labels.csv instead
+            return pseudo_label(study.cases.image_hu(cid), band, cid)
+
+    source = os.stat(study.cases.files[cid]["image"])
+    key = [study.cfg.hu_band, study.cfg.spacing_mm, study.cfg.crop, study.cases.window_hu, study.cases.files[cid]["image"],
+           source.st_size, source.st_mtime_ns]        # what made it: another --crop or grid makes it again
+    return study.run.saved_array(f"pseudo_labels/{cid}", make, key)
 
 
 def proxy_model(study, seed):
@@ -193,12 +202,25 @@ def proxy_score(study, seed, cid):
 
 
 def initial_scores(study, seed, strategy, proxy):
-    """Line 4: the ranking of the whole pool by the proxy's scores (by entropy for proxyrank_ent*, BALD for
-    proxyrank_bald*, else variance), or without the proxy a seeded random order shared by the seed's others."""
+    """Line 4: the ranking of the whole pool (its cases, or their boxes) by the proxy's scores (by entropy for
+    proxyrank_ent*, BALD for proxyrank_bald*, else variance), or without the proxy random_scores."""
     if strategy.proxy:
-        return {c: proxy.scores[c][strategy.measure] for c in study.cases.pool}
-    rng = np.random.default_rng(stage_seed(seed, "initial"))
-    return dict(zip(study.cases.pool, rng.permutation(len(study.cases.pool)).astype(float)))
+        return study.queries.ranked(proxy.scores, strategy.measure)
+    return random_scores(study, np.random.default_rng(stage_seed(seed, "initial")), strategy, [],
+                         study.first_pool(strategy))
+
+
+def random_scores(study, rng, strategy, taken, k):
+    """Lines 4, 12 and 15 without a model, shared by the seed's random strategies (paired): a random order of
+    the pool cases not taken; in patch mode k random boxes (Queries.draw), uniform in the body (rand) or by
+    nnActive's foreground-favouring rule on the annotation (rand_fg_oracle) or on the pseudo labels
+    (rand_fg_pseudo). The all-data reference takes whole cases in both modes."""
+    if not study.queries.patch or strategy.reference:
+        rest = [c for c in study.cases.pool if c not in taken]
+        return dict(zip(rest, rng.permutation(len(rest)).astype(float)))
+    labels = {"fg_oracle": lambda c: study.cases.label(c)[study.cases.box(c)],
+              "fg_pseudo": lambda c: pseudo_label_of(study, c)}.get(strategy.acquisition)
+    return study.queries.draw(k, rng, taken, strategy.areas, labels)
 
 # ----------------------------------------------------------------------------- Algorithm 1, lines 5-18
 
@@ -210,7 +232,8 @@ def run_strategy(study, strategy, seed, proxy):
     cfg, pool = study.cfg, study.cases.pool
     state = study.run_state(seed, strategy)
     if not state.initial:                                                # nothing selected yet: line 5
-        state.initial.extend(add_top_k(state, initial_scores(study, seed, strategy, proxy), study.first_pool(strategy)))
+        state.initial.extend(add_top_k(study, state, initial_scores(study, seed, strategy, proxy),
+                                       study.first_pool(strategy)))
         study.run.save_state(seed, strategy.name)
     iterations = strategy.iterations(cfg.iterations)
     for j in range(len(state.iterations), iterations):                                      # line 6
@@ -224,13 +247,14 @@ def run_strategy(study, strategy, seed, proxy):
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}/{iterations}: {len(labeled)} labeled")
         model = supervised(study, labeled, proxy.weights if strategy.proxy else None, key)   # line 7: Ms
         record = {"n_labeled": len(labeled)}
-        unlabeled = [c for c in pool if c not in labeled]
+        record["voxels"], record["fg_voxels"] = study.queries.budget(labeled)   # the budget spent so far
+        unlabeled = [c for c in pool if c not in labeled]             # patch mode: cases with boxes still free
         if strategy.semi and not unlabeled:     # nothing left to fine-tune on: Ms stands in for Msemi
             warnings.warn(f"{strategy.name} seed {seed} iteration {j + 1}: every pool case is labeled, so lines "
                           "9-11 (semi-supervised fine-tuning on the most certain unlabeled cases) are skipped")
             record["certain"] = []
         elif strategy.semi:                                                                  # line 8
-            record["certain"] = most_certain(study, model, unlabeled, len(labeled), strategy, key)  # line 9
+            record["certain"] = most_certain(study, model, unlabeled, labeled, strategy, key)  # line 9
             model = semi_finetune(study, model, labeled, record["certain"], key)             # lines 10-11: Msemi
         record.update(validate(study, model))
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}: validation mean Dice {record['mean_dice']:.4f}")
@@ -250,12 +274,14 @@ def run_strategy(study, strategy, seed, proxy):
 def acquire(study, model, state, record, seed, strategy, proxy, j):
     """Lines 12-16 after iteration j: the unlabeled pool scored under its final model, the top k join Tl."""
     scores = acquisition_scores(study, model, state, seed, strategy, proxy, j)              # lines 12 / 15
-    record["acquired"], record["scores"] = add_top_k(state, scores, study.cfg.k), scores     # lines 13 / 16
+    record["acquired"] = add_top_k(study, state, scores, study.cfg.k)                      # lines 13 / 16
+    record["scores"] = {u: scores[u] for u in record["acquired"]} if study.queries.patch else scores
 
 
-def add_top_k(state, scores, k):
-    """Lines 5, 13 and 16: the k highest-scoring cases not yet labeled join Tl (stable on ties). Returns them."""
-    new = sorted((c for c in scores if c not in state.labeled), key=lambda c: -scores[c])[:k]
+def add_top_k(study, state, scores, k):
+    """Lines 5, 13 and 16: the k highest-scoring units (cases, or boxes overlapping no box annotated or chosen)
+    not yet labeled join Tl (stable on ties). Returns them."""
+    new = study.queries.top(scores, k, state.labeled)
     state.labeled.extend(new)
     state.scores.update({c: scores[c] for c in new})
     return new
@@ -275,7 +301,7 @@ def supervised(study, labeled, init_state, key):
     if study.load_checkpoint(key + "_sup", model, labeled) is None:
         if init_state is not None:
             load_backbone(model, init_state, head_from_proxy=cfg.head_init == "proxy")
-        stream = PatchStream([study.cases.labeled_volume(c) for c in cases], cfg.patch_vox, cfg.fg_fraction,
+        stream = PatchStream(study.queries.volumes(cases), cfg.patch_vox, cfg.fg_fraction,
                              study.cases.window_hu, paired(key, "sup", *cases), by_class=cfg.fg_draw == "classes",
                              patches_per_case=cfg.patches_per_case)
         loader = batches(stream, cfg.batch_size * cfg.patches_per_case, study.workers, study.device)
@@ -284,10 +310,11 @@ def supervised(study, labeled, init_state, key):
     return model
 
 
-def most_certain(study, model, ids, n, strategy, key):
-    """Line 9: the n most certain cases of U under Ms (by the strategy's own measure, else variance)."""
+def most_certain(study, model, ids, labeled, strategy, key):
+    """Line 9: as many of the most certain units of U under Ms as Tl holds (cases of `ids`, or their boxes
+    overlapping no annotated box), by the strategy's own measure, else variance."""
     scores = score_cases(study, model, ids, key + "/certain")
-    return sorted(ids, key=lambda c: scores[c][strategy.measure])[:n]
+    return study.queries.top(study.queries.ranked(scores, strategy.measure, labeled, lowest=True), len(labeled), labeled)
 
 
 def semi_finetune(study, model, labeled, certain, key):
@@ -297,12 +324,12 @@ def semi_finetune(study, model, labeled, certain, key):
         return model
     model.eval()
     noisy = {c: noisy_label(sliding_window_predict(model, study.cases.image(c), cfg.roi_vox, cfg.overlap), cfg.tau)
-             for c in certain}                                                                   # line 10
+             for c in study.queries.boxes(certain)}                                              # line 10
     cases, pair = sorted(labeled), ("|", *sorted(certain))             # seeds shared on the same cases
-    sup = PatchStream([study.cases.labeled_volume(c) for c in cases], cfg.patch_vox, cfg.fg_fraction, study.cases.window_hu,
+    sup = PatchStream(study.queries.volumes(cases), cfg.patch_vox, cfg.fg_fraction, study.cases.window_hu,
                       paired(key, "semi-sup", *cases), by_class=cfg.fg_draw == "classes",
                       patches_per_case=cfg.patches_per_case)
-    two = PatchStream([study.cases.labeled_volume(c, noisy[c]) for c in sorted(certain)], cfg.patch_vox,
+    two = PatchStream(study.queries.volumes(certain, noisy), cfg.patch_vox,
                       cfg.semi_fg_fraction, study.cases.window_hu, paired(key, "semi-unl", *cases, *pair), two_views=True,
                       by_class=cfg.fg_draw == "classes", patches_per_case=cfg.patches_per_case)
     workers, n = (max(study.workers // 2, 1) if study.workers else 0), cfg.batch_size * cfg.patches_per_case
@@ -339,29 +366,31 @@ def run_stage(study, model, step_loss, data, steps, dropout_seed, what):
 
 
 def acquisition_scores(study, model, state, seed, strategy, proxy, j):
-    """Lines 12 and 15: a score for every unlabeled pool case under Msemi or Ms; higher is acquired first."""
-    rest = [c for c in study.cases.pool if c not in state.labeled]
+    """Lines 12 and 15: a score for every unlabeled unit of the pool under Msemi or Ms; higher is acquired first."""
+    rest = [c for c in study.cases.pool if c not in state.labeled]      # patch mode: every case with free boxes
     if strategy.acquisition == "proxy":                  # the proxy ranking itself, in order
-        return {c: proxy.scores[c][strategy.measure] for c in rest}
-    if strategy.acquisition == "random":                 # shared by the seed's random strategies: paired
-        rng = np.random.default_rng(stage_seed(seed, "random", j))
-        return dict(zip(rest, rng.permutation(len(rest)).astype(float)))
+        return study.queries.ranked({c: proxy.scores[c] for c in rest}, strategy.measure, state.labeled)
+    if strategy.random:
+        return random_scores(study, np.random.default_rng(stage_seed(seed, "random", j)), strategy, state.labeled,
+                             study.cfg.k)
     key = f"seed{seed}/{strategy.name}/iter{j}"
     mc = score_cases(study, model, rest, key)
     if study.cfg.save_maps:
         save_maps(study, model, mc, key)
-    return {c: mc[c][strategy.acquisition] for c in rest}
+    return study.queries.ranked(mc, strategy.acquisition, state.labeled)
 
 
 def score_cases(study, model, ids, key):
-    """MC-dropout scores of each case: {id: {"variance", "entropy", "bald"}}. Each case is seeded on its own,
-    so its scores do not depend on which rank scores it or on the cases before it."""
+    """MC-dropout scores of each case: {id: {"variance", "entropy", "bald"}}, in patch mode with its boxes' means
+    (Queries.case_scores; the maps are dropped case by case). Each case is seeded on its own, so its scores do
+    not depend on which rank scores it or on the cases before it."""
     cfg, scores = study.cfg, {}
     progress = study.bar(f"MC scoring ({cfg.mc_passes} passes)", len(ids))
     for i, cid in enumerate(ids, 1):
         torch.manual_seed(stage_seed(key, "mc", cid))
-        scores[cid] = mc_scores(model, study.cases.image(cid), cfg.mc_passes, cfg.roi_vox, cfg.overlap,
-                                variance_classes=cfg.variance_classes)
+        scores[cid] = study.queries.case_scores(cid, mc_scores(model, study.cases.image(cid), cfg.mc_passes,
+                                                               cfg.roi_vox, cfg.overlap, variance_classes=cfg.variance_classes,
+                                                               return_maps=study.queries.patch))
         progress.update(i)
     return scores
 

@@ -7,6 +7,7 @@ import torch
 
 import data
 from proxy_al import mc_scores, sliding_window_predict
+from regions import unit_case
 from report import write_csv
 from study import NeedLabels, stage_seed
 
@@ -14,7 +15,7 @@ from study import NeedLabels, stage_seed
 def require_labels(study, state, seed, strategy):
     """Annotation mode: stop with to_annotate.csv until every selected case has a label in labelsTr/. Each
     selected case gets a pre-segmentation to correct and an uncertainty map, from the model that selected it."""
-    pending = [c for c in state.labeled if not study.cases.files[c]["label"]]
+    pending = [c for c in state.labeled if not study.cases.files[unit_case(c)]["label"]]
     if not pending:
         return
     folder = study.out / "to_annotate"

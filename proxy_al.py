@@ -149,7 +149,8 @@ MIN_MC_PASSES = 2   # a variance over the passes needs two of them
 
 @torch.inference_mode()
 def mc_scores(model: nn.Module, image: np.ndarray, mc_passes: int = 10, roi=(96, 96, 96), overlap: float = 0.25,
-              batch_size: int = None, return_map: bool = False, variance_classes: str = "foreground") -> dict:
+              batch_size: int = None, return_map: bool = False, variance_classes: str = "foreground",
+              return_maps: bool = False) -> dict:
     """MC-dropout uncertainty of one volume under `model` (paper sec. 3.1).
     mc_passes (the paper's m, 10) stochastic passes (dropout on, norms in eval mode), each a full sliding-window
     prediction p_k.
@@ -164,7 +165,9 @@ def mc_scores(model: nn.Module, image: np.ndarray, mc_passes: int = 10, roi=(96,
     cancellation; mc_passes does not change the memory). A sweep over the windows runs as many passes as fill one
     batch (batch_size // windows, at least 1: one on the CPU, where the batch is one window).
     Its memory: PERFORMANCE.md.
-    Returns {"variance", "entropy", "bald"} floats (+ "variance_map" (X, Y, Z) float32 numpy with return_map).
+    Returns {"variance", "entropy", "bald"} floats (+ "variance_map" (X, Y, Z) float32 numpy with return_map;
+    + "maps" {"variance", "entropy", "bald"} of per-voxel (X, Y, Z) float32 numpy with return_maps: the maps
+    whose means the floats are, for region queries).
     """
     if mc_passes < MIN_MC_PASSES:
         raise ValueError(f"mc_scores: mc_passes = {mc_passes}; a variance needs at least {MIN_MC_PASSES} passes "
@@ -203,10 +206,14 @@ def mc_scores(model: nn.Module, image: np.ndarray, mc_passes: int = 10, roi=(96,
     var_map = m2.div_(mc_passes)                                                    # (X, Y, Z), summed over its classes
     entropy_map = _entropy(mean)
     out = {"variance": var_map.mean(dtype=torch.float64).item(),
-           "entropy": entropy_map.mean(dtype=torch.float64).item(),
-           "bald": entropy_map.sub_(pass_entropy.div_(mc_passes)).mean(dtype=torch.float64).item()}
+           "entropy": entropy_map.mean(dtype=torch.float64).item()}
+    if return_maps:
+        maps = {"variance": var_map.cpu().numpy(), "entropy": entropy_map.cpu().numpy().copy()}   # sub_ below
+    out["bald"] = entropy_map.sub_(pass_entropy.div_(mc_passes)).mean(dtype=torch.float64).item()
     if return_map:
         out["variance_map"] = var_map.cpu().numpy()
+    if return_maps:
+        out["maps"] = {**maps, "bald": entropy_map.cpu().numpy()}
     return out
 
 

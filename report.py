@@ -1,6 +1,8 @@
 """The results files of a run, made from its state (per seed and strategy: labeled ids and per-iteration
 validation Dice): results.csv, per_case_dice.csv, summary.md (the paper's Table 1, the all-data reference and
-Wilcoxon tests of all pairs), wilcoxon.csv and, with matplotlib, dice_curve.png (the paper's Fig. 2).
+Wilcoxon tests of all pairs), wilcoxon.csv and, with matplotlib, dice_curve.png (the paper's Fig. 2);
+budget.csv (Dice against the voxels annotated so far) and, for a run of region queries (--query patch), the
+area under that curve (AUBC) in summary.md and a budget axis in dice_curve.png.
 
 Dice follows MONAI's DiceMetric with ignore_empty=True, as the paper computed it: a class absent from a
 case's label has no Dice (NaN) for that case, and a mean over cases uses only the cases where it is present.
@@ -12,6 +14,7 @@ import warnings
 import numpy as np
 
 import files
+import regions
 import strategies
 
 
@@ -74,8 +77,9 @@ def kind(name):
 
 
 def display_name(name):
-    """A strategy's name in tables, the all-data reference marked."""
-    return f"{name} (reference)" if kind(name).reference else name
+    """A strategy's name in tables, the all-data reference and the oracles (they read labels not yet
+    acquired) marked."""
+    return f"{name} (reference)" if kind(name).reference else f"{name} (oracle)" if kind(name).oracle else name
 
 
 def nanmean(values, axis=None):
@@ -113,14 +117,52 @@ def write_reports(out, state, task, n_pool, left_out=None):
     write_csv(out / "wilcoxon.csv", ["strategy"] + [display_name(s) for s in order],
               [[display_name(a)] + ["" if a == b else "n/a" if p[a, b] is None else f"{p[a, b]:.6g}" for b in order]
                for a in order])
+    budget = [[s, seed, j, rec["n_labeled"], rec["voxels"], rec["fg_voxels"], cell(rec["mean_dice"])]
+              for s, seed, j, rec in records(state) if "voxels" in rec]
+    if budget:
+        write_csv(out / "budget.csv", ["strategy", "seed", "iteration", "n_labeled", "voxels", "fg_voxels",
+                                       "mean_dice"], budget)
+    patch = is_patch_run(state)
     summary = (summary_table(task["name"], header, rows) + empty_note(state, class_names) + "\n"
-               + wilcoxon_table(matrix))
+               + (budget_table(budget) + "\n" if patch else "") + wilcoxon_table(matrix))
     if left_out:
         summary += (f"\n## {len(left_out)} case(s) left out: their files could not be read\n\n"
                     + "".join(f"- {c}: {why}\n" for c, why in sorted(left_out.items())))
     files.atomic_write_bytes(out / "summary.md", summary.encode())
-    plot_curves(out, rows)
+    plot_curves(out, budget if patch else rows, "voxels" if patch else "pct")
     return summary
+
+
+def is_patch_run(state):
+    """Whether the run queried boxes (--query patch): a labeled unit is a box."""
+    return any(regions.unit_start(u) is not None for by_s in state.values() for st in by_s.values()
+               for u in st.get("labeled", ()))
+
+
+def budget_table(budget):
+    """AUBC (regions.aubc: the area under the Dice-against-annotated-voxels curve, over the budget range every
+    (strategy, seed) reached, divided by its width) and the last iteration's Dice, mean +- std over seeds.
+    budget: budget.csv's rows. The reference is left out (it has one point)."""
+    runs = {}
+    for s, seed, j, n, voxels, fg, dice in budget:
+        if not kind(s).reference:
+            runs.setdefault((s, seed), []).append((voxels, fg, dice))
+    runs = {key: pts for key, pts in runs.items() if len(pts) > 1}
+    if not runs:
+        return ""
+    lo, hi = max(p[0][0] for p in runs.values()), min(p[-1][0] for p in runs.values())
+    lines = [f"## Budget: Dice against annotated voxels (AUBC over {lo}-{hi} voxels, the range every run reached)",
+             "", "| strategy | seeds | voxels (last) | foreground share | AUBC | final mean_dice |", "|---|---|---|---|---|---|"]
+    for s in dict.fromkeys(key[0] for key in runs):
+        pts = [p for key, p in runs.items() if key[0] == s]
+        area = [regions.aubc([v for v, _, _ in p], [d for _, _, d in p], lo, hi) if lo < hi and
+                all(np.isfinite(d) for _, _, d in p) else np.nan for p in pts]
+        share = np.mean([p[-1][1] / p[-1][0] for p in pts])
+        lines.append(f"| {display_name(s)} | {len(pts)} | {np.mean([p[-1][0] for p in pts]):.0f} | {share:.3f} | "
+                     f"{spread(area)} | {spread([p[-1][2] for p in pts])} |")
+    return "\n".join(lines + ["", "AUBC: the area under the curve of validation mean Dice against the voxels "
+                               "annotated so far (linear between iterations), divided by the range's width: a "
+                               "constant Dice d gives d (Zhan et al., IJCAI 2021). n/a: a run without a Dice."]) + "\n"
 
 
 def summary_table(task_name, header, rows):
@@ -224,9 +266,10 @@ def wilcoxon_table(matrix):
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(out, rows):
-    """Dice against percent labeled: solid supervised, dashed semi-supervised (the paper's Fig. 2); the all-data
-    reference as a dotted horizontal line. No rows (no finished iteration): no plot."""
+def plot_curves(out, rows, axis="pct"):
+    """Dice against percent labeled (axis "pct": results.csv's rows), or against annotated voxels (axis
+    "voxels": budget.csv's rows, region queries): solid supervised, dashed semi-supervised (the paper's Fig. 2);
+    the all-data reference as a dotted horizontal line. No rows (no finished iteration): no plot."""
     if not rows:
         return
     try:
@@ -240,13 +283,16 @@ def plot_curves(out, rows):
         pts = {}
         for r in rows:
             if r[0] == strategy:
-                pts.setdefault(r[4], []).append(r[-1])
+                pts.setdefault(r[4] if axis == "pct" else r[2], []).append((r[4], r[-1]))     # by iteration
+        pts = {(np.mean([v for v, _ in p]) if axis == "voxels" else x): [d for _, d in p] for x, p in pts.items()}
         x = sorted(pts)
         if kind(strategy).reference:
             ax.axhline(nanmean(pts[x[-1]]), color="k", linestyle=":", label=f"{strategy} (all pool cases labeled)")
         else:
-            ax.plot(x, [nanmean(pts[p]) for p in x], "--" if kind(strategy).semi else "-", marker="o", label=strategy)
-    ax.set(xlabel="% of pool labeled", ylabel="validation mean Dice")
+            ax.plot(x, [nanmean(pts[p]) for p in x], "--" if kind(strategy).semi else "-", marker="o",
+                    label=display_name(strategy))
+    ax.set(xlabel="% of pool labeled" if axis == "pct" else "voxels annotated (mean over seeds)",
+           ylabel="validation mean Dice")
     ax.legend(fontsize=7)
     fig.tight_layout()
     files.atomic_write(out / "dice_curve.png", lambda f: fig.savefig(f, format="png"))

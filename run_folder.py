@@ -24,6 +24,7 @@ import torch
 
 import files
 from files import ProxyAlError, few, read_json
+from regions import unit_case
 from strategies import MC_MEASURES
 
 try:
@@ -184,8 +185,8 @@ class RunFolder:
         return dataclasses.asdict(st) if st else self.saved.get(str(seed), {}).get(strategy)
 
     def selected(self):
-        """Every case any (seed, strategy) of the run has labeled."""
-        return {c for by_s in self.saved.values() for st in by_s.values() for c in st["labeled"]}
+        """Every case any (seed, strategy) of the run has labeled (whole, or a box of it)."""
+        return {unit_case(u) for by_s in self.saved.values() for st in by_s.values() for u in st["labeled"]}
 
     def has_finished_work(self):
         return bool(self.saved) or (self.path / "checkpoints").exists()

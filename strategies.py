@@ -22,13 +22,19 @@ PAPER = ("rand", "var", "ent", "var_semi", "ent_semi", "rand_semi", "proxyrank",
 EXTENDED = PAPER + ("bald", "bald_semi", "proxyrank_bald", "proxyrank_bald_semi")
 # The supplement's "model that is using all the data": Ms trained on the whole pool, the upper bound.
 REFERENCE = "full"
+# Beyond the paper, --query patch only: nnActive's foreground-favouring random boxes (its random-label: a
+# centre anywhere, on foreground or on a class boundary, 1/3 each), on the annotation (an oracle: it reads
+# labels no annotator has made yet, as nnActive's) or on the proxy's pseudo labels (no annotation needed).
+FOREGROUND_RANDOM = {"rand_fg_oracle": "fg_oracle", "rand_fg_pseudo": "fg_pseudo"}
+FOREGROUND_AREAS = "random-label"         # regions.AREAS
 
 
 @dataclass(frozen=True)
 class Strategy:
     name: str
     proxy: bool          # lines 2-4 rank the first pool, and Ms starts from Mp's weights
-    acquisition: str     # "random", "proxy" (the proxy ranking itself), "variance", "entropy", "bald", or "all"
+    acquisition: str     # "random", "fg_oracle", "fg_pseudo" (random boxes), "proxy" (the proxy ranking itself),
+                         # "variance", "entropy", "bald", or "all"
     semi: bool           # lines 9-12: semi-supervised fine-tuning on the most certain unlabeled cases
 
     def __str__(self):
@@ -38,6 +44,26 @@ class Strategy:
     def reference(self):
         """The all-data reference: no selection, Ms trained on the whole pool."""
         return self.acquisition == "all"
+
+    @property
+    def random(self):
+        """Whether it acquires at random, without a model (lines 12 and 15)."""
+        return self.acquisition in ("random", *FOREGROUND_RANDOM.values())
+
+    @property
+    def patch_only(self):
+        """A random box baseline: it needs --query patch."""
+        return self.name in FOREGROUND_RANDOM
+
+    @property
+    def oracle(self):
+        """It reads pool labels before they are acquired (not possible in annotation mode)."""
+        return self.acquisition == "fg_oracle"
+
+    @property
+    def areas(self):
+        """The foreground-favouring rule of its random boxes (regions.AREAS), or None for uniform ones."""
+        return FOREGROUND_AREAS if self.acquisition.startswith("fg_") else None
 
     @property
     def measure(self):
@@ -63,8 +89,11 @@ def parse(name):
     """'proxyrank_var_semi' -> Strategy; ValueError naming the known ones for any other name."""
     if name == REFERENCE:
         return Strategy(name, proxy=False, acquisition="all", semi=False)
+    if name in FOREGROUND_RANDOM:
+        return Strategy(name, proxy=False, acquisition=FOREGROUND_RANDOM[name], semi=False)
     if name not in EXTENDED:
-        raise ValueError(f"--strategy: unknown {name}; choose from all, extended, {', '.join(EXTENDED)}, {REFERENCE}")
+        raise ValueError(f"--strategy: unknown {name}; choose from all, extended, {', '.join(EXTENDED)}, {REFERENCE}, "
+                         f"and with --query patch {', '.join(FOREGROUND_RANDOM)}")
     proxy, semi = name.startswith("proxyrank"), name.endswith("_semi")
     core = name.removeprefix("proxyrank").removesuffix("_semi").strip("_")
     return Strategy(name, proxy, ACQUISITIONS[core] if core else "proxy", semi)

@@ -22,6 +22,7 @@ from typing import Callable
 import folders
 import strategies
 from cases import Cases, read_task, resolve_data
+from queries import Queries
 from files import ProxyAlError, read_json
 from report import write_reports
 from run_folder import MARKER, RunFolder, check_rerun_settings, locked, read_states
@@ -49,6 +50,7 @@ class Study:
 
     def __init__(self, cfg, run, cases, seeds, world):
         self.cfg, self.run, self.cases, self.seeds, self.world = cfg, run, cases, tuple(seeds), world
+        self.queries = Queries(cfg, cases)                              # what a unit of Tl is: a case or a box
         self.out, self.t0, self.total, self.shown = run.path, time.time(), 0, 0
         self.device = pick_device(world.device(cfg.device))
         many = world.size > 1
@@ -223,7 +225,13 @@ def check_request(study, chosen):
     if cases.annotation and (len(chosen) > 1 or len(study.seeds) > 1):
         raise ProxyAlError("annotation mode (pool cases without labels): choose one --strategy and one --seeds, "
                            "e.g. --strategy proxyrank_var_semi --seeds 0")
-    for seed in study.seeds:
+    patch_only = [s.name for s in chosen if s.patch_only]
+    if patch_only and not study.queries.patch:
+        raise ProxyAlError(f"--strategy {','.join(patch_only)}: random boxes need --query patch")
+    if cases.annotation and any(s.oracle for s in chosen):
+        raise ProxyAlError("--strategy rand_fg_oracle reads the labels of the boxes before they are queried (an "
+                           "oracle); in annotation mode there are none: use rand_fg_pseudo or rand")
+    for seed in study.seeds if not study.queries.patch else ():     # patch mode: the boxes run out, not the cases
         for strategy in chosen:
             selected, need = study.selections_needed(seed, strategy)
             so_far = f" ({selected} selected so far)" if selected else ""
@@ -240,7 +248,7 @@ def check_request(study, chosen):
                                    f"of {len(cases.pool) + len(cases.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
                                    f"needs {need}{so_far}; lower --n-val, --k or --iterations")
     need = cfg.k * cfg.iterations
-    if any(s.semi for s in chosen) and need >= len(cases.pool) and not cases.annotation:
+    if any(s.semi for s in chosen) and need >= len(cases.pool) and not cases.annotation and not study.queries.patch:
         warnings.warn(f"--k {cfg.k} x --iterations {cfg.iterations} labels all {len(cases.pool)} pool cases: the "
                       "last iteration of a _semi strategy has no unlabeled case left and skips its fine-tuning")
     unknown = study.run.selected() - set(cases.pool)

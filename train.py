@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from data import window
-from losses import dice_ce_loss
+from losses import IGNORE, dice_ce_loss
 from proxy_al import autocast, evaluate
 
 # ----------------------------------------------------------------------------- progress
@@ -67,13 +67,17 @@ def foreground_index(label: np.ndarray) -> dict[int, np.ndarray]:
     """Flat voxel indices of each foreground class present in label (X, Y, Z) uint8.
 
     Returns {class: int32 or int64 (N,) indices into label.ravel()}, only classes with N > 0.
-    Compute once per case and pass to sample_patch.
+    A partial label (IGNORE where unannotated, losses.py) also gets 0: its annotated background voxels, where
+    background centres are drawn; IGNORE itself is no class. Compute once per case and pass to sample_patch.
     """
     flat = np.asarray(label).ravel()
     where = np.flatnonzero(flat)
     values = flat[where]
     index_dtype = np.int32 if flat.size < 2**31 else np.int64
-    return {int(c): where[values == c].astype(index_dtype) for c in np.unique(values)}
+    index = {int(c): where[values == c].astype(index_dtype) for c in np.unique(values) if c != IGNORE}
+    if len(index) < len(np.unique(values)):                     # partial: centres only on annotated voxels
+        index[0] = np.flatnonzero(flat == 0).astype(index_dtype)
+    return index
 
 
 BACKGROUND_TRIES = 100  # a background centre by rejection: fails only where background is a tiny share of the volume
@@ -91,9 +95,13 @@ def _foreground_voxel(fg_index, rng, by_class):
     return int(fg_index[classes[k]][i - (counts[k - 1] if k else 0)])
 
 
-def _background_voxel(shape, label, rng):
-    """A flat index of a voxel with label 0, by rejection; any voxel if BACKGROUND_TRIES draws found none."""
+def _background_voxel(shape, label, rng, fg_index=None):
+    """A flat index of a voxel with label 0: from fg_index[0] where a partial label has it (its annotated
+    background), else by rejection; any voxel if BACKGROUND_TRIES draws found none."""
     size = int(np.prod(shape))
+    if fg_index is not None and 0 in fg_index:
+        voxels = fg_index[0]
+        return int(voxels[rng.integers(len(voxels))]) if len(voxels) else int(rng.integers(size))
     for _ in range(BACKGROUND_TRIES):
         i = int(rng.integers(size))
         if label[np.unravel_index(i, shape)] == 0:
@@ -103,16 +111,18 @@ def _background_voxel(shape, label, rng):
 
 def _pick_centre(shape, label, fg_fraction, rng, fg_index, by_class=False):
     """Patch centre (3,) int: with prob fg_fraction a foreground voxel, else a background one; any voxel
-    where fg_fraction is None, the label is None, or (for a foreground draw) the label has no foreground."""
+    where fg_fraction is None, the label is None, or (for a foreground draw) the label has no foreground (a
+    partial label's annotated background then)."""
     size = int(np.prod(shape))
     if fg_fraction is None or label is None:
         flat = rng.integers(size)
     elif rng.random() < fg_fraction:
         fg_index = foreground_index(label) if fg_index is None else fg_index
         has_fg = any(c != 0 and len(v) for c, v in fg_index.items())
-        flat = _foreground_voxel(fg_index, rng, by_class) if has_fg else rng.integers(size)
+        flat = (_foreground_voxel(fg_index, rng, by_class) if has_fg else
+                _background_voxel(shape, label, rng, fg_index) if 0 in fg_index else rng.integers(size))
     else:
-        flat = _background_voxel(shape, label, rng)
+        flat = _background_voxel(shape, label, rng, fg_index)
     return np.array(np.unravel_index(int(flat), shape))
 
 

@@ -1,0 +1,149 @@
+"""What one query asks the annotator for, Algorithm 1's unit: a whole pool case (--query volume, the paper) or
+a box of --query-vox voxels inside one pool case (--query patch: region-level active learning with partial
+labels, after nnActive, Lüth et al., TMLR 2025). Tl is a list of units: a case id, or a box "<case>@x,y,z"
+(regions.box_unit: its first voxel on the case's training grid, Cases.image(case), the body box with --crop
+body). Volume mode is the special case "every box is a whole case", and keeps the paper's code paths as
+they were: its units are case ids, its labels whole.
+
+- scores of a case, under a model: the floats of proxy_al.mc_scores (volume mode), and in patch mode the mean
+  of each per-voxel map over every candidate box (regions.box_scores, a quarter box apart);
+- `ranked`: {unit: score} of what may still be queried; `top`: the k best that overlap nothing taken;
+- `draw`: the random queries (uniform in the body, or nnActive's foreground-favouring random);
+- `volumes`: Tl (or the noisy labels Tn) as training volumes, partial labels IGNORE outside their boxes;
+- `budget`: the voxels annotated so far and how many of them are foreground.
+"""
+import numpy as np
+
+import regions
+from losses import IGNORE
+from regions import box_unit, unit_case, unit_start
+from strategies import MC_MEASURES
+from train import foreground_index
+
+
+class Queries:
+    """The units of one run: `patch` (bool) and, in patch mode, `vox` (the box size asked for, clamped to
+    each case's grid)."""
+
+    def __init__(self, cfg, cases):
+        self.patch, self.vox, self.cases = cfg.query == "patch", tuple(cfg.query_vox), cases
+        self._shapes = {}
+
+    def shape(self, cid):
+        """The shape of a case's training grid, Cases.image(cid) (read once)."""
+        if cid not in self._shapes:
+            self._shapes[cid] = tuple(int(n) for n in self.cases.image_hu(cid).shape)
+        return self._shapes[cid]
+
+    def size(self, cid):
+        """(3,) int64: the box of a query in `cid`, each side at most the case's."""
+        return regions.clamp_box(self.vox, self.shape(cid))
+
+    def boxes(self, units):
+        """{case: [(start, size)]} of `units`; a whole case is one box from 0 over its grid."""
+        out = {}
+        for u in units:
+            cid = unit_case(u) if self.patch else u
+            start = unit_start(u) if self.patch else None
+            out.setdefault(cid, []).append((np.zeros(3, np.int64), np.array(self.shape(cid))) if start is None
+                                           else (start, self.size(cid)))
+        return out
+
+    def whole(self, unit):
+        return not self.patch or unit_start(unit) is None
+
+    # --- scores
+
+    def case_scores(self, cid, scores):
+        """What the run keeps of a case's mc_scores (with return_maps in patch mode): the floats, and in patch
+        mode "boxes": the candidate boxes' starts and the mean of each measure's map over them (JSON-ready)."""
+        out = {m: scores[m] for m in MC_MEASURES}
+        if self.patch:
+            boxes = {}
+            for m in MC_MEASURES:
+                starts, boxes[m] = regions.box_scores(scores["maps"][m], self.size(cid))
+                boxes[m] = boxes[m].tolist()
+            out["boxes"] = {"starts": starts.tolist(), **boxes}
+        return out
+
+    def ranked(self, scores, measure, taken=(), lowest=False):
+        """{unit: score} of every unit that may still be queried, from {case: case_scores}: a case not in
+        `taken` (volume mode), or a candidate box overlapping no box taken (patch mode). lowest: negated (the
+        most certain first)."""
+        sign = -1.0 if lowest else 1.0
+        if not self.patch:
+            return {c: sign * s[measure] for c, s in scores.items() if c not in taken}
+        held, out = self.boxes(taken), {}
+        for cid, s in scores.items():
+            starts, means = np.asarray(s["boxes"]["starts"], np.int64).reshape(-1, 3), np.asarray(s["boxes"][measure])
+            free = np.ones(len(starts), bool)
+            for start, size in held.get(cid, ()):
+                free &= ~regions.overlapping(starts, self.size(cid), start, size)
+            out.update({box_unit(cid, st): sign * float(m) for st, m in zip(starts[free], means[free])})
+        return out
+
+    def top(self, scores, k, taken=()):
+        """Lines 5, 13 and 16: the k units of highest score (stable on ties) not in `taken`; in patch mode
+        greedily, each overlapping no box taken or chosen before it (regions.top_boxes across the pool)."""
+        chosen, held = [], self.boxes(taken) if self.patch else {}
+        for u in sorted((u for u in scores if u not in taken), key=lambda u: -scores[u]):
+            if len(chosen) == k:
+                break
+            if self.patch:
+                cid, start = unit_case(u), unit_start(u)
+                size = self.size(cid) if start is not None else np.array(self.shape(cid))
+                start = np.zeros(3, np.int64) if start is None else start
+                if any(regions.overlapping(start, size, s, z)[0] for s, z in held.get(cid, ())):
+                    continue
+                held.setdefault(cid, []).append((start, size))
+            chosen.append(u)
+        return chosen
+
+    # --- random queries
+
+    def draw(self, k, rng, taken=(), areas=None, labels=None):
+        """k random boxes (patch mode), {unit: score} in the order drawn (the first scores highest), none
+        overlapping another or `taken`. Each is in a pool case drawn uniformly; its centre is uniform in the
+        case's body (voxels above the window's low end: the body box's rule) when areas is None, else drawn
+        by nnActive's foreground-favouring rule (regions.AREAS[areas]) on labels(cid): the annotation (an
+        oracle) or the proxy's pseudo label (no annotation needed). A case with no room left is passed over."""
+        held, chosen, cases = self.boxes(taken), [], list(self.cases.pool)
+        while len(chosen) < k and cases:
+            cid = cases[rng.integers(len(cases))]
+            body = np.asarray(self.cases.image_hu(cid)) > self.cases.window_hu[0]
+            label = np.zeros(self.shape(cid), np.uint8) if areas is None else np.asarray(labels(cid))
+            starts = regions.random_boxes(label, self.vox, 1, rng, areas or (1.0, 0.0, 0.0),
+                                          mask=body if body.any() else None, taken=held.get(cid, []))
+            if not len(starts):
+                cases.remove(cid)
+                continue
+            held.setdefault(cid, []).append((starts[0], self.size(cid)))
+            chosen.append(box_unit(cid, starts[0]))
+        return {u: float(k - i) for i, u in enumerate(chosen)}
+
+    # --- labels
+
+    def volumes(self, units, labels=None):
+        """Training volumes (image_hu, label, foreground index) of `units`, one per case in case order. A whole
+        case: its annotation (Cases.labeled_volume), or labels[case] (a noisy label on image(case)). Boxes: the
+        annotation (or labels[case]) inside them and IGNORE elsewhere, on image(case): a partial label, whose
+        patches are centred on annotated voxels (train.foreground_index)."""
+        out = []
+        for cid, boxes in sorted(self.boxes(units).items()):
+            if not self.patch or all(self.whole(u) for u in units if unit_case(u) == cid):
+                out.append(self.cases.labeled_volume(cid, None if labels is None else labels[cid]))
+                continue
+            known = self.cases.label(cid)[self.cases.box(cid)] if labels is None else labels[cid]
+            label = regions.partial_label(np.asarray(known), boxes, IGNORE)
+            out.append((self.cases.image_hu(cid), label, foreground_index(label)))
+        return out
+
+    def budget(self, units):
+        """(voxels annotated, foreground voxels among them) of `units` on the training grids."""
+        voxels = foreground = 0
+        for cid, boxes in self.boxes(units).items():
+            label = np.asarray(self.cases.label(cid)[self.cases.box(cid)])
+            for start, size in boxes:
+                inside = label[tuple(slice(a, a + b) for a, b in zip(start, size))]
+                voxels, foreground = voxels + inside.size, foreground + int((inside > 0).sum())
+        return voxels, foreground
