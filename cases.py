@@ -14,6 +14,7 @@ import folders
 from files import ProxyAlError, atomic_write_json, few
 from folders import natural_key
 from phantom import make_phantom_dataset
+from run_folder import ASKED
 from train import foreground_index
 
 MSD_TASKS = {"MSD_Task03": "Task03_Liver", "MSD_Task08": "Task08_HepaticVessel"}
@@ -168,7 +169,8 @@ def load_split(run, task_name, case_ids, val_candidates, n_val):
 
 class Cases:
     """The run's cases: `files` {id: {"image", "label" (None: not annotated yet), "label_to"}}, the split
-    (`pool`, `val`), `left_out` {id: why}, and `annotation` (some cases await a label). Volumes on demand."""
+    (`pool`, `val`), `left_out` {id: why}, and `annotation` (some cases await a label, or boxes of them were
+    asked for). Volumes on demand."""
 
     def __init__(self, cfg, run):
         self.root, self.spacing_mm, self.crop = resolve_data(cfg), tuple(cfg.spacing_mm), cfg.crop
@@ -184,6 +186,9 @@ class Cases:
         self.pool, self.val = list(split["pool"]), list(split["val"])
         self._follow_split(run.path / "split.json", run.selected())
         self.annotation = any(not c["label"] for c in self.files.values())     # over the split's cases
+        # A label file holds only the boxes asked for (--query patch): a run that has asked for boxes stays in
+        # annotation mode once every case has a file.
+        self.annotation |= cfg.query == "patch" and (run.path / ASKED).exists()
 
     def _follow_split(self, path, selected):
         """A rerun on a data folder that changed since split.json was written: images added are not used (the

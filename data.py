@@ -327,7 +327,12 @@ def write_native(path, volume: np.ndarray, image_path, spacing_mm, nearest: bool
     it overlays the image in any viewer and passes check_same_grid. Segmentations (nearest=True) are stored
     uint8, maps float32. Returns the Path."""
     array = to_native_grid(volume, image_path, spacing_mm, nearest)
-    return write_nifti(path, array, _open_nifti(image_path).affine)
+    return write_nifti(path, array, nifti_affine(image_path))
+
+
+def nifti_affine(path) -> np.ndarray:
+    """The 4x4 voxel-to-world affine (mm) of a NIfTI file, in its own axis order (header only)."""
+    return _open_nifti(path).affine
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the method; a file that cannot be used ends in ProxyAlError naming it and the fi
     out/scores/seed<S>/<case>.json            MC-dropout scores of a pool case under the seed's proxy
     out/checkpoints/<key>.pt                  the weights a finished stage saved
     out/<name>.<hash of what made it>.npy     saved arrays (pseudo labels)
+    out/to_annotate/asked.json                annotation mode with boxes: each box's label file stamp when asked
 """
 import dataclasses
 import json
@@ -26,6 +27,8 @@ import files
 from files import ProxyAlError, few, read_json
 from regions import unit_case
 from strategies import MC_MEASURES
+
+ASKED = "to_annotate/asked.json"      # annotation mode with boxes: what was asked, when (annotate.py)
 
 try:
     import fcntl
