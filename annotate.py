@@ -21,8 +21,8 @@ from study import NeedLabels, stage_seed
 def require_labels(study, state, seed, strategy):
     """Annotation mode: stop with to_annotate.csv until every selected case has a label in labelsTr/. Each
     selected case gets a pre-segmentation to correct and an uncertainty map, from the model that selected it."""
-    if study.queries.patch:
-        return require_box_labels(study, state, seed, strategy)
+    if study.queries.patch:                 # simulated (every label there): the boxes' labels are read as needed
+        return require_box_labels(study, state, seed, strategy) if study.cases.annotation else None
     pending = [c for c in state.labeled if not study.cases.files[unit_case(c)]["label"]]
     if not pending:
         return
