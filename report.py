@@ -179,7 +179,8 @@ def summary_table(task_name, header, rows):
         cells = [spread(col) for col in dice.T]
         single |= len(sel) == 1
         (ref if kind(strategy).reference else main).append(
-            f"| {strategy} | {len(sel)} | {sel[0][3]} | " + " | ".join(cells) + " |")
+            f"| {display_name(strategy) if kind(strategy).oracle else strategy} | {len(sel)} | {sel[0][3]} | "
+            + " | ".join(cells) + " |")
     lines = [f"# {task_name}: validation Dice at the last iteration (mean +- std over seeds; std with ddof 1, "
              "the sample std)", ""] + (main if len(main) > 2 else [])
     if len(ref) > 2:

@@ -97,10 +97,11 @@ def _foreground_voxel(fg_index, rng, by_class):
 
 def _background_voxel(shape, label, rng, fg_index=None):
     """A flat index of a voxel with label 0: from fg_index[0] where a partial label has it (its annotated
-    background), else by rejection; any voxel if BACKGROUND_TRIES draws found none."""
+    background; its annotated foreground when its boxes hold no background), else by rejection; any voxel if
+    BACKGROUND_TRIES draws found none."""
     size = int(np.prod(shape))
-    if fg_index is not None and 0 in fg_index:
-        voxels = fg_index[0]
+    if fg_index is not None and 0 in fg_index:          # a partial label: an annotated voxel, whatever happens
+        voxels = fg_index[0] if len(fg_index[0]) else np.concatenate([v for v in fg_index.values()])
         return int(voxels[rng.integers(len(voxels))]) if len(voxels) else int(rng.integers(size))
     for _ in range(BACKGROUND_TRIES):
         i = int(rng.integers(size))

@@ -12,7 +12,9 @@ Stages, each timed as seconds per case unless said otherwise (cheap stages: medi
   2. cached load  data.cached_case (memory-mapped .npy) plus reading every voxel
   3. patches      96^3 foreground-balanced patches per second, train.sample_patch with a precomputed foreground index
   4. train step   batch 2 cases x 4 patches of 96^3 (AMP on CUDA) through train.train_steps, and the share spent waiting for data
-  5. MC scoring   proxy_al.mc_scores with m passes on the resampled case, and its peak extra memory
+  5. MC scoring   proxy_al.mc_scores with m passes on the resampled case, and its peak extra memory; and the
+                  same case scored for region queries (--query patch): the per-voxel maps of the three measures
+                  and every candidate box's mean (regions.box_scores, a --query-vox box a quarter box apart)
   6. peak RSS     of this process: sampled VmRSS per stage, and the kernel's high-water mark
 With --compare-monai, MONAI's equivalents run on the same file and the same network, alternating with ours:
 LoadImaged, EnsureChannelFirstd, Orientationd(RAS), Spacingd, ScaleIntensityRanged; RandCropByPosNegLabeld;
@@ -50,6 +52,7 @@ import data  # noqa: E402
 import files  # noqa: E402
 import folders  # noqa: E402
 import proxy_al  # noqa: E402
+import regions  # noqa: E402
 import strategies  # noqa: E402
 import train  # noqa: E402
 from cli import opt  # noqa: E402
@@ -77,6 +80,7 @@ class BenchConfig:
     batch_size: int = opt(2, "cases per training step (al_loop default)")
     patches_per_case: int = opt(4, "patches per case and training step (al_loop's paper preset; 1: 2 patches)")
     monai_autocast: bool = opt(False, "run MONAI's MC under the autocast ours uses (same precision)")
+    query_vox: int = opt(32, "box side of the region-query MC row (al_loop --query patch --query-vox)")
 
 
 FULL = BenchConfig()
@@ -504,11 +508,20 @@ def stage_mc(cfg, model, image, device, monai, sampler):
     log(f"MC scoring on {image.shape}: {windows} windows x {cfg.mc_passes} passes, one window (batch 1) "
         f"{per_window:.2f} s -> about {train.fmt_s(windows * cfg.mc_passes * per_window)} per implementation")
 
-    def runs_on(volume, seed):
+    def runs_on(volume, seed, patch=False):
         def ours():
             torch.manual_seed(seed)
             return with_cuda_peak(lambda: proxy_al.mc_scores(model, volume, cfg.mc_passes, roi, OVERLAP), device)
         runs = {"ours": ours}
+        if patch:
+            def ours_patch():                 # as queries.Queries.case_scores: the maps, then the box means
+                torch.manual_seed(seed)
+
+                def score():
+                    maps = proxy_al.mc_scores(model, volume, cfg.mc_passes, roi, OVERLAP, return_maps=True)["maps"]
+                    return {m: regions.box_scores(maps[m], cfg.query_vox)[1].size for m in maps}
+                return with_cuda_peak(score, device)
+            runs["ours_patch"] = ours_patch
         if monai is not None:
             def theirs():
                 torch.manual_seed(seed + 1)   # independent dropout masks: the check compares two MC estimates
@@ -516,7 +529,7 @@ def stage_mc(cfg, model, image, device, monai, sampler):
             runs["monai"] = theirs
         return runs
 
-    res = alternate(runs_on(image, cfg.seed), 1, sampler, device, log_each=True)
+    res = alternate(runs_on(image, cfg.seed, patch=True), 1, sampler, device, log_each=True)
     for record in res.values():
         record["scores"], record["cuda_extra_mb"] = record.pop("result")
     res.update(windows=windows, passes=cfg.mc_passes, window_s=per_window, shape_vox=list(image.shape),
@@ -737,6 +750,12 @@ def mc_rows(mc, cfg, device, monai):
         rows.append((f"MC scoring m={cfg.mc_passes} (s/volume)", f"{ours_s:.1f}", "-", "-", ">= 2x faster", "-"))
     rows.append((f"  MC peak extra {what} (MB)", f"{ours_mb:.0f}", f"{mc['monai'][key]:.0f}" if monai else "-", "-",
                  "< 1024 MB", verdict(ours_mb < 1024)))
+    if "ours_patch" in mc:
+        ratio = mc["ours_patch"]["median_s"] / ours_s
+        rows.append((f"MC scoring for region queries ({cfg.query_vox}^3 boxes, s/volume)",
+                     f"{mc['ours_patch']['median_s']:.1f}", "-", f"{ratio:.2f}x volume mode", "<= 1.2x",
+                     verdict(ratio <= 1.2)))
+        rows.append((f"  its peak extra {what} (MB)", f"{mc['ours_patch'][key]:.0f}", "-", "-", "-", "-"))
     return rows
 
 

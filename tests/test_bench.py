@@ -73,3 +73,20 @@ def test_schedule_one_rank_is_the_sum_and_many_ranks_the_critical_path():
     longest_proxy_run = max(unit_s[s] for s in strategies.PAPER if strategies.parse(s).proxy)
     assert bench.schedule_s(unit_s, pool=20, seeds=2, gpus=200) == pytest.approx(100 + 1 + longest_proxy_run)
     assert total / 8 <= bench.schedule_s(unit_s, pool=20, seeds=2, gpus=8) < total / 4
+
+
+def test_mc_stage_scores_the_case_for_region_queries_too_and_reports_the_ratio():
+    """Stage 5 runs the region-query scoring (maps and box means) beside the volume scoring, on a tiny case."""
+    import numpy as np
+    import torch
+    from unet import UNet
+    cfg = dataclasses.replace(bench.QUICK, patch_vox=16, mc_passes=2, query_vox=8)
+    torch.manual_seed(0)
+    model = UNet(1, 2, (4, 8), 0.2)
+    image = np.random.default_rng(0).random((24, 20, 17), dtype=np.float32)
+    res = bench.stage_mc(cfg, model, image, torch.device("cpu"), None, bench.RssSampler())
+    assert set(res["ours"]["scores"]) == {"variance", "entropy", "bald"}
+    n_boxes = res["ours_patch"]["scores"]["variance"]
+    assert n_boxes == 9 * 7 * 6           # 8-voxel boxes 2 apart on 24, 20, 17 voxels: 9, 7, 6 starts (the last at the edge)
+    rows = bench.mc_rows(res, cfg, torch.device("cpu"), None)
+    assert any(r[0].startswith("MC scoring for region queries (8^3 boxes") and r[4] == "<= 1.2x" for r in rows)
