@@ -3,6 +3,9 @@ boxes a run labels, the budget it records and reports (budget.csv, AUBC in summa
 whose pool labels differ only outside the acquired boxes giving the same results, volume mode (the default) as
 before with the budget keys, and the refused requests. CPU, about 40 s (one patch run shared by the module)."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -211,3 +214,25 @@ def test_rand_fg_oracle_is_refused_in_annotation_mode(phantom, tmp_path):
         al_loop.main(tiny.args(root, out, *PATCH, "--strategy", "rand_fg_oracle"))
     assert "\n" not in str(err.value)
     assert not out.exists()
+
+
+def test_two_ranks_give_the_results_of_one_in_patch_mode(phantom, patch_run, tmp_path):
+    """torchrun's two workers share the queue in patch mode too: the same boxes, Dice and reports."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
+           str(Path(al_loop.__file__)), *tiny.args(phantom, out, *PATCH, "--strategy", ",".join(STRATEGIES))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert read_states(out)["0"] == patch_run.states
+    for name in ("results.csv", "per_case_dice.csv", "budget.csv", "summary.md"):
+        assert (out / name).read_bytes() == (patch_run.out / name).read_bytes(), name
+
+
+def test_a_patch_run_extended_by_an_iteration_ends_as_an_uninterrupted_one(phantom, patch_run, tmp_path):
+    """Resume in patch mode: one iteration, then a rerun asking for two, acquires its boxes and trains as the
+    run that went straight to two (the state keeps boxes; each strategy's results depend on it alone)."""
+    out, some = tmp_path / "run", ("--strategy", "rand,proxyrank_var_semi")
+    assert al_loop.main(tiny.args(phantom, out, *PATCH, *some, "--iterations", "1")) == 0
+    assert al_loop.main(tiny.args(phantom, out, *PATCH, *some)) == 0
+    states = read_states(out)["0"]
+    assert states == {s: patch_run.states[s] for s in ("rand", "proxyrank_var_semi")}
