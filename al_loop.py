@@ -42,9 +42,10 @@ class Config:
     data_root: str = opt("data", "where MSD task folders and the demo data live (default: env MSD_DATA_ROOT)")
     out: str = opt("", "run folder; empty -> runs/<data>-<timestamp>; rerun with it to resume")
     strategy: str = opt("all", "NAME[,NAME...], all (the paper's 12 of supp. Table 1), extended (+4 BALD); "
-                        "full (all-data reference) runs only when named")
+                        "full (all-data reference), and with --query patch rand_fg_oracle and rand_fg_pseudo, run "
+                        "only when named")
     seeds: tuple = opt((0, 1, 2), "repeats (paper: 3 seeds, mean +- std)", (lambda v: len(v) >= 1, "at least one seed"))
-    k: int = opt(5, "volumes acquired per iteration (paper: 5)", at_least(1))
+    k: int = opt(5, "volumes (boxes with --query patch) acquired per iteration (paper: 5)", at_least(1))
     iterations: int = opt(4, "active iterations (paper: 4; 8 in the supplementary run)", at_least(1))
     n_val: float = opt(0.0, "validation cases, a count or a fraction < 1; 0 -> Task03 26, Task08 61, else 20 %",
                        at_least(0))
