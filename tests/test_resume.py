@@ -22,9 +22,9 @@ import run_folder
 from tiny import REPO, run, same_results, states_of, tiny_args
 
 
-def test_resume_after_stop_between_stages(phantom, tmp_path, monkeypatch):
+def test_resume_after_stop_between_stages(phantom, reference, tmp_path, monkeypatch):
     args = ("--strategy", "proxyrank_var_semi,rand")
-    reference = run(phantom, tmp_path / "ref", *args)
+    reference = reference[1]         # the uninterrupted run: these strategies (in another order: the same results)
     real_semi = al_loop.semi_finetune
     calls = []
 
@@ -61,16 +61,16 @@ def test_k_changed_after_a_run_cut_back_never_labels_a_case_twice(phantom, tmp_p
     assert [line.split(",")[3] for line in (out / "results.csv").read_text().splitlines()[1:]] == ["2", "4"]
 
 
-def test_a_finished_run_given_more_iterations_acquires_first_as_an_uninterrupted_run(phantom, tmp_path):
-    """--iterations 1, then --iterations 2: the same Tl and Dice as one run of 2 iterations (the acquisition
-    after iteration 1 is made under its own final model); then --iterations 3 --k 3 acquires 3 more."""
+def test_a_finished_run_given_more_iterations_acquires_first_as_an_uninterrupted_run(phantom, reference, tmp_path):
+    """--iterations 1, then --iterations 2: the same Tl and Dice as one run of 2 iterations (the `reference`
+    fixture: these strategies, 2 iterations; the acquisition after iteration 1 is made under its own final
+    model); then --iterations 3 --k 3 acquires 3 more."""
     strategies_ = ("--strategy", "rand,proxyrank_var_semi")
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
     run(phantom, one, *strategies_, "--iterations", "1")
     run(phantom, one, *strategies_, "--iterations", "2")
-    run(phantom, two, *strategies_, "--iterations", "2")
     for name in ("rand", "proxyrank_var_semi"):
-        a, b = states_of(one)[name], states_of(two)[name]
+        a, b = states_of(one)[name], reference[1]["0"][name]
         assert a["labeled"] == b["labeled"] and [r["n_labeled"] for r in a["iterations"]] == [2, 4], name
         assert [r["mean_dice"] for r in a["iterations"]] == pytest.approx([r["mean_dice"] for r in b["iterations"]],
                                                                           nan_ok=True)
