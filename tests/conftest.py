@@ -75,7 +75,7 @@ def msd(tmp_path_factory):
 
 # Module-scoped finished studies (seconds to make, idle): the tests of one module that use one run on one
 # worker, so that each worker does not make it again.
-SHARED_STUDIES = {"reference": 10, "msd_run": 9, "one_rank": 23}
+SHARED_STUDIES = {"reference": 10, "msd_run": 9, "one_rank": 23, "patch_run": 20}
 # Seconds of a slow test (call, idle, each parameter; any other test counts 0.5), to start the costliest
 # units first: the order only, never what a test checks.
 SECONDS = {"test_all_strategies_two_iterations": 41, "test_killed_worker_is_restarted_and_the_study_ends_the_same": 34,
@@ -99,7 +99,11 @@ SECONDS = {"test_all_strategies_two_iterations": 41, "test_killed_worker_is_rest
            "test_rerun_with_another_setting_of_the_saved_stages_is_refused": 6,
            "test_presegmentations_on_the_native_grid_and_labels_saved_from_them_continue": 6,
            "test_retrained_proxy_scores_the_pool_again": 5, "test_porting_example_runs_with_proxy_al_and_losses_alone": 5,
-           "test_a_worker_reports_the_launchers_death_without_a_cpp_stack_trace": 5}
+           "test_a_worker_reports_the_launchers_death_without_a_cpp_stack_trace": 5,
+           "test_box_labels_round_trip_on_an_lps_scan_and_only_the_boxes_are_read": 25,
+           "test_two_ranks_give_the_results_of_one_in_patch_mode": 20,
+           "test_patch_results_do_not_depend_on_pool_labels_outside_the_acquired_boxes": 15,
+           "test_a_patch_run_extended_by_an_iteration_ends_as_an_uninterrupted_one": 10}
 TESTS = Path(__file__).resolve().parent
 
 
