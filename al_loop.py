@@ -249,6 +249,8 @@ def run_strategy(study, strategy, seed, proxy):
         model = supervised(study, labeled, proxy.weights if strategy.proxy else None, key)   # line 7: Ms
         record = {"n_labeled": len(labeled)}
         record["voxels"], record["fg_voxels"] = study.queries.budget(labeled)   # the budget spent so far
+        if study.queries.patch:                           # results.csv's pct_labeled: of the pool's voxels
+            record["pool_voxels"] = study.queries.budget(pool, foreground=False)[0]
         unlabeled = [c for c in pool if c not in labeled]             # patch mode: cases with boxes still free
         if strategy.semi and not unlabeled:     # nothing left to fine-tune on: Ms stands in for Msemi
             warnings.warn(f"{strategy.name} seed {seed} iteration {j + 1}: every pool case is labeled, so lines "

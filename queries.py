@@ -138,12 +138,16 @@ class Queries:
             out.append((self.cases.image_hu(cid), label, foreground_index(label)))
         return out
 
-    def budget(self, units):
-        """(voxels annotated, foreground voxels among them) of `units` on the training grids."""
-        voxels = foreground = 0
+    def budget(self, units, foreground=True):
+        """(voxels annotated, foreground voxels among them) of `units` on the training grids (foreground 0
+        without reading a label when `foreground` is False)."""
+        voxels = fg = 0
         for cid, boxes in self.boxes(units).items():
+            if not foreground:
+                voxels += sum(int(np.prod(size)) for _, size in boxes)
+                continue
             label = np.asarray(self.cases.label(cid)[self.cases.box(cid)])
             for start, size in boxes:
                 inside = label[tuple(slice(a, a + b) for a, b in zip(start, size))]
-                voxels, foreground = voxels + inside.size, foreground + int((inside > 0).sum())
-        return voxels, foreground
+                voxels, fg = voxels + inside.size, fg + int((inside > 0).sum())
+        return voxels, fg

@@ -100,13 +100,15 @@ def write_reports(out, state, task, n_pool, left_out=None):
 
     state: {seed: {strategy: {"iterations": [record]}}} as in state/, a record's per_case {case: per-class Dice}
     holding NaN for a class absent from the case's label; task: folders.read_task_info; n_pool: pool size (for
-    pct_labeled); left_out: {case: why} of cases that could not be read. A NaN is written "nan" in the CSV files;
+    pct_labeled: of the pool's cases, or in a patch run of its voxels); left_out: {case: why} of cases that could not be read. A NaN is written "nan" in the CSV files;
     per_case_dice.csv's mean_dice is the mean over the classes present in the case. Returns the summary text.
     """
     class_names = [task["labels"].get(c, f"class{c}") for c in range(1, task["num_classes"])]
     names = [f"dice_{n}" for n in class_names]
     header = ["strategy", "seed", "iteration", "n_labeled", "pct_labeled"] + names + ["mean_dice"]
-    rows = [[s, seed, j, rec["n_labeled"], round(100.0 * rec["n_labeled"] / max(n_pool, 1), 2)]
+    pct = lambda rec: (100.0 * rec["voxels"] / rec["pool_voxels"] if "pool_voxels" in rec      # patch runs
+                       else 100.0 * rec["n_labeled"] / max(n_pool, 1))
+    rows = [[s, seed, j, rec["n_labeled"], round(pct(rec), 2)]
             + [cell(d) for d in rec["dice"]] + [cell(rec["mean_dice"])] for s, seed, j, rec in records(state)]
     write_csv(out / "results.csv", header, rows)
     per_case = [[s, seed, j, c] + [cell(x) for x in d] + [cell(nanmean(d))]

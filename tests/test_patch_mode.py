@@ -236,3 +236,13 @@ def test_a_patch_run_extended_by_an_iteration_ends_as_an_uninterrupted_one(phant
     assert al_loop.main(tiny.args(phantom, out, *PATCH, *some)) == 0
     states = read_states(out)["0"]
     assert states == {s: patch_run.states[s] for s in ("rand", "proxyrank_var_semi")}
+
+
+def test_patch_run_reports_pct_labeled_as_the_share_of_the_pools_voxels(patch_run):
+    """results.csv's pct_labeled counts voxels in a patch run, not boxes per case (which would pass 100 %)."""
+    cases = patch_run.cases
+    pool_voxels = sum(int(np.prod(cases.image_hu(c).shape)) for c in cases.pool)
+    budget = {(r["strategy"], r["iteration"]): int(r["voxels"]) for r in rows(patch_run.out / "budget.csv")}
+    for r in rows(patch_run.out / "results.csv"):
+        assert float(r["pct_labeled"]) == round(100.0 * budget[r["strategy"], r["iteration"]] / pool_voxels, 2)
+        assert float(r["pct_labeled"]) < 100 or r["strategy"] == "full"
