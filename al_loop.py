@@ -285,6 +285,8 @@ def add_top_k(study, state, scores, k):
     """Lines 5, 13 and 16: the k highest-scoring units (cases, or boxes overlapping no box annotated or chosen)
     not yet labeled join Tl (stable on ties). Returns them."""
     new = study.queries.top(scores, k, state.labeled)
+    if len(new) < k and study.queries.patch:
+        warnings.warn(f"only {len(new)} of --k {k} boxes fit in the pool beside the boxes taken; lower --k or --query-vox")
     state.labeled.extend(new)
     state.scores.update({c: scores[c] for c in new})
     return new

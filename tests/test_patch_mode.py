@@ -246,3 +246,12 @@ def test_patch_run_reports_pct_labeled_as_the_share_of_the_pools_voxels(patch_ru
     for r in rows(patch_run.out / "results.csv"):
         assert float(r["pct_labeled"]) == round(100.0 * budget[r["strategy"], r["iteration"]] / pool_voxels, 2)
         assert float(r["pct_labeled"]) < 100 or r["strategy"] == "full"
+
+
+def test_a_pool_without_room_for_k_more_boxes_gives_fewer_with_a_warning(phantom, tmp_path):
+    """Boxes as large as the cases: each case holds one, so the second iteration finds 3 of the 5 asked."""
+    with pytest.warns(UserWarning, match=r"only 3 of --k 5 boxes fit"):
+        assert al_loop.main(tiny.args(phantom, tmp_path / "run", "--query", "patch", "--query-vox", "64,64,64",
+                                      "--strategy", "rand", "--k", "5")) == 0
+    labeled = read_states(tmp_path / "run")["0"]["rand"]["labeled"]
+    assert len(labeled) == 8 and len({unit_case(u) for u in labeled}) == 8
