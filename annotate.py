@@ -103,9 +103,8 @@ def require_box_labels(study, state, seed, strategy):
     units = [u for u in state.labeled if u not in state.given]
     pending, done = [], []
     for u in units:
-        entry = boxes.setdefault(u, {"stamp": stamp(cases.files[unit_case(u)]["label_to"]), "done": False,
-                                     "round": len(state.iterations)})
         now = stamp(cases.files[unit_case(u)]["label_to"])
+        entry = boxes.setdefault(u, {"stamp": now, "done": False, "round": len(state.iterations)})
         if not entry["done"] and now is not None and now != entry["stamp"] and cases.files[unit_case(u)]["label"]:
             entry["done"] = True
             done.append(u)

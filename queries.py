@@ -39,14 +39,20 @@ class Queries:
         """(3,) int64: the box of a query in `cid`, each side at most the case's."""
         return regions.clamp_box(self.vox, self.shape(cid))
 
+    def box(self, unit):
+        """(case, start, size) of a unit; a whole case is one box from 0 over its grid."""
+        cid = unit_case(unit) if self.patch else unit
+        start = unit_start(unit) if self.patch else None
+        if start is None:
+            return cid, np.zeros(3, np.int64), np.array(self.shape(cid))
+        return cid, start, self.size(cid)
+
     def boxes(self, units):
-        """{case: [(start, size)]} of `units`; a whole case is one box from 0 over its grid."""
+        """{case: [(start, size)]} of `units`."""
         out = {}
         for u in units:
-            cid = unit_case(u) if self.patch else u
-            start = unit_start(u) if self.patch else None
-            out.setdefault(cid, []).append((np.zeros(3, np.int64), np.array(self.shape(cid))) if start is None
-                                           else (start, self.size(cid)))
+            cid, start, size = self.box(u)
+            out.setdefault(cid, []).append((start, size))
         return out
 
     def whole(self, unit):
@@ -90,9 +96,7 @@ class Queries:
             if len(chosen) == k:
                 break
             if self.patch:
-                cid, start = unit_case(u), unit_start(u)
-                size = self.size(cid) if start is not None else np.array(self.shape(cid))
-                start = np.zeros(3, np.int64) if start is None else start
+                cid, start, size = self.box(u)
                 if any(regions.overlapping(start, size, s, z)[0] for s, z in held.get(cid, ())):
                     continue
                 held.setdefault(cid, []).append((start, size))
