@@ -95,8 +95,9 @@ def cell(x, digits=4):
     return float("nan") if x is None else round(float(x), digits)
 
 
-def write_reports(out, state, task, n_pool, left_out=None):
-    """results.csv, per_case_dice.csv, wilcoxon.csv, summary.md (and dice_curve.png with matplotlib) in `out`.
+def write_reports(out, state, task, n_pool, left_out=None, plot=True):
+    """results.csv, per_case_dice.csv, wilcoxon.csv, summary.md (and dice_curve.png with matplotlib, if `plot`)
+    in `out`.
 
     state: {seed: {strategy: {"iterations": [record]}}} as in state/, a record's per_case {case: per-class Dice}
     holding NaN for a class absent from the case's label; task: folders.read_task_info; n_pool: pool size (for
@@ -131,7 +132,8 @@ def write_reports(out, state, task, n_pool, left_out=None):
         summary += (f"\n## {len(left_out)} case(s) left out: their files could not be read\n\n"
                     + "".join(f"- {c}: {why}\n" for c, why in sorted(left_out.items())))
     files.atomic_write_bytes(out / "summary.md", summary.encode())
-    plot_curves(out, budget if patch else rows, "voxels" if patch else "pct")
+    if plot:
+        plot_curves(out, budget if patch else rows, "voxels" if patch else "pct")
     return summary
 
 
@@ -238,7 +240,6 @@ def wilcoxon_matrix(state):
     case_means, over the cases both have. Returns (strategies by mean Dice, the reference last; {strategy:
     mean}; {(a, b): p-value, or None where fewer than 6 cases differ}). With n differing cases the exact
     two-sided test cannot give p below 2 / 2^n, which reaches 0.05 only from n = 6."""
-    from scipy.stats import wilcoxon
     per_case = case_means(state)
     means = {s: float(np.mean(list(v.values()))) if v else np.nan for s, v in per_case.items()}
     order = sorted(means, key=lambda s: (kind(s).reference, -np.nan_to_num(means[s], nan=-1.0)))
@@ -248,7 +249,11 @@ def wilcoxon_matrix(state):
             common = sorted(set(per_case[a]) & set(per_case[b]))
             x, y = [per_case[a][c] for c in common], [per_case[b][c] for c in common]
             n = int(np.count_nonzero(np.subtract(x, y)))
-            p[a, b] = p[b, a] = None if 2.0 / 2 ** n >= 0.05 else float(wilcoxon(x, y).pvalue)
+            if 2.0 / 2 ** n >= 0.05:
+                p[a, b] = p[b, a] = None
+                continue
+            from scipy.stats import wilcoxon    # here: a tiny run never pays for importing scipy.stats
+            p[a, b] = p[b, a] = float(wilcoxon(x, y).pvalue)
     return order, means, p
 
 

@@ -33,6 +33,9 @@ from world import World
 import torch
 
 
+PLOT_EVERY_S = 30       # dice_curve.png between iterations, at most this often (the CSV files and summary.md: always)
+
+
 class NeedLabels(Exception):
     """Annotation mode: the selected cases need labels before the loop can go on."""
 
@@ -52,6 +55,7 @@ class Study:
         self.cfg, self.run, self.cases, self.seeds, self.world = cfg, run, cases, tuple(seeds), world
         self.queries = Queries(cfg, cases)                              # what a unit of Tl is: a case or a box
         self.out, self.t0, self.total, self.shown = run.path, time.time(), 0, 0
+        self.plotted = self.t0                                          # when dice_curve.png was last drawn
         self.device = pick_device(world.device(cfg.device))
         many = world.size > 1
         self.bar = partial(Progress, prefix=f"[rank {world.rank}]" if many else "", poll=world.check if many else None)
@@ -103,9 +107,14 @@ class Study:
             still += k
         return selected, selected + still
 
-    def write_reports(self):
-        """results.csv, per_case_dice.csv, summary.md from every state file so far (other ranks' too)."""
-        return write_reports(self.out, read_states(self.out), self.cases.task, len(self.cases.pool), self.cases.left_out)
+    def write_reports(self, final=False):
+        """results.csv, per_case_dice.csv, summary.md from every state file so far (other ranks' too), after
+        each active iteration; dice_curve.png at most every PLOT_EVERY_S seconds between them (a plot costs more
+        than a tiny iteration) and always at the end (`final`)."""
+        plot = final or time.time() - self.plotted >= PLOT_EVERY_S
+        self.plotted = time.time() if plot else self.plotted
+        return write_reports(self.out, read_states(self.out), self.cases.task, len(self.cases.pool),
+                             self.cases.left_out, plot)
 
     # --- models
 
@@ -352,12 +361,16 @@ def _run(cfg, out, world, method, rebuild_state, default_strategy):
     check_request(study, chosen)            # again: unreadable cases may have left the pool
     study.cases.check_labels()
     start(study, chosen)
-    work(study, chosen, method)
+    try:
+        work(study, chosen, method)
+    except NeedLabels:                      # annotation mode (one rank): the curve so far beside to_annotate.csv
+        study.write_reports(final=True)
+        raise
     world.add("finished")
     if world.rank:
         return 0
     world.wait(lambda: study.progress() or world.add("finished", 0) == world.size, "the other ranks", study.log)
-    print(study.write_reports())
+    print(study.write_reports(final=True))
     study.log(f"done: results.csv, per_case_dice.csv, summary.md in {study.out}")
     return 0
 

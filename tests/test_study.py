@@ -1,11 +1,15 @@
-"""study.py: SIGTERM inside a file read stops the run as SIGTERM."""
+"""study.py: SIGTERM inside a file read stops the run as SIGTERM; dice_curve.png is drawn at the end, not after
+every iteration."""
 
 import nibabel as nib
 import pytest
 
+import al_loop
 import data
+import report
 import study
 import folders
+import tiny
 
 
 def test_sigterm_during_a_file_read_is_not_taken_for_a_damaged_file(phantom, monkeypatch):
@@ -16,3 +20,16 @@ def test_sigterm_during_a_file_read_is_not_taken_for_a_damaged_file(phantom, mon
     monkeypatch.setattr(nib, "load", terminated)
     with pytest.raises(study.Terminated):
         data._open_nifti(folders.read_msd(phantom)[0]["image"])
+
+
+@pytest.mark.parametrize("every_s, plots", [(3600, [4]), (0, [1, 2, 3, 4, 4])])
+def test_dice_curve_is_drawn_at_the_end_and_between_iterations_at_most_every_plot_every_s(phantom, tmp_path, monkeypatch,
+                                                                                    every_s, plots):
+    """rand and proxyrank_var_semi, 2 iterations each: with PLOT_EVERY_S not yet passed, the curve is drawn
+    once, at the end, with all 4 rows; with 0 s, after each iteration and at the end. The CSV files are
+    written after every iteration either way (the tests of report.py and resume cover them)."""
+    drawn = []
+    monkeypatch.setattr(report, "plot_curves", lambda out, rows, axis="pct": drawn.append(len(rows)))
+    monkeypatch.setattr(study, "PLOT_EVERY_S", every_s)
+    assert al_loop.main(tiny.tiny_args(phantom, tmp_path / "run")) == 0
+    assert drawn == plots
