@@ -27,7 +27,7 @@ def args(root, out, *extra):
             "--preset", "demo", "--k", str(K), "--iterations", "2", "--seeds", "0", "--spacing-mm", "6.0,6.0,6.0",
             "--patch-vox", "16,16,32", "--roi-vox", "32,32,16", "--steps", "2", "--semi-steps", "2",
             "--proxy-epochs", "2", "--proxy-val-every", "1", "--proxy-patches-per-case", "1", "--mc-passes", "2",
-            "--channels", "4,4,8,8,8", "--workers", "0", "--n-val", "2", *extra]
+            "--channels", "2,4,8", "--workers", "0", "--n-val", "2", *extra]
 
 
 def states_of(out):
