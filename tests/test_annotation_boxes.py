@@ -10,7 +10,7 @@ import al_loop
 import tiny
 from tiny import own_scans, to_annotate
 
-PATCH = ("--query", "patch", "--query-vox", "8,8,8")
+PATCH = ("--query", "patch", "--query-vox", "8,8,8", "--strategy", "proxyrank_var_semi")   # every line of Algorithm 1
 
 
 def ijk_ranges(text):

@@ -470,5 +470,5 @@ def test_proxy_patch_draw_follows_the_preset(phantom, tmp_path, monkeypatch, ext
     with pytest.raises(ProxyDrawn):
         al_loop.main(tiny.args(phantom, tmp_path / "run", "--strategy", "proxyrank", *extra))
     assert len(seen) == 1 and seen[0]["fg_fraction"] == fg_fraction
-    assert seen[0]["patch_vox"] == (16, 16, 32)                               # the tiny sizes still hold
+    assert seen[0]["patch_vox"] == (16, 16, 16)                               # the tiny sizes still hold
     assert json.loads((tmp_path / "run" / "config.json").read_text())["preset"] == extra[1]
