@@ -75,35 +75,35 @@ def msd(tmp_path_factory):
 
 # Module-scoped finished studies (seconds to make, idle): the tests of one module that use one run on one
 # worker, so that each worker does not make it again.
-SHARED_STUDIES = {"reference": 10, "msd_run": 9, "one_rank": 23, "patch_run": 20}
+SHARED_STUDIES = {"reference": 5, "msd_run": 4, "one_rank": 7, "patch_run": 4}
 # Seconds of a slow test (call, idle, each parameter; any other test counts 0.5), to start the costliest
 # units first: the order only, never what a test checks.
-SECONDS = {"test_all_strategies_two_iterations": 41, "test_killed_worker_is_restarted_and_the_study_ends_the_same": 34,
-           "test_killed_torchrun_stops_its_workers_with_one_line_and_the_rerun_continues": 33,
-           "test_two_ranks_give_the_results_and_reports_of_one": 24,
-           "test_semi_strategy_with_every_pool_case_labeled_under_torchrun": 24,
-           "test_a_new_score_added_by_the_recipe_ranks_lines_4_9_and_12": 17,
-           "test_resume_after_stop_between_stages": 9, "test_bald_strategies_run_apart_from_the_paper": 17,
-           "test_a_finished_run_given_more_iterations_acquires_first_as_an_uninterrupted_run": 10,
-           "test_killed_run_resumes_to_the_same_results": 14, "test_annotation_mode_writes_to_annotate_and_continues": 15,
-           "test_sigterm_ends_with_a_message_and_a_rerun_continues": 11, "test_nnunet_raw_copy_gives_the_results_of_the_msd_folder": 10,
-           "test_full_disk_at_a_checkpoint_is_a_message_and_a_rerun_continues": 9, "test_oracle_uses_only_selected_labels": 9,
-           "test_a_failing_rank_stops_the_others_naming_rank_and_unit": 9,
-           "test_semi_strategy_with_every_pool_case_labeled_skips_lines_9_to_11": 9,
-           "test_labels_named_by_case_are_used_and_an_orphan_is_named": 8,
-           "test_annotation_mode_runs_to_its_end_when_the_user_labels_what_it_asks": 8,
-           "test_annotation_mode_refuses_a_world_of_two": 7, "test_queue_hands_every_unit_to_exactly_one_rank": 7,
-           "test_rand_and_rand_semi_are_paired": 7, "test_export_passes_nnunet_verify_dataset_integrity": 7,
-           "test_unreadable_and_nan_cases_are_left_out_and_listed": 6,
-           "test_labels_in_hand_join_tl_and_only_unlabeled_cases_are_selected": 6,
-           "test_rerun_with_another_setting_of_the_saved_stages_is_refused": 6,
-           "test_presegmentations_on_the_native_grid_and_labels_saved_from_them_continue": 6,
-           "test_retrained_proxy_scores_the_pool_again": 5, "test_porting_example_runs_with_proxy_al_and_losses_alone": 5,
+SECONDS = {"test_all_strategies_two_iterations": 13, "test_killed_worker_is_restarted_and_the_study_ends_the_same": 20,
+           "test_killed_torchrun_stops_its_workers_with_one_line_and_the_rerun_continues": 21,
+           "test_two_ranks_give_the_results_and_reports_of_one": 15,
+           "test_semi_strategy_with_every_pool_case_labeled_under_torchrun": 20,
+           "test_a_new_score_added_by_the_recipe_ranks_lines_4_9_and_12": 9,
+           "test_resume_after_stop_between_stages": 4, "test_bald_strategies_run_apart_from_the_paper": 5,
+           "test_a_finished_run_given_more_iterations_acquires_first_as_an_uninterrupted_run": 5,
+           "test_killed_run_resumes_to_the_same_results": 7, "test_annotation_mode_writes_to_annotate_and_continues": 4,
+           "test_sigterm_ends_with_a_message_and_a_rerun_continues": 10, "test_nnunet_raw_copy_gives_the_results_of_the_msd_folder": 3,
+           "test_full_disk_at_a_checkpoint_is_a_message_and_a_rerun_continues": 5, "test_oracle_uses_only_selected_labels": 2,
+           "test_a_failing_rank_stops_the_others_naming_rank_and_unit": 11,
+           "test_semi_strategy_with_every_pool_case_labeled_skips_lines_9_to_11": 3,
+           "test_labels_named_by_case_are_used_and_an_orphan_is_named": 3,
+           "test_annotation_mode_runs_to_its_end_when_the_user_labels_what_it_asks": 4,
+           "test_annotation_mode_refuses_a_world_of_two": 7, "test_queue_hands_every_unit_to_exactly_one_rank": 6,
+           "test_rand_and_rand_semi_are_paired": 4, "test_export_passes_nnunet_verify_dataset_integrity": 7,
+           "test_unreadable_and_nan_cases_are_left_out_and_listed": 3,
+           "test_labels_in_hand_join_tl_and_only_unlabeled_cases_are_selected": 3,
+           "test_rerun_with_another_setting_of_the_saved_stages_is_refused": 2,
+           "test_presegmentations_on_the_native_grid_and_labels_saved_from_them_continue": 3,
+           "test_retrained_proxy_scores_the_pool_again": 3, "test_porting_example_runs_with_proxy_al_and_losses_alone": 5,
            "test_a_worker_reports_the_launchers_death_without_a_cpp_stack_trace": 5,
-           "test_box_labels_round_trip_on_an_lps_scan_and_only_the_boxes_are_read": 25,
+           "test_box_labels_round_trip_on_an_lps_scan_and_only_the_boxes_are_read": 8,
            "test_two_ranks_give_the_results_of_one_in_patch_mode": 20,
-           "test_patch_results_do_not_depend_on_pool_labels_outside_the_acquired_boxes": 15,
-           "test_a_patch_run_extended_by_an_iteration_ends_as_an_uninterrupted_one": 10}
+           "test_patch_results_do_not_depend_on_pool_labels_outside_the_acquired_boxes": 4,
+           "test_a_patch_run_extended_by_an_iteration_ends_as_an_uninterrupted_one": 4}
 TESTS = Path(__file__).resolve().parent
 
 
