@@ -112,7 +112,8 @@ class Study:
         each active iteration; dice_curve.png at most every PLOT_EVERY_S seconds between them (a plot costs more
         than a tiny iteration) and always at the end (`final`)."""
         plot = final or time.time() - self.plotted >= PLOT_EVERY_S
-        self.plotted = time.time() if plot else self.plotted
+        if plot:
+            self.plotted = time.time()
         return write_reports(self.out, read_states(self.out), self.cases.task, len(self.cases.pool),
                              self.cases.left_out, plot)
 
