@@ -19,16 +19,17 @@ if "LOCAL_RANK" in os.environ:      # a torchrun worker: when the launcher dies,
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")    # would bury world.py's one-line message; set before torch
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 import cli
 from annotate import require_labels, save_maps
 from cli import LO_HI, SIDES, at_least, one_of, opt, within
 from files import ProxyAlError
 from losses import dice_per_class
-from proxy_al import MIN_MC_PASSES, evaluate, mc_scores, noisy_label, pseudo_label, semi_loss, sliding_window_predict
+from proxy_al import MIN_MC_PASSES, evaluate, noisy_label, pseudo_label, semi_loss, sliding_window_predict
 from report import nanmean, pseudo_label_report
-from study import Method, export_nnunet, report_only, run_study, stage_seed
+from keys import stage_seed
+from ranking import Scoring, mc_pool
+from study import Method, export_nnunet, report_only, run_study
 from train import PatchStream, Stage, batches, supervised_loss, train_proxy
 from unet import load_backbone
 
@@ -386,16 +387,11 @@ def acquisition_scores(study, model, state, seed, strategy, proxy, j):
 
 
 def score_cases(study, model, ids, key):
-    """MC-dropout scores of each case: {id: {"variance", "entropy", "bald"}}, in patch mode with its boxes' means
-    (Queries.case_scores; the maps are dropped case by case). Each case is seeded on its own, so its scores do
-    not depend on which rank scores it or on the cases before it."""
-    cfg, scores = study.cfg, {}
-    progress = study.bar(f"MC scoring ({cfg.mc_passes} passes)", len(ids))
-    for i, cid in enumerate(ids, 1):
-        torch.manual_seed(stage_seed(key, "mc", cid))
-        scores[cid] = study.queries.case_scores(cid, mc_scores(model, study.cases.image(cid), cfg.mc_passes,
-                                                               cfg.roi_vox, cfg.overlap, variance_classes=cfg.variance_classes,
-                                                               return_maps=study.queries.patch))
+    """MC-dropout scores of each case (ranking.mc_pool): {id: {"variance", "entropy", "bald"}}, in patch mode
+    with its boxes' means (Queries.case_scores; the maps are dropped case by case)."""
+    scores, progress = {}, study.bar(f"MC scoring ({study.cfg.mc_passes} passes)", len(ids))
+    for i, (cid, s) in enumerate(mc_pool(model, ids, study.cases.image, Scoring.of(study.cfg), key, study.queries.patch), 1):
+        scores[cid] = study.queries.case_scores(cid, s)
         progress.update(i)
     return scores
 

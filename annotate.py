@@ -15,7 +15,8 @@ from proxy_al import mc_scores, sliding_window_predict
 from regions import unit_case
 from report import write_csv
 from run_folder import ASKED
-from study import NeedLabels, stage_seed
+from keys import stage_seed
+from study import NeedLabels
 
 
 def require_labels(study, state, seed, strategy):

@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 import warnings
-import zlib
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +23,7 @@ import strategies
 from cases import Cases, read_task, resolve_data
 from queries import Queries
 from files import ProxyAlError, read_json
+from keys import stage_seed
 from report import write_reports
 from run_folder import MARKER, RunFolder, check_rerun_settings, locked, read_states
 from train import Progress, fmt_s, pick_device
@@ -39,10 +39,6 @@ PLOT_EVERY_S = 30       # dice_curve.png between iterations, at most this often 
 class NeedLabels(Exception):
     """Annotation mode: the selected cases need labels before the loop can go on."""
 
-
-def stage_seed(*parts):
-    """A seed per stage, so each stage is reproducible on its own (resume needs no saved RNG streams)."""
-    return zlib.crc32("/".join(map(str, parts)).encode())
 
 # ----------------------------------------------------------------------------- the study
 
