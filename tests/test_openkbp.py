@@ -1,6 +1,7 @@
 """Tests for benchmarks/openkbp.py on a fake OpenKBP folder written here: 3 patients on 16^3 grids. CPU, seconds."""
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -141,6 +142,127 @@ def test_not_openkbp_names_what_is_missing(tmp_path):
         convert(tmp_path, tmp_path / "out", "Mandible")
     with pytest.raises(SystemExit, match="unknown \\['Jaw'\\]"):
         openkbp.parse_structures("Jaw")
+
+
+def snapshot(root):
+    """{path: bytes} of every file under root: what a refused run must leave as it was."""
+    return {p: p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("text", ["", ",data\n", ",data"])
+def test_empty_ct_csv_is_left_out_without_numpy_warning(src, tmp_path, capfd, text):
+    (src / "provided-data" / "train-pats" / "pt_1" / "ct.csv").write_text(text)
+    (src / "provided-data" / "validation-pats" / "pt_3" / "voxel_dimensions.csv").write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # numpy's "input contained no data" would end the run here
+        done, skipped, _ = convert(src, tmp_path / "out", "Mandible")
+    assert done == [] and "ct.csv holds no voxels" in skipped["pt_1"]
+    assert "voxel_dimensions.csv unreadable" in skipped["pt_3"]
+    assert "loadtxt" not in "".join(capfd.readouterr())
+
+
+def test_ct_storing_nothing_at_the_structure_is_left_out(src, tmp_path):
+    """A ct.csv with a few voxels away from the mandible: the mandible would lie in air."""
+    write_sparse(src / "provided-data" / "train-pats" / "pt_1" / "ct.csv", flat((14, 14, 14)), [1040.0])
+    done, skipped, _ = convert(src, tmp_path / "out", "Mandible")
+    assert done == ["pt_3"] and "ct.csv stores no CT value at 100% of Mandible.csv's voxels" in skipped["pt_1"]
+
+
+def cut_mid_value(path):
+    """Cut a file as an interrupted copy does: mid-way, two characters into a line."""
+    text = path.read_text()
+    path.write_text(text[:text.index("\n", len(text) // 2) + 3])
+
+
+def swap_two_lines(path):
+    lines = path.read_text().splitlines(keepends=True)
+    lines[5], lines[6] = lines[6], lines[5]
+    path.write_text("".join(lines))
+
+
+@pytest.mark.parametrize("damage, reason", [(cut_mid_value, "ct.csv cut off: it ends in "),
+                                            (swap_two_lines, "does not follow")])
+def test_damaged_ct_csv_is_left_out_naming_the_file(src, tmp_path, damage, reason):
+    damage(src / "provided-data" / "train-pats" / "pt_1" / "ct.csv")
+    done, skipped, _ = convert(src, tmp_path / "out", "Mandible")
+    assert done == ["pt_3"] and reason in skipped["pt_1"] and "copy it again" in skipped["pt_1"]
+
+
+def test_rerun_converts_again_a_case_whose_source_changed(src, tmp_path):
+    out, ct = tmp_path / "out", src / "provided-data" / "train-pats" / "pt_1" / "ct.csv"
+    good = ct.read_text()
+    cut_mid_value(ct)
+    convert(src, out, "Mandible")              # the first run meets a copy that was cut off
+    ct.write_text(good)                        # the user repairs the source
+    pt_3 = (out / "imagesTr" / "pt_3.nii.gz").stat().st_mtime_ns
+    done, skipped, lines = convert(src, out, "Mandible")
+    assert done == ["pt_1", "pt_3"] and list(skipped) == ["pt_2"] and "(1 new)" in lines[-1]
+    assert (out / "imagesTr" / "pt_3.nii.gz").stat().st_mtime_ns == pt_3       # its source did not change
+    ct.write_text(good.replace("1700.0", "1800.0"))                             # an edit of the same size
+    convert(src, out, "Mandible")
+    assert np.asarray(nib.load(out / "imagesTr" / "pt_1.nii.gz").dataobj)[ras(MANDIBLE)] == 800
+    cut_mid_value(ct)                          # damaged again: the earlier conversion goes with the patient
+    done, skipped, _ = convert(src, out, "Mandible")
+    assert done == ["pt_3"] and not (out / "imagesTr" / "pt_1.nii.gz").exists()
+    manifest = json.loads((out / openkbp.MANIFEST).read_text())
+    assert list(manifest["cases"]) == ["pt_3"] and manifest["cases"]["pt_3"]["source"] == "validation-pats/pt_3"
+
+
+def test_users_folder_as_out_is_refused_untouched(src, tmp_path):
+    out = tmp_path / "mine"
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "dataset.json").write_text(json.dumps({"name": "MyTask", "labels": {"0": "background", "1": "Mandible"},
+                                                  "training": [{"image": "./imagesTr/mycase.nii.gz"}]}))
+    (out / "notes.txt").write_text("my notes")
+    (out / "imagesTr" / "mycase.nii.gz").write_bytes(b"mine")
+    (out / "imagesTr" / "pt_1.nii.gz").write_bytes(b"mine too")
+    before = snapshot(out)
+    with pytest.raises(SystemExit, match=f"OUT {out}: holds 3 .*dataset.json, imagesTr/, notes.txt.*Choose a new OUT"):
+        convert(src, out, "Mandible")
+    assert snapshot(out) == before
+
+
+def test_older_converters_out_is_adopted_and_converted_again(src, tmp_path):
+    out = tmp_path / "out"
+    convert(src, out, "Mandible")
+    (out / openkbp.MANIFEST).unlink()          # as the converter left it before it wrote a manifest
+    done, _, lines = convert(src, out, "Mandible")
+    assert done == ["pt_1", "pt_3"] and "(2 new)" in lines[-1] and (out / openkbp.MANIFEST).is_file()
+    (out / openkbp.MANIFEST).unlink()
+    (out / "notes.txt").write_text("a user's file: no longer the converter's folder alone")
+    with pytest.raises(SystemExit, match="notes.txt"):
+        convert(src, out, "Mandible")
+
+
+@pytest.mark.parametrize("first, then", [(False, True), (True, False)])
+def test_rerun_with_other_crop_body_is_refused(src, tmp_path, first, then):
+    out = tmp_path / "out"
+    convert(src, out, "Mandible", crop_body=first)
+    (out / "imagesTr" / "pt_3.nii.gz").unlink()      # a partial output
+    before = snapshot(out)
+    was, asks = ("with" if first else "without"), ("with" if then else "without")
+    with pytest.raises(SystemExit, match=f"--crop-body: OUT was converted {was} --crop-body, this run is {asks} "
+                                         f"--crop-body.*Rerun {was} --crop-body, or choose a new OUT"):
+        convert(src, out, "Mandible", crop_body=then)
+    assert snapshot(out) == before
+
+
+def test_missing_split_names_the_splits_found_and_the_option(src, tmp_path):
+    with pytest.raises(SystemExit, match="holds the splits train-pats, validation-pats; choose the splits to "
+                                         "convert with --splits NAME\\[,NAME\\], e.g. --splits "
+                                         "train-pats,validation-pats"):
+        openkbp.convert(src, tmp_path / "out", [("Mandible",)], ["train-pats", "test-pats"], grid_vox=GRID)
+
+
+def test_progress_lines_at_a_sensible_rate(src, tmp_path, monkeypatch):
+    """No patient has a Brainstem: every one is left out, and only the last line is due (3 patients, 1 s)."""
+    _, skipped, lines = convert(src, tmp_path / "a", "Brainstem")
+    assert len(skipped) == 3 and len(lines) == 1 and lines[0].startswith("[3/3] 0 converted")
+    assert "elapsed 0:00, ETA 0:00" in lines[0]
+    monkeypatch.setattr(openkbp, "PROGRESS_EVERY", 2)
+    assert [line[:5] for line in convert(src, tmp_path / "b", "Brainstem")[2]] == ["[2/3]", "[3/3]"]
+    monkeypatch.setattr(openkbp, "PROGRESS_S", 0.0)
+    assert len(convert(src, tmp_path / "c", "Brainstem")[2]) == 3
 
 
 def test_real_preset_runs_the_documented_comparison():
