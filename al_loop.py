@@ -64,7 +64,8 @@ class Config:
     query: str = opt("volume", "what a query asks the annotator for: volume (a whole pool case, the paper) or patch "
                      "(a box of --query-vox voxels in a pool case; partial labels, as nnActive)", one_of("volume", "patch"))
     query_vox: tuple = opt((32, 32, 32), "--query patch: the box of one query, voxels of the training grid (clamped "
-                           "to each case)", (lambda v: len(v) == 3 and min(v) >= 1, "three sides, each >= 1 voxel"))
+                           "to each case)", (lambda v: len(v) == 3 and all(isinstance(s, int) and s >= 1 for s in v),
+                                             "three whole numbers of voxels, each >= 1"), only=("query", "patch"))
     crop: str = opt("body", "volumes cut to the body box, voxels above the window's low end (first author's "
                     "tutorial), or none", one_of("body", "none"))
     keep: str = opt("best", "weights a stage of Ms or Msemi ends with: best (validated every --val-every steps, "
@@ -222,7 +223,7 @@ def random_scores(study, rng, strategy, taken, k):
         return dict(zip(rest, rng.permutation(len(rest)).astype(float)))
     labels = {"fg_oracle": lambda c: study.cases.label(c)[study.cases.box(c)],
               "fg_pseudo": lambda c: pseudo_label_of(study, c)}.get(strategy.acquisition)
-    return study.queries.draw(k, rng, taken, strategy.areas, labels)
+    return study.queries.draw(k, rng, [*study.cases.given, *taken], strategy.areas, labels)   # given: whole cases
 
 # ----------------------------------------------------------------------------- Algorithm 1, lines 5-18
 
@@ -253,13 +254,14 @@ def run_strategy(study, strategy, seed, proxy):
         if study.queries.patch:                           # results.csv's pct_labeled: of the pool's voxels
             record["pool_voxels"] = study.queries.budget(pool, foreground=False)[0]
         unlabeled = [c for c in pool if c not in labeled]             # patch mode: cases with boxes still free
-        if strategy.semi and not unlabeled:     # nothing left to fine-tune on: Ms stands in for Msemi
-            warnings.warn(f"{strategy.name} seed {seed} iteration {j + 1}: every pool case is labeled, so lines "
-                          "9-11 (semi-supervised fine-tuning on the most certain unlabeled cases) are skipped")
-            record["certain"] = []
-        elif strategy.semi:                                                                  # line 8
-            record["certain"] = most_certain(study, model, unlabeled, labeled, strategy, key)  # line 9
-            model = semi_finetune(study, model, labeled, record["certain"], key)             # lines 10-11: Msemi
+        if strategy.semi:                                                                    # line 8
+            record["certain"] = most_certain(study, model, unlabeled, labeled, strategy, key) if unlabeled else []
+            if record["certain"]:                                                            # line 9
+                model = semi_finetune(study, model, labeled, record["certain"], key)         # lines 10-11: Msemi
+            else:                               # nothing left to fine-tune on: Ms stands in for Msemi
+                what = "pool case is labeled" if unlabeled == [] else "box of the pool overlaps a labeled box"
+                warnings.warn(f"{strategy.name} seed {seed} iteration {j + 1}: every {what}, so lines 9-11 "
+                              "(semi-supervised fine-tuning on the most certain unlabeled units) are skipped")
         record.update(validate(study, model))
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}: validation mean Dice {record['mean_dice']:.4f}")
         if j < iterations - 1 or study.cases.annotation:          # lines 14 / 17: else (no Msemi), Ms scores U
@@ -426,6 +428,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    warnings.formatwarning = cli.format_warning         # a warning's message, not the source line behind it
     cfg, actions = parse_args(argv)
     cli.check_options(cfg)                   # every check before the long work
     try:
@@ -433,7 +436,7 @@ def main(argv=None):
             return report_only(cfg)
         if actions.export_nnunet is not None:
             return export_nnunet(cfg, actions)
-        return run_study(cfg, METHOD, actions.rebuild_state, actions.default_strategy)
+        return run_study(cfg, METHOD, actions.rebuild_state, actions.default_strategy, actions.boxes_done)
     except ProxyAlError as err:              # a problem the user can fix: its one-line message, exit status 1
         raise SystemExit(str(err)) from None
 

@@ -5,17 +5,21 @@ With --query patch, to_annotate.csv lists boxes, and a mask per case marks them 
 """
 import os
 import warnings
+import zlib
 
 import numpy as np
 import torch
 
 import data
 import files
+import strategies
+from cases import box_mask
+from files import ProxyAlError, few
+from keys import stage_seed
 from proxy_al import mc_scores, sliding_window_predict
 from regions import unit_case
 from report import write_csv
 from run_folder import ASKED
-from keys import stage_seed
 from study import NeedLabels
 
 
@@ -81,81 +85,158 @@ def write_maps(study, model, cid, folder, prediction=True):
         data.write_native(folder / f"{cid}_pred.nii.gz", seg, path, cfg.spacing_mm, nearest=True)
 
 
-def stamp(path):
-    """(mtime_ns, size) of a label file, or None while there is none: a box is labeled once its case's label
-    file differs from what it was when the box was asked for."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return [st.st_mtime_ns, st.st_size]
+def trained_count(state):
+    """How many units of Tl (state.labeled, in order) the run has trained on: the last record's, else the given."""
+    return state.iterations[-1]["n_labeled"] if state.iterations else len(state.given)
+
+
+def box_content(study, unit):
+    """(CRC-32 of the label inside the box, whether it holds a labeled voxel) on the training grid; a case
+    without a label file reads as background there."""
+    cid, start, size = study.queries.box(unit)
+    inside = tuple(slice(a, a + b) for a, b in zip(start, size))
+    if study.cases.files[cid]["label"]:
+        label = np.ascontiguousarray(np.asarray(study.cases.label(cid)[study.cases.box(cid)])[inside])
+    else:
+        label = np.zeros(tuple(int(n) for n in size), np.uint8)
+    return zlib.crc32(label.tobytes()), bool(label.any())
+
+
+class AskedBoxes:
+    """to_annotate/asked.json: for each box asked for, the label inside it when it was asked (CRC-32) and whether
+    it counts as labeled; and the round of each case's maps. A box counts as labeled once its voxels in its
+    case's label file differ from when it was asked, or the user says so (--boxes-done): never because a file
+    was touched, copied or restored. A lost or damaged file loses only those answers: every box not yet trained
+    on is asked again."""
+
+    def __init__(self, study):
+        self.study, self.path = study, study.out / ASKED
+        self.entries, self.maps, self.newly = {}, {}, []
+        if self.path.exists():
+            try:
+                saved = files.read_json(self.path, _asked_problem, "")
+                self.entries, self.maps = saved.get("boxes", {}), saved.get("maps", {})
+            except ProxyAlError:
+                os.replace(self.path, self.path.with_suffix(".bad"))
+                warnings.warn(f"{self.path}: damaged, set aside as {self.path.with_suffix('.bad').name}; every box "
+                              "not yet trained on is asked again (confirm the ones already labeled with "
+                              "--boxes-done CASE)")
+        self.shown = set(self.entries)          # asked before this run: the boxes --boxes-done can answer for
+
+    def labeled(self, unit, done=False):
+        """Whether a box of Tl not yet trained on counts as labeled (recorded as asked now if it is new here);
+        `done`: the user says it is (--boxes-done)."""
+        crc, _ = box_content(self.study, unit)
+        entry = self.entries.get(unit)
+        if entry is None or "crc" not in entry:     # asked now, or by an older proxy-al (a file stamp): as asked now
+            entry = self.entries[unit] = {"crc": crc, "done": bool(entry and entry.get("done"))}
+        has_file = bool(self.study.cases.files[unit_case(unit)]["label"])
+        now = has_file and (entry["done"] or (done and unit in self.shown) or crc != entry["crc"])
+        if now and not entry["done"]:
+            self.newly.append(unit)
+        entry["done"] = bool(now)
+        return entry["done"]
+
+    def save(self):
+        files.atomic_write_json(self.path, {"boxes": self.entries, "maps": self.maps})
+
+
+def _asked_problem(asked):
+    ok = isinstance(asked, dict) and all(isinstance(asked.get(k, {}), dict) for k in ("boxes", "maps"))
+    return None if ok and all(isinstance(e, dict) for e in asked.get("boxes", {}).values()) else "not asked.json"
+
+
+def pending_boxes(study, asked, state, done=()):
+    """(the boxes of Tl still to label, trained-on boxes whose label file is gone): the boxes acquired since the
+    last training that do not count as labeled yet, and those trained on whose case's label file is gone (asked
+    again). `done`: cases (or "all") whose boxes the user says are labeled as saved."""
+    trained = state.labeled[:trained_count(state)]
+    gone = [u for u in trained if u not in state.given and not study.cases.files[unit_case(u)]["label"]]
+    for u in gone:
+        asked.entries.pop(u, None)              # what the file held is unknown: it must hold the box again
+    later = gone + [u for u in state.labeled[len(trained):] if u not in state.given]
+    says = lambda u: "all" in done or unit_case(u) in done
+    return [u for u in later if not asked.labeled(u, says(u))], gone
 
 
 def require_box_labels(study, state, seed, strategy):
-    """Annotation mode with boxes (--query patch): stop with to_annotate.csv, one row per box still to label,
-    until each box's case has a label file saved after the box was asked for. The file is read only inside
-    the boxes asked for (Queries.volumes); labels outside them are ignored, with a warning giving the count.
-    to_annotate/asked.json remembers each box's label file stamp when asked, and the round of each case's maps."""
-    cases, folder = study.cases, study.out / "to_annotate"
-    path = study.out / ASKED
-    asked = files.read_json(path, lambda a: None if isinstance(a, dict) else "not a JSON object",
-                            "delete it to ask for the pending boxes again") if path.exists() else {}
-    boxes, maps = asked.setdefault("boxes", {}), asked.setdefault("maps", {})
-    units = [u for u in state.labeled if u not in state.given]
-    pending, done = [], []
-    for u in units:
-        now = stamp(cases.files[unit_case(u)]["label_to"])
-        entry = boxes.setdefault(u, {"stamp": now, "done": False, "round": len(state.iterations)})
-        if not entry["done"] and now is not None and now != entry["stamp"] and cases.files[unit_case(u)]["label"]:
-            entry["done"] = True
-            done.append(u)
-        if not entry["done"]:
-            pending.append(u)
-    for cid in dict.fromkeys(map(unit_case, done)):
-        warn_outside(study, cid, [u for u in units if unit_case(u) == cid and boxes[u]["done"]])
+    """Annotation mode with boxes (--query patch): stop with to_annotate.csv, one row per box still to label
+    (AskedBoxes says when a box counts as labeled): this strategy's, then those the seed's other strategies
+    still wait for. The label file is read only inside the boxes asked for (Queries.volumes); labels outside
+    them are ignored, with a warning giving the count."""
+    cases, asked = study.cases, AskedBoxes(study)
+    unknown = [c for c in study.boxes_done if c != "all" and c not in cases.pool]
+    if unknown:
+        raise ProxyAlError(f"--boxes-done {','.join(unknown)}: not pool cases of this run; name the cases of "
+                           f"to_annotate.csv (column case), or all")
+    pending, gone = pending_boxes(study, asked, state, study.boxes_done)
+    for cid in dict.fromkeys(map(unit_case, gone)):
+        warnings.warn(f"{cases.files[cid]['label_to']}: missing, but the run trained on boxes of {cid}; they are "
+                      "asked again: restore the file from a backup, or label them again")
+    units = [u for u in state.labeled if u not in state.given and u not in pending]
+    for cid in dict.fromkeys(map(unit_case, asked.newly)):
+        warn_outside(study, cid, [u for u in units if unit_case(u) == cid])
     if not pending:
-        if done:
-            files.atomic_write_json(path, asked)
+        asked.save()
         return
-    by_case = study.queries.boxes(pending)
-    stale = [c for c in by_case if maps.get(c) != len(state.iterations) or not (folder / f"{c}_pred.nii.gz").exists()]
+    write_box_rows(study, state, seed, strategy, asked, pending)
+    asked.save()
+    ending = _ending(cases.files[unit_case(pending[0])]["label_to"])
+    held = [c for c in dict.fromkeys(map(unit_case, pending)) if any(box_content(study, u)[1] for u in pending
+                                                                     if unit_case(u) == c)]
+    held = (f" The label files of {few(held)} already hold labels inside boxes asked now (saved before they were "
+            "asked, or spilled over from a neighbouring box): if they are right there, confirm them with "
+            f"--boxes-done {','.join(held)}." if held else "")
+    raise NeedLabels(f"{len(pending)} box(es) in {len(set(map(unit_case, pending)))} case(s) need labels: see "
+                     f"{study.out / 'to_annotate.csv'}.\nOpen each scan with its boxes mask (box n has value n), "
+                     f"pre-segmentation and uncertainty map from {study.out / 'to_annotate'} (on the scan's grid), "
+                     f"label the voxels inside each box (only the boxes are read), save the case's label as "
+                     f"labelsTr/<case>{ending} in {cases.root} (keeping any boxes labeled before), and rerun the "
+                     "same command (to_annotate.csv: voxels_ijk are the file's voxel indices, first to last; *_mm "
+                     "their world coordinates from its affine). A box counts once a voxel inside it changes; for a "
+                     "box that is truly all background add --boxes-done CASE[,CASE...] (or all) to the rerun." + held)
+
+
+def write_box_rows(study, state, seed, strategy, asked, pending):
+    """to_annotate.csv and to_annotate/<case>_boxes.nii.gz for this strategy's pending boxes and those the seed's
+    other strategies still wait for (numbered per case in that order), with fresh maps for this strategy's."""
+    cases, folder = study.cases, study.out / "to_annotate"
+    rows_of = {strategy.name: (state, pending)}
+    for name in sorted(study.run.saved.get(str(seed), {})):
+        if name not in rows_of:
+            other = study.run_state(seed, strategies.parse(name))
+            rows_of[name] = (other, pending_boxes(study, asked, other)[0])
+    by_case = {}
+    for name, (st, units) in rows_of.items():
+        for u in units:
+            by_case.setdefault(unit_case(u), {}).setdefault(u, (name, st))
+    stale = [c for c in dict.fromkeys(map(unit_case, pending))
+             if asked.maps.get(c) != len(state.iterations) or not (folder / f"{c}_pred.nii.gz").exists()]
     model = selecting_model(study, state, seed, strategy) if stale else None
     rows = []
-    for cid, cid_boxes in by_case.items():
+    for cid, units in by_case.items():
         if model is not None and cid in stale:
             write_maps(study, model, cid, folder)
-            maps[cid] = len(state.iterations)
-        ours = [u for u in pending if unit_case(u) == cid]
-        native, affine = write_box_mask(study, cid, cid_boxes, folder / f"{cid}_boxes.nii.gz")
-        for number, u in enumerate(ours, 1):
+            asked.maps[cid] = len(state.iterations)
+        native, affine = write_box_mask(study, cid, [study.queries.box(u)[1:] for u in units], folder / f"{cid}_boxes.nii.gz")
+        for number, (u, (name, st)) in enumerate(units.items(), 1):
             where = np.nonzero(native == number)
             first, last = [int(a.min()) for a in where], [int(a.max()) for a in where]
             mm = lambda v: ",".join(f"{x:.1f}" for x in (affine @ [*v, 1])[:3])
+            found = lambda kind: str(folder / f"{cid}_{kind}.nii.gz") if (folder / f"{cid}_{kind}.nii.gz").exists() else ""
             rows.append((cid, number, ",".join(f"{a}-{b}" for a, b in zip(first, last)), mm(first), mm(last),
-                         f"{state.scores[u]:.6g}", units.index(u) + 1, str(folder / f"{cid}_boxes.nii.gz"),
-                         str(folder / f"{cid}_pred.nii.gz"), str(folder / f"{cid}_uncertainty.nii.gz"),
-                         cases.files[cid]["label_to"]))
+                         f"{st.scores[u]:.6g}", st.labeled.index(u) - len(st.given) + 1,
+                         str(folder / f"{cid}_boxes.nii.gz"), found("pred"), found("uncertainty"),
+                         cases.files[cid]["label_to"], name))
     write_csv(study.out / "to_annotate.csv", ["case", "box", "voxels_ijk", "first_voxel_mm", "last_voxel_mm", "score",
-                                              "rank", "boxes_mask", "prediction", "uncertainty", "save_label_as"], rows)
-    files.atomic_write_json(path, asked)
-    raise NeedLabels(f"{len(pending)} box(es) in {len(by_case)} case(s) need labels: see {study.out / 'to_annotate.csv'}.\n"
-                     f"Open each scan with its boxes mask (box n has value n), pre-segmentation and uncertainty map "
-                     f"from {folder} (on the scan's grid), label the voxels inside each box (only the boxes are "
-                     f"read), save the case's label as labelsTr/<case>{_ending(cases.files[unit_case(pending[0])]['label_to'])} "
-                     f"in {cases.root} (keeping any boxes labeled before), and rerun the same command "
-                     "(to_annotate.csv: voxels_ijk are the file's voxel indices, first to last; *_mm their "
-                     "world coordinates from its affine).")
+                                              "rank", "boxes_mask", "prediction", "uncertainty", "save_label_as",
+                                              "strategy"], rows)
 
 
 def write_box_mask(study, cid, boxes, path):
     """<case>_boxes.nii.gz on the scan's own grid, box n (of `boxes`, (start, size) on image(cid)) with value n.
     Returns the mask as written (file's axis order) and the file's affine."""
-    cases = study.cases
-    mask = np.zeros(cases.image_hu(cid).shape, np.uint8)
-    for number, (start, size) in enumerate(boxes, 1):
-        mask[tuple(slice(a, a + b) for a, b in zip(start, size))] = number
-    native = data.to_native_grid(cases.uncrop(cid, mask), cases.files[cid]["image"], study.cfg.spacing_mm, nearest=True)
-    affine = data.nifti_affine(cases.files[cid]["image"])
+    native, affine = box_mask(study.cases, cid, boxes), data.nifti_affine(study.cases.files[cid]["image"])
     data.write_nifti(path, native, affine)
     return native, affine
 

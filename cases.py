@@ -11,7 +11,7 @@ import numpy as np
 
 import data
 import folders
-from files import ProxyAlError, atomic_write_json, few
+from files import ProxyAlError, atomic_write_json, few, fingerprint, read_json
 from folders import natural_key
 from phantom import make_phantom_dataset
 from run_folder import ASKED
@@ -105,7 +105,11 @@ def read_split(path) -> dict:
                          "folder (a new split would move cases between pool and validation)") from e
     if len(set(pool + val)) != len(pool) + len(val):
         raise ValueError(f"{path}: a case appears twice in pool/val; delete the split file to make a new one")
-    return {"pool": pool, "val": val}
+    given = saved.get("given")
+    if given is not None and not (isinstance(given, list) and all(isinstance(c, str) for c in given)):
+        raise ValueError(f"{path}: 'given' must be a list of case ids (the pool cases labeled when the run began); "
+                         "restore the file from a backup")
+    return {"pool": pool, "val": val, **({"given": given} if given is not None else {})}
 
 
 def _reload_split(path, case_ids):
@@ -167,6 +171,17 @@ def load_split(run, task_name, case_ids, val_candidates, n_val):
         raise ProxyAlError(str(err)) from None
 
 
+def given_cases(cases, split, run):
+    """The pool cases labeled when an annotation run began, in Tl of every strategy from the start: from
+    split.json, else (an older run) from a state file, else the pool cases with a label file now."""
+    if "given" in split:
+        return [c for c in split["given"] if c in cases.pool]
+    saved = [st.get("given", []) for by_s in run.saved.values() for st in by_s.values()]
+    if saved:
+        return [c for c in saved[0] if c in cases.pool]
+    return [c for c in cases.pool if cases.files[c]["label"]]
+
+
 class Cases:
     """The run's cases: `files` {id: {"image", "label" (None: not annotated yet), "label_to"}}, the split
     (`pool`, `val`), `left_out` {id: why}, and `annotation` (some cases await a label, or boxes of them were
@@ -182,13 +197,17 @@ class Cases:
         labeled = [cid for cid, c in self.files.items() if c["label"]]
         split, new = load_split(run, self.task["name"], list(self.files),
                                 labeled if len(labeled) < len(self.files) else list(self.files), cfg.n_val)
-        self.new_split = split if new else None                          # start() writes it once checks pass
         self.pool, self.val = list(split["pool"]), list(split["val"])
         self._follow_split(run.path / "split.json", run.selected())
-        self.annotation = any(not c["label"] for c in self.files.values())     # over the split's cases
-        # A label file holds only the boxes asked for (--query patch): a run that has asked for boxes stays in
-        # annotation mode once every case has a file.
-        self.annotation |= cfg.query == "patch" and (run.path / ASKED).exists()
+        # Annotation mode: some case awaits a label, or the run began so ("given" in split.json: a label file of
+        # a box case holds only the boxes asked for, so a run stays in annotation mode once every case has one).
+        # Older runs without "given": a run that asked for boxes (to_annotate/asked.json) is one too.
+        self.annotation = (any(not c["label"] for c in self.files.values()) or "given" in split
+                           or (cfg.query == "patch" and (run.path / ASKED).exists()))
+        self.given = given_cases(self, split, run) if self.annotation else []   # labeled when the run began
+        self.new_split = split if new else None                          # start() writes it once checks pass
+        if self.annotation and "given" not in split:
+            self.new_split = {**split, "given": self.given}
 
     def _follow_split(self, path, selected):
         """A rerun on a data folder that changed since split.json was written: images added are not used (the
@@ -307,3 +326,49 @@ class Cases:
         """(image (X, Y, Z) in [0, 1], annotation) on box(cid, labeled=True), for the validation Dice: outside
         the box the label is background, and there a prediction counts as background."""
         return self.image(cid, labeled=True), np.asarray(self.label(cid)[self.box(cid, labeled=True)])
+
+
+# ----------------------------------------------------------------------------- the files a rerun must find
+
+
+def sources(cases):
+    """{case: {"image": files.fingerprint, "label": fingerprint or None}} of the files every rerun must find as
+    they were: each image of the split, and the labels that are not annotations to come (validation labels,
+    the cases labeled when an annotation run began, every label of a simulated run)."""
+    fixed = set(cases.val) | set(cases.given) | (set() if cases.annotation else set(cases.pool))
+    return {c: {"image": fingerprint(cases.files[c]["image"]),
+                "label": fingerprint(cases.files[c]["label"]) if c in fixed and cases.files[c]["label"] else None}
+            for c in cases.pool + cases.val}
+
+
+def check_sources(cases, path):
+    """Stop when a file of the split differs from the one the run began with (`path`: sources.json), so that
+    another --data folder (a moved or restored copy) is taken only when it holds the same files. Returns the
+    sources as they are now, for the file (an older run gets it at its first rerun)."""
+    now = sources(cases)
+    if not Path(path).exists():
+        return now
+    saved = read_json(path, lambda s: None if isinstance(s, dict) else "not a JSON object",
+                      "restore it from a backup, or delete it to trust the data folder as it is now")
+    changed = [f"{c} ({kind})" for c, was in saved.items() if c in now and isinstance(was, dict)
+               for kind in ("image", "label") if was.get(kind) and now[c][kind] and was[kind] != now[c][kind]]
+    if changed:
+        raise ProxyAlError(f"{cases.root}: the files of {few(changed)} differ from those this run began with "
+                           f"({path}: size and CRC-32 of each file's ends), so its saved stages do not fit "
+                           "them. Point --data to the data this run used (a moved or copied folder with the "
+                           "same files is fine), put the files back, or start a new --out")
+    return {c: {k: now[c][k] or (saved.get(c) or {}).get(k) for k in now[c]} for c in now}
+
+
+def box_mask(cases, cid, boxes, onto=None, numbered=True) -> np.ndarray:
+    """The boxes of case cid (cases: Cases) on the voxel grid of the NIfTI file `onto` (default: its image), in
+    that file's axis order: uint8, box n of `boxes` valued n (`numbered`; else every box 1), 0 elsewhere. boxes:
+    (start, size) voxel triples on image(cid); a file voxel is in a box when its nearest grid voxel is
+    (data.to_native_grid)."""
+    if numbered and len(boxes) > 255:
+        raise ValueError(f"case {cid}: {len(boxes)} boxes; a uint8 mask numbers at most 255")
+    mask = np.zeros(cases.image_hu(cid).shape, np.uint8)
+    for number, (start, size) in enumerate(boxes, 1):
+        mask[tuple(slice(a, a + b) for a, b in zip(start, size))] = number if numbered else 1
+    return data.to_native_grid(cases.uncrop(cid, mask), onto or cases.files[cid]["image"], cases.spacing_mm,
+                               nearest=True)

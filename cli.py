@@ -10,10 +10,22 @@ import sys
 from dataclasses import field
 
 
-def opt(default, help, check=None):
-    """A Config field: its default, the one line of --help that documents it, and its check:
-    (ok(value) -> bool, what a valid value is)."""
-    return field(default=default, metadata={"help": help, "check": check})
+def opt(default, help, check=None, only=None):
+    """A Config field: its default, the one line of --help that documents it, its check: (ok(value) -> bool, what
+    a valid value is), and `only`: (field, value) when the setting means something only then (e.g. ("query",
+    "patch")): given otherwise, it is refused; a rerun does not compare it while it means nothing."""
+    return field(default=default, metadata={"help": help, "check": check, "only": only})
+
+
+def moot(cfg) -> set:
+    """The settings that mean nothing under cfg (their field's `only` condition does not hold)."""
+    return {f.name for f in dataclasses.fields(cfg) if f.metadata.get("only")
+            and getattr(cfg, f.metadata["only"][0]) != f.metadata["only"][1]}
+
+
+def format_warning(message, category, filename, lineno, line=None):
+    """A warning as users read it: its message, without the Python source line that raised it."""
+    return f"warning: {message}\n"
 
 
 def at_least(n):
@@ -110,6 +122,9 @@ def add_actions(p):
                    "trained on (default: every case the run has labeled, the last round's annotations too)")
     g.add_argument("--export-to", default="", help="--export-nnunet: the folder to write into (default: $nnUNet_raw)")
     g.add_argument("--overwrite", action="store_true", help="--export-nnunet: replace an existing dataset folder")
+    g.add_argument("--boxes-done", default="", metavar="CASE[,CASE...]", help="annotation with boxes (--query "
+                   "patch): the boxes asked in these cases (or all) are labeled as saved, also where no voxel "
+                   "changed (a box that is truly all background)")
     return p
 
 
@@ -119,7 +134,7 @@ def parse_args(cls, presets, description, argv=None):
     p = add_actions(config_parser(cls, presets, description))
     args = vars(p.parse_args(join_negative_values(argv if argv is not None else sys.argv[1:])))
     actions = {k: args.pop(k) for k in ("report", "rebuild_state", "export_nnunet", "seed", "iteration", "export_to",
-                                        "overwrite")}
+                                        "overwrite", "boxes_done")}
     given = config_values(cls, args, p)
     if "data_root" not in given and os.environ.get("MSD_DATA_ROOT"):
         given["data_root"] = os.environ["MSD_DATA_ROOT"]
@@ -130,8 +145,17 @@ def parse_args(cls, presets, description, argv=None):
         p.error("--report and --export-nnunet need --out: the run folder to read")
     if actions["export_nnunet"] is None and (actions["seed"] is not None or actions["iteration"] is not None):
         p.error("--seed and --iteration choose what --export-nnunet exports; the study's seeds are --seeds")
+    actions["boxes_done"] = tuple(c.strip() for c in actions["boxes_done"].split(",") if c.strip())
+    if actions["boxes_done"] and given.get("query", presets[preset].query) != "patch":
+        p.error("--boxes-done confirms boxes of annotation with boxes: it needs --query patch")
     actions = argparse.Namespace(**actions, default_strategy="strategy" not in given, given=set(given))
-    return dataclasses.replace(presets[preset], preset=preset, **given), actions
+    cfg = dataclasses.replace(presets[preset], preset=preset, **given)
+    for name in moot(cfg) & set(given):
+        when = dataclasses.fields(cls)[[f.name for f in dataclasses.fields(cls)].index(name)].metadata["only"]
+        p.error(f"--{name.replace('_', '-')} {fmt(given[name])}: used only with --{when[0].replace('_', '-')} "
+                f"{when[1]} (this run has --{when[0].replace('_', '-')} {getattr(cfg, when[0])}); drop it, or add "
+                f"--{when[0].replace('_', '-')} {when[1]}")
+    return cfg, actions
 
 
 def check_options(cfg):

@@ -75,7 +75,7 @@ def _training_entries(info, json_path):
 def _cases_from_json(root, json_path, info):
     """Cases listed in the MSD dataset.json 'training' (the 'test' list is ignored: it has no labels). An entry
     without a label (no "label", null or "") gets root/labelsTr/<image file name> once that file exists."""
-    cases = []
+    cases, absent = [], []
     for entry in _training_entries(info, json_path):
         image = root / entry["image"]
         if not image.is_file():
@@ -84,8 +84,11 @@ def _cases_from_json(root, json_path, info):
         # unlabeled scans: a label annotated later is found by the image's file name
         label_to = root / entry["label"] if entry.get("label") else root / "labelsTr" / image.name
         if entry.get("label") and not label_to.is_file():
-            warnings.warn(f"{label_to}: listed in {json_path} but missing; case treated as unlabeled")
+            absent.append(label_to.name)
         cases.append(_case(_case_id(image), image, label_to))
+    if absent:      # the normal state of an annotation run: said once, as a count
+        warnings.warn(f"{json_path}: {len(absent)} label file(s) listed but not in labelsTr/ yet ({few(absent)}); "
+                      "those cases are unlabeled (annotation mode asks for them)")
     if not cases:
         raise ValueError(f"{json_path}: the 'training' list is empty; list the cases or delete dataset.json")
     return cases

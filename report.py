@@ -274,6 +274,9 @@ def wilcoxon_table(matrix):
     return "\n".join(lines) + "\n"
 
 
+NO_PLOT_SAID = []         # the missing matplotlib is said once per process
+
+
 def plot_curves(out, rows, axis="pct"):
     """Dice against percent labeled (axis "pct": results.csv's rows), or against annotated voxels (axis
     "voxels": budget.csv's rows, region queries): solid supervised, dashed semi-supervised (the paper's Fig. 2);
@@ -285,6 +288,10 @@ def plot_curves(out, rows, axis="pct"):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:     # optional: the CSV files hold the same numbers
+        if not NO_PLOT_SAID:
+            NO_PLOT_SAID.append(True)
+            warnings.warn(f"{out / 'dice_curve.png'}: not drawn, matplotlib is not installed (pip install "
+                          "matplotlib); results.csv and summary.md hold the same numbers")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for strategy in dict.fromkeys(r[0] for r in rows):

@@ -151,8 +151,9 @@ def locked(out):
         yield out
 
 
-def check_rerun_settings(out, settings):
-    """A rerun into a run folder keeps every setting its saved stages were made with (all but MAY_CHANGE).
+def check_rerun_settings(out, settings, moot=()):
+    """A rerun into a run folder keeps every setting its saved stages were made with (all but MAY_CHANGE, and
+    the `moot` ones: settings that mean nothing in this run, such as --query-vox with --query volume).
     settings: the config as a dict."""
     path = Path(out) / "config.json"
     if not path.exists():
@@ -162,7 +163,7 @@ def check_rerun_settings(out, settings):
     new = json.loads(json.dumps(settings))
     show = lambda v: ",".join(map(show, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
     changed = [f"--{k.replace('_', '-')} {show(new[k])} (the run has {show(old[k])})"
-               for k in new if k not in MAY_CHANGE and k in old and old[k] != new[k]]
+               for k in new if k not in MAY_CHANGE and k not in moot and k in old and old[k] != new[k]]
     if changed:
         raise ProxyAlError(f"{path}: this rerun asks for {'; '.join(changed)}. The run's saved stages (pseudo labels, "
                            "checkpoints, scores, split) were made with its own values, and a rerun may change only "

@@ -18,11 +18,12 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import cli
 import folders
 import strategies
-from cases import Cases, read_task, resolve_data
+from cases import Cases, check_sources, read_task, resolve_data
 from queries import Queries
-from files import ProxyAlError, read_json
+from files import ProxyAlError, few, read_json
 from keys import stage_seed
 from report import write_reports
 from run_folder import MARKER, RunFolder, check_rerun_settings, locked, read_states
@@ -47,16 +48,17 @@ class Study:
     """What every unit of one run shares: the config and what is derived from it once (`out`, `seeds`), the run
     folder (`run`), the cases (`cases`), the device, the rank group (`world`), the log, and the models."""
 
-    def __init__(self, cfg, run, cases, seeds, world):
+    def __init__(self, cfg, run, cases, seeds, world, boxes_done=()):
         self.cfg, self.run, self.cases, self.seeds, self.world = cfg, run, cases, tuple(seeds), world
         self.queries = Queries(cfg, cases)                              # what a unit of Tl is: a case or a box
         self.out, self.t0, self.total, self.shown = run.path, time.time(), 0, 0
         self.plotted = self.t0                                          # when dice_curve.png was last drawn
         self.device = pick_device(world.device(cfg.device))
         many = world.size > 1
-        self.bar = partial(Progress, prefix=f"[rank {world.rank}]" if many else "", poll=world.check if many else None)
+        self._bar = partial(Progress, prefix=f"[rank {world.rank}]" if many else "", poll=world.check if many else None)
         self.workers = cfg.workers if cfg.workers >= 0 else (6 if self.device.type == "cuda" else 0)
         self._proxy = (None, None)                                      # (seed, Mp) while this rank works on it
+        self.boxes_done = boxes_done    # --boxes-done: cases (or "all") whose asked boxes the user says are labeled
 
     def settings(self):
         """The config as config.json and the checkpoints record it: with the run's folder and seeds."""
@@ -66,6 +68,11 @@ class Study:
         LAST_LOG[0] = msg
         rank = f"rank {self.world.rank} " if self.world.size > 1 else ""
         print(f"[{rank}{fmt_s(time.time() - self.t0)}] {msg}", flush=True)
+
+    def bar(self, tag, total, *args, **kwargs):
+        """A Progress for `tag` (its lines go to the log); a SIGTERM names it as what the run was doing."""
+        LAST_LOG[0] = tag
+        return self._bar(tag, total, *args, **kwargs)
 
     def count_iterations(self, total):
         self.total = total
@@ -87,8 +94,7 @@ class Study:
         """The RunState of one (seed, Strategy) (RunFolder.state). In annotation mode, the pool cases that had
         labels when the run began are in Tl from the start: only unlabeled cases are ranked, selected and listed
         for annotation."""
-        given = [c for c in self.cases.pool if self.cases.files[c]["label"]] if self.cases.annotation else []
-        return self.run.state(seed, strategy.name, given, self.first_pool(strategy))
+        return self.run.state(seed, strategy.name, self.cases.given, self.first_pool(strategy))
 
     def selections_needed(self, seed, strategy):
         """(cases selected so far, cases selected by the end) of one (seed, Strategy) at this rerun's --k and
@@ -243,7 +249,7 @@ def check_request(study, chosen):
             so_far = f" ({selected} selected so far)" if selected else ""
             if cases.annotation:
                 st = study.run.saved_state(seed, strategy.name)
-                given = st["given"] if st else [c for c in cases.pool if cases.files[c]["label"]]
+                given = st["given"] if st else cases.given
                 free = len(cases.pool) - len(given)
                 if need > free:
                     raise ProxyAlError(f"--k {cfg.k} x --iterations {cfg.iterations} asks for {need} cases to annotate"
@@ -275,8 +281,9 @@ def preprocess(study):
     study.cases.preprocess(ids, study.bar("preprocess", len(ids)))
 
 
-def start(study, chosen):
-    """Save config.json (and a new split.json), and count the iterations ahead (for the ETA)."""
+def start(study, chosen, sources=None):
+    """Save config.json (and a new split.json, and sources.json: the files the run reads), and count the
+    iterations ahead (for the ETA)."""
     cases = study.cases
     if not cases.val:
         warnings.warn("no labeled validation case: validation Dice is skipped (results will show nan)")
@@ -284,6 +291,13 @@ def start(study, chosen):
         study.run.write_json("config.json", study.settings())
         if cases.new_split:                     # the split is fixed only now that every check has passed
             study.run.write_json("split.json", {"seed": 0, "n_val": len(cases.new_split["val"]), **cases.new_split})
+        if sources is not None:
+            study.run.write_json("sources.json", sources)
+    unasked = [c for c in cases.pool if cases.annotation and cases.files[c]["label"] and c not in cases.given
+               and c not in study.run.selected()]
+    if unasked:
+        study.log(f"{len(unasked)} label file(s) of pool cases not asked for ({few(unasked)}): not used until the run "
+                  "asks for the case (or for a box in it: then confirm its labels there with --boxes-done CASE)")
     study.count_iterations(sum(s.iterations(study.cfg.iterations) - len((study.run.saved_state(seed, s.name) or
                                                                          {"iterations": []})["iterations"])
                                for seed in study.seeds for s in chosen))
@@ -294,7 +308,7 @@ def start(study, chosen):
 # ----------------------------------------------------------------------------- the run
 
 
-def run_study(cfg, method, rebuild_state=False, default_strategy=False):
+def run_study(cfg, method, rebuild_state=False, default_strategy=False, boxes_done=()):
     """The whole study on this process: rank 0 holds the run folder for the group; every rank takes units of
     Algorithm 1 (`method`) from the queue; rank 0 then waits for all and writes the reports. Annotation mode
     stops (exit 0) once the selected cases need labels."""
@@ -308,10 +322,10 @@ def run_study(cfg, method, rebuild_state=False, default_strategy=False):
             existed = out.exists()
             with locked(out):
                 world.set("out", str(out))
-                return _run(cfg, out, world, method, rebuild_state, default_strategy)
+                return _run(cfg, out, world, method, rebuild_state, default_strategy, boxes_done)
         world.wait(lambda: world.ask("check", ["out"]), "rank 0 to lock the run folder", print)
         out = Path(world.get("out"))
-        return _run(cfg, out, world, method, rebuild_state, default_strategy)
+        return _run(cfg, out, world, method, rebuild_state, default_strategy, boxes_done)
     except NeedLabels as stop:
         print(stop)
         return 0
@@ -340,24 +354,25 @@ def run_study(cfg, method, rebuild_state=False, default_strategy=False):
         world.close()
 
 
-def open_study(cfg, out=None, world=None, rebuild_state=False, default_strategy=False):
+def open_study(cfg, out=None, world=None, rebuild_state=False, default_strategy=False, boxes_done=()):
     """(Study, the strategies to run) of a config, before any check: the run folder's files as they are (not
     locked: run_study locks it), the data folder's cases and the split."""
     run = RunFolder(out or cfg.out, rebuild_state)
     cases, t0 = Cases(cfg, run), time.time()
     chosen, seeds = choose_strategies(cfg, cases, default_strategy,
                                       lambda msg: print(f"[{fmt_s(time.time() - t0)}] {msg}", flush=True))
-    return Study(cfg, run, cases, seeds, world or World()), chosen
+    return Study(cfg, run, cases, seeds, world or World(), boxes_done), chosen
 
 
-def _run(cfg, out, world, method, rebuild_state, default_strategy):
-    check_rerun_settings(out, {**dataclasses.asdict(cfg), "out": str(out)})
-    study, chosen = open_study(cfg, out, world, rebuild_state, default_strategy)
+def _run(cfg, out, world, method, rebuild_state, default_strategy, boxes_done=()):
+    check_rerun_settings(out, {**dataclasses.asdict(cfg), "out": str(out)}, cli.moot(cfg))
+    study, chosen = open_study(cfg, out, world, rebuild_state, default_strategy, boxes_done)
+    sources = check_sources(study.cases, out / "sources.json")      # another --data: the same files only
     check_request(study, chosen)
     preprocess(study)
     check_request(study, chosen)            # again: unreadable cases may have left the pool
     study.cases.check_labels()
-    start(study, chosen)
+    start(study, chosen, sources)
     try:
         work(study, chosen, method)
     except NeedLabels:                      # annotation mode (one rank): the curve so far beside to_annotate.csv
@@ -416,16 +431,27 @@ def saved_run(cfg):
 
 def export_nnunet(cfg, actions):
     """--export-nnunet ID: the cases one (strategy, seed, iteration) of the run had labeled, and the run's
-    validation cases, as the nnU-Net raw dataset DatasetID_<task name> (nnunet.export_run)."""
+    validation cases, as the nnU-Net raw dataset DatasetID_<task name> (nnunet.export_run). The boxes of a
+    --query patch run become partial labels: they lie on its training grids, which its config.json settings
+    give (Cases and Queries of those settings)."""
     import nnunet
+    from data import CacheError
     root, split = saved_run(cfg)
     task, cases = read_task(root)
     strategy = None if actions.default_strategy else cfg.strategy
+    saved = read_json(Path(cfg.out) / "config.json", lambda c: None, "give --out a run folder")
+    # The run's settings that give each case's training grid and boxes, not this command line's defaults.
+    grid = ("data", "data_root", "phantom_cases", "cache_dir", "spacing_mm", "crop", "window_hu", "n_val", "query",
+            "query_vox")
     try:
+        queries = None
+        if saved.get("query") == "patch":
+            run_cfg = dataclasses.replace(cfg, **{k: saved[k] for k in grid if k in saved})
+            queries = Queries(run_cfg, Cases(run_cfg, RunFolder(cfg.out)))
         nnunet.export_run(cfg.out, cases, read_states(cfg.out), split, task["labels"], actions.export_nnunet,
                           re.sub(r"\W+", "", task["name"].title()) or "Selection", actions.export_to or None,
-                          strategy, actions.seed, actions.iteration, actions.overwrite)
-    except (OSError, ValueError) as err:
+                          strategy, actions.seed, actions.iteration, actions.overwrite, queries=queries)
+    except (OSError, ValueError, CacheError) as err:
         raise ProxyAlError(f"--export-nnunet: {err}") from None
     return 0
 

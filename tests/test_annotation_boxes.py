@@ -8,14 +8,9 @@ import numpy as np
 
 import al_loop
 import tiny
-from tiny import own_scans, to_annotate
+from tiny import ijk_ranges, own_scans, to_annotate
 
 PATCH = ("--query", "patch", "--query-vox", "8,8,8", "--strategy", "proxyrank_var_semi")   # every line of Algorithm 1
-
-
-def ijk_ranges(text):
-    """voxels_ijk "a-b,c-d,e-f" (first to last, inclusive) -> three slices."""
-    return tuple(slice(int(a), int(b) + 1) for a, b in (part.split("-") for part in text.split(",")))
 
 
 def annotate_until_done(phantom, root, out, deliver, rounds=6):

@@ -1,10 +1,13 @@
-"""cases.py: the pool / validation split (deterministic, saved, reloaded, drawn from labeled candidates) and the
-default number of validation cases."""
+"""cases.py: the pool / validation split (deterministic, saved, reloaded, drawn from labeled candidates), the
+default number of validation cases, and the data files a rerun must find as they were."""
 import json
+import shutil
 
 import pytest
 
+import al_loop
 import folders
+import tiny
 from cases import default_n_val, split_cases
 
 
@@ -41,3 +44,24 @@ def test_split_draws_validation_from_candidates_only(tmp_path):
     assert set(split["val"]) <= {"c3", "c5", "c7"} and len(split["val"]) == 2
     assert sorted(split["pool"] + split["val"], key=folders.natural_key) == ids
     assert split_cases(ids, 0, seed=0, path=None, candidates=[])["val"] == []    # nothing labeled yet
+
+
+def test_a_rerun_on_another_data_folder_is_taken_only_with_the_same_files(phantom, tmp_path):
+    """A moved or copied data folder with the same files continues the run; one whose files differ (two pool
+    cases' images and labels swapped) is refused, naming the cases, before any work."""
+    out, extra = tmp_path / "run", ("--query", "patch", "--query-vox", "4,4,4", "--strategy", "rand")
+    assert al_loop.main(tiny.args(phantom, out, *extra)) == 0
+    split = json.loads((out / "split.json").read_text())
+    swapped = shutil.copytree(phantom, tmp_path / "swapped")
+    a, b = split["pool"][:2]
+    for kind in ("imagesTr", "labelsTr"):
+        pa, pb = swapped / kind / f"{a}.nii.gz", swapped / kind / f"{b}.nii.gz"
+        pa.rename(tmp_path / "x"), pb.rename(pa), (tmp_path / "x").rename(pb)
+    before = [f for f in tiny.snapshot(out) if not f[0].startswith(".")]
+    with pytest.raises(SystemExit, match=rf"the files of {a} \(image\), {a} \(label\), {b} \(image\), {b} \(label\) "
+                                         "differ from those this run began with"):
+        al_loop.main(tiny.args(swapped, out, *extra, "--iterations", "3"))
+    assert [f for f in tiny.snapshot(out) if not f[0].startswith(".")] == before      # refused untouched
+    moved = shutil.copytree(phantom, tmp_path / "moved")     # a copy: new times, the same files
+    assert al_loop.main(tiny.args(moved, out, *extra, "--iterations", "3")) == 0
+    assert len(tiny.states_of(out)["rand"]["iterations"]) == 3

@@ -1,11 +1,14 @@
 """cli.py: the command line: strategies and presets, flags of the wrong type or value named before any work, --help."""
 import dataclasses
+import json
 
 import pytest
 import torch
 
 import al_loop
 import cli
+import run_folder
+from files import ProxyAlError
 
 
 def test_presets_and_overrides():
@@ -83,3 +86,28 @@ def test_cuda_without_cuda_is_a_message(tmp_path):
 def test_several_bad_options_are_listed_together(tmp_path):
     with pytest.raises(SystemExit, match="invalid options:\n  --lr -1.0: must be > 0\n  --tau 2.0: must lie in"):
         al_loop.main(["--tau", "2", "--lr", "-1", "--out", str(tmp_path / "run")])
+
+
+def test_query_vox_takes_whole_voxels_only():
+    with pytest.raises(SystemExit, match=r"--query-vox 8.5,8,8: three whole numbers of voxels"):
+        cli.check_options(al_loop.parse_args(["--query", "patch", "--query-vox", "8.5,8,8"])[0])
+    cli.check_options(al_loop.parse_args(["--query", "patch", "--query-vox", "8,8,8"])[0])
+
+
+def test_query_vox_without_query_patch_is_refused_and_not_compared_on_rerun(capsys, tmp_path):
+    with pytest.raises(SystemExit, match="^2$"):
+        al_loop.parse_args(["--query-vox", "4,4,4"])
+    assert "--query-vox 4,4,4: used only with --query patch (this run has --query volume); drop it" in \
+        capsys.readouterr().err
+    cfg = al_loop.parse_args([])[0]
+    assert cli.moot(cfg) == {"query_vox"} and cli.moot(dataclasses.replace(cfg, query="patch")) == set()
+    old = {**dataclasses.asdict(cfg), "query_vox": [4, 4, 4]}           # a run made when the flag was ignored
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    run_folder.check_rerun_settings(tmp_path, dataclasses.asdict(cfg), cli.moot(cfg))      # taken: it meant nothing
+    with pytest.raises(ProxyAlError, match=r"--query-vox 32,32,32 \(the run has 4,4,4\)"):
+        run_folder.check_rerun_settings(tmp_path, {**dataclasses.asdict(cfg), "query": "patch"}, set())
+
+
+def test_a_warning_reads_as_its_message_without_the_source_line():
+    text = cli.format_warning(UserWarning("3 label file(s) listed"), UserWarning, "/x/folders.py", 87)
+    assert text == "warning: 3 label file(s) listed\n"

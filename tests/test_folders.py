@@ -250,3 +250,15 @@ def test_task_info_and_windows(tmp_path):
     (tmp_path / "t" / "dataset.json").write_text('{"training": [], "labels": {"0": "bg", "2": "x"}}')
     with pytest.raises(ValueError, match="labels"):
         folders.read_task_info(tmp_path / "t")
+
+
+def test_labels_listed_but_not_there_yet_are_said_once_as_a_count(tmp_path):
+    """An annotation run's dataset.json lists labels the user has not made yet: one warning with the count, not
+    one line per case."""
+    root = make_msd(tmp_path / "Task03_Liver", [f"liver_{i}" for i in range(6)], labelled=["liver_0", "liver_1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cases = folders.read_msd(root)
+    assert sum(c["label"] is None for c in cases) == 4
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == 1 and "4 label file(s) listed but not in labelsTr/ yet (liver_2.nii.gz" in texts[0]

@@ -165,7 +165,7 @@ def test_no_system_exit_below_the_entry_points():
 
 # Attributes of torch's own objects the project sets on purpose: a layer's mode (proxy_al restores the caller's
 # modes layer by layer after MC dropout) and cuDNN's autotuner on the GPU path.
-FOREIGN_ATTRIBUTES = {"module.training", "torch.backends.cudnn.benchmark"}
+FOREIGN_ATTRIBUTES = {"module.training", "torch.backends.cudnn.benchmark", "warnings.formatwarning"}
 
 
 def assigned_attributes(source):

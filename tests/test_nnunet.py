@@ -1,17 +1,24 @@
 """nnunet.py: which run and iteration an export takes, and the exported nnU-Net v2 dataset (layout, links,
-dataset.json, uncompressed NIfTI converted, what is refused, the next commands printed). Tiny phantom, CPU."""
+dataset.json, uncompressed NIfTI converted, what is refused, the next commands printed), and the partial labels
+of a run of boxes (--query patch). Tiny phantom, CPU."""
 import json
 import os
 from pathlib import Path
+import shutil
 import sys
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cases
 import nnunet
 import folders
+from cases import Cases
+from queries import Queries
+from run_folder import ASKED, RunFolder
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -128,3 +135,99 @@ def test_export_run_uses_the_env_folders_and_prints_the_next_commands(msd, tmp_p
     with pytest.raises(ValueError, match=r"split.json: cases \['phantom_4'\] of the run state are not in its pool"):
         nnunet.export_run(tmp_path / "run", folders.read_msd(msd), states, {"pool": ["phantom_0"], "val": []},
                           {0: "background", 1: "liver"}, 503, "P", iteration=1, log=lines.append)
+
+
+# ---------------------------------------------------------------------------------------------- boxes
+
+
+POOL, VAL = ["phantom_0", "phantom_2", "phantom_3", "phantom_4"], ["phantom_1", "phantom_5"]
+
+
+def patch_queries(root, run, given=()):
+    """Queries of a --query patch run of 4^3 boxes on the 6 msd phantoms at 5 mm, cut to the body box (case
+    phantom_2's training grid is 8 x 5 x 13 voxels), its split written to run/split.json."""
+    run.mkdir()
+    (run / "split.json").write_text(json.dumps({"pool": POOL, "val": VAL}))
+    cfg = SimpleNamespace(data=str(root), data_root="data", phantom_cases=0, spacing_mm=(5.0, 5.0, 5.0), crop="body",
+                          window_hu=(), cache_dir=str(run.parent / "cache"), n_val=2, query="patch",
+                          query_vox=(4, 4, 4))
+    return Queries(cfg, Cases(cfg, RunFolder(run)))
+
+
+def test_export_run_of_boxes_writes_partial_labels_on_each_label_files_grid(msd, tmp_path):
+    """A case with boxes: its label inside them, the ignore label 3 outside, on the label file's own grid (here
+    stored in another axis order than its image); a case also labeled whole, and the validation cases, linked."""
+    root = tmp_path / "data"
+    shutil.copytree(msd, root)
+    label_path = root / "labelsTr" / "phantom_2.nii.gz"
+    source = nib.load(label_path)
+    label = np.asarray(source.dataobj)                                       # read before the file is replaced
+    flipped = source.as_reoriented([[0, -1], [1, -1], [2, 1]])              # the same voxels in the world, RAS order
+    nib.save(nib.Nifti1Image(np.asarray(flipped.dataobj).astype(np.int16), flipped.affine), label_path)
+    queries = patch_queries(root, tmp_path / "run")
+    units = ["phantom_2@0,0,0", "phantom_0", "phantom_2@4,1,6", "phantom_0@0,0,0"]
+    states = {"0": {"rand": {"labeled": units, "iterations": [{"n_labeled": 4}]}}}
+    folder = nnunet.export_run(tmp_path / "run", folders.read_msd(root), states, {"pool": POOL, "val": VAL},
+                               folders.read_task_info(root)["labels"], 510, "Phantom", tmp_path / "raw",
+                               log=lambda line: None, queries=queries)
+    assert json.loads((folder / "dataset.json").read_text())["labels"] == {
+        "background": 0, "liver": 1, "tumour": 2, "ignore": 3}
+    assert json.loads((folder / "splits_final.json").read_text()) == [{"train": ["phantom_2", "phantom_0"], "val": VAL}]
+    for cid in ["phantom_0"] + VAL:
+        assert os.path.samefile(folder / "labelsTr" / f"{cid}.nii.gz", root / "labelsTr" / f"{cid}.nii.gz")
+    got = nib.load(folder / "labelsTr" / "phantom_2.nii.gz")
+    assert got.get_data_dtype() == np.uint8 and np.array_equal(got.affine, flipped.affine)
+    inside = cases.box_mask(queries.cases, "phantom_2", [((0, 0, 0), (4, 4, 4)), ((4, 1, 6), (4, 4, 4))]) > 0
+    assert 0 < inside.sum() < inside.size                                        # on the image's grid and order
+    expected = np.where(inside, label, 3)
+    np.testing.assert_array_equal(np.asarray(got.dataobj)[::-1, ::-1], expected)
+
+
+def test_export_of_an_annotation_run_of_boxes_takes_the_boxes_the_run_confirmed(msd, tmp_path):
+    """After an annotation run with boxes, a box acquired after the last iteration is exported once the run has
+    confirmed it labeled (to_annotate/asked.json), as its case's label file also holds the boxes labeled before."""
+    root = tmp_path / "data"
+    shutil.copytree(msd, root)
+    info = json.loads((root / "dataset.json").read_text())
+    for entry in info["training"]:                                       # phantom_4 awaits a label: annotation mode
+        if "phantom_4." in entry["label"]:
+            (root / entry.pop("label")).unlink()
+    (root / "dataset.json").write_text(json.dumps(info))
+    queries = patch_queries(root, tmp_path / "run")
+    assert queries.cases.annotation
+    units = ["phantom_0", "phantom_2@0,0,0", "phantom_3@0,0,0", "phantom_2@4,1,6", "phantom_4@0,0,0"]
+    states = {"0": {"rand": {"labeled": units, "iterations": [{"n_labeled": 2}]}}}
+    (tmp_path / "run" / ASKED).parent.mkdir()
+    (tmp_path / "run" / ASKED).write_text(json.dumps({"boxes": {
+        "phantom_2@0,0,0": {"done": True}, "phantom_3@0,0,0": {"done": False}, "phantom_2@4,1,6": {"done": True}}}))
+    lines = []
+    export = lambda number, **kw: nnunet.export_run(
+        tmp_path / "run", folders.read_msd(root), states, {"pool": POOL, "val": VAL},
+        folders.read_task_info(root)["labels"], number, "Phantom", tmp_path / "raw", log=lines.append,
+        queries=queries, **kw)
+    folder = export(511)
+    assert json.loads((folder / "splits_final.json").read_text())[0]["train"] == ["phantom_0", "phantom_2"]
+    assert json.loads((folder / "dataset.json").read_text())["proxy_al"]["labeled_after_iteration"] == [
+        "phantom_2@4,1,6"]
+    got = np.asarray(nib.load(folder / "labelsTr" / "phantom_2.nii.gz").dataobj)
+    inside = cases.box_mask(queries.cases, "phantom_2", [((0, 0, 0), (4, 4, 4)), ((4, 1, 6), (4, 4, 4))]) > 0
+    assert (got[~inside] == 3).all() and (got[inside] < 3).all()
+    assert any(line.startswith("not exported: phantom_3@0,0,0, phantom_4@0,0,0 (acquired after iteration 1, not "
+                               "confirmed labeled") and "rerun the run's command" in line for line in lines)
+    assert json.loads((export(512, iteration=1) / "splits_final.json").read_text())[0]["train"] == [
+        "phantom_0", "phantom_2"]
+
+
+def test_export_of_boxes_refuses_a_label_with_values_beyond_the_classes(msd, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(msd, root)
+    label_path = root / "labelsTr" / "phantom_3.nii.gz"
+    source = nib.load(label_path)
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj) * 4, source.affine), label_path)
+    states = {"0": {"rand": {"labeled": ["phantom_3@0,0,0"], "iterations": [{"n_labeled": 1}]}}}
+    with pytest.raises(ValueError, match=r"phantom_3.nii.gz: label values span 0..8; a label holds the class numbers "
+                                         r"0..2 of dataset.json"):
+        nnunet.export_run(tmp_path / "run", folders.read_msd(root), states, {"pool": POOL, "val": VAL},
+                          folders.read_task_info(root)["labels"], 513, "Phantom", tmp_path / "raw",
+                          log=lambda line: None, queries=patch_queries(root, tmp_path / "run"))
+    assert [p.name for p in (tmp_path / "raw").iterdir()] == []                  # no dataset, no temporary folder

@@ -1,6 +1,6 @@
 """nnU-Net in and out, end to end: a study on an nnU-Net raw folder gives the results of the MSD folder,
---export-nnunet writes a run's selection, and nnU-Net's own checker and MSD converter accept our folders
-(when nnunetv2 is installed). CPU, tiny phantoms."""
+--export-nnunet writes a run's selection (a run of boxes as partial labels with nnU-Net's ignore label), and
+nnU-Net's own checker and MSD converter accept our folders (when nnunetv2 is installed). CPU, tiny phantoms."""
 import csv
 import json
 import os
@@ -9,14 +9,22 @@ import shutil
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 import al_loop
+import data
 import tiny
 import folders
 import run_folder
 import nnunet
+from cases import Cases
+from regions import unit_case, unit_start
 from tiny import NNUNET_ENV, WITH_FULL, rows
+
+VOX = (8, 8, 8)
+PATCH = ("--query", "patch", "--query-vox", ",".join(map(str, VOX)))
 
 
 def nnunet_copy(msd_root, dest, labeled=None):
@@ -179,3 +187,54 @@ def test_nnunet_msd_conversion_reads_as_the_msd_folder(msd, tmp_path):
     assert [c["id"] for c in cases] == [c["id"] for c in reference]
     assert all(c["image"].endswith("_0000.nii.gz") and c["label"] for c in cases)
     assert folders.read_task_info(converted) == folders.read_task_info(msd)
+
+
+def box_mask_by_hand(cases, units, cid, spacing_mm):
+    """(file's axes) bool: the voxels of cid's label file that the boxes of `units` cover, each box (start, size
+    clamped to the training grid) drawn on the training grid, put back in the body box and mapped to the file."""
+    grid = np.zeros(cases.image_hu(cid).shape, np.uint8)
+    size = np.minimum(VOX, grid.shape)
+    for u in units:
+        if unit_case(u) == cid:
+            grid[tuple(slice(a, a + b) for a, b in zip(unit_start(u), size))] = 1
+    return data.to_native_grid(cases.uncrop(cid, grid), cases.files[cid]["label"], spacing_mm, nearest=True) > 0
+
+
+def test_export_of_a_patch_run_is_an_nnunet_dataset_with_an_ignore_label(phantom, tmp_path):
+    """A patch run's boxes become partial labels (the label file inside the boxes, nnU-Net's ignore label outside,
+    on the file's own grid); whole cases (validation, the all-data reference's) stay linked; nnU-Net accepts both."""
+    pytest.importorskip("nnunetv2", reason="nnU-Net v2 not installed (pip install torch==2.13.0 nnunetv2)")
+    out, raw = tmp_path / "run", tmp_path / "nnUNet_raw"
+    argv = tiny.args(phantom, out, *PATCH, "--strategy", "rand,full")
+    assert al_loop.main(argv) == 0
+    for number, strategy in ((501, "rand"), (502, "full")):
+        assert al_loop.main(["--out", str(out), "--export-nnunet", str(number), "--export-to", str(raw),
+                             "--strategy", strategy]) == 0
+    cfg = al_loop.parse_args(argv)[0]
+    cases, states = Cases(cfg, run_folder.RunFolder(out)), run_folder.read_states(out)["0"]
+    units, split = states["rand"]["labeled"], json.loads((out / "split.json").read_text())
+    boxed = list(dict.fromkeys(map(unit_case, units)))
+    assert all(unit_start(u) is not None for u in units) and boxed
+    folder = raw / "Dataset501_Phantom"
+    info = json.loads((folder / "dataset.json").read_text())
+    assert info["labels"] == {"background": 0, "liver": 1, "tumour": 2, "ignore": 3}
+    assert json.loads((folder / "splits_final.json").read_text()) == [{"train": boxed, "val": split["val"]}]
+    for cid in boxed:
+        source, exported = nib.load(cases.files[cid]["label"]), nib.load(folder / "labelsTr" / f"{cid}.nii.gz")
+        label, got = np.asarray(source.dataobj), np.asarray(exported.dataobj)
+        inside = box_mask_by_hand(cases, units, cid, cfg.spacing_mm)
+        assert got.dtype == np.uint8 and got.shape == label.shape and np.array_equal(exported.affine, source.affine)
+        assert 0 < inside.sum() < inside.size, cid
+        np.testing.assert_array_equal(got[inside], label[inside])
+        assert (got[~inside] == 3).all(), cid
+        assert os.path.samefile(folder / "imagesTr" / f"{cid}_0000.nii.gz", cases.files[cid]["image"])
+    for cid in split["val"]:
+        assert os.path.samefile(folder / "labelsTr" / f"{cid}.nii.gz", cases.files[cid]["label"])
+    whole = raw / "Dataset502_Phantom"
+    assert "ignore" not in json.loads((whole / "dataset.json").read_text())["labels"]
+    assert all(os.path.samefile(whole / "labelsTr" / f"{c}.nii.gz", cases.files[c]["label"])
+               for c in split["pool"] + split["val"])
+    printed = run_nnunet("from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity\n"
+                         f"for f in {[str(folder), str(whole)]!r}: verify_dataset_integrity(f, num_processes=1)",
+                         tmp_path)
+    assert printed.count("verify_dataset_integrity Done") == 2

@@ -1,12 +1,14 @@
 """The results files, made from a hand-written state; --report on a run folder."""
 import csv
 import json
+import sys
 import warnings
 
 import numpy as np
 import pytest
 
 import al_loop
+import report
 import tiny
 from report import wilcoxon_matrix, wilcoxon_table, write_reports
 
@@ -165,4 +167,17 @@ def test_report_before_any_finished_iteration_says_so(phantom, tmp_path, monkeyp
     with warnings.catch_warnings():                     # the writer itself, given no finished iteration
         warnings.simplefilter("error")
         write_reports(tmp_path, {"0": {"rand": state}}, TASK, n_pool=8)
+    assert not (tmp_path / "dice_curve.png").exists()
+
+
+def test_without_matplotlib_the_missing_curve_is_said_once(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)            # import matplotlib: ImportError
+    monkeypatch.setattr(report, "NO_PLOT_SAID", [])
+    rows = [("a", "0", "1", 3, 12.5, 0.5)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report.plot_curves(tmp_path, rows)
+        report.plot_curves(tmp_path, rows)
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == 1 and "dice_curve.png: not drawn, matplotlib is not installed" in texts[0]
     assert not (tmp_path / "dice_curve.png").exists()

@@ -33,3 +33,10 @@ def test_dice_curve_is_drawn_at_the_end_and_between_iterations_at_most_every_plo
     monkeypatch.setattr(study, "PLOT_EVERY_S", every_s)
     assert al_loop.main(tiny.tiny_args(phantom, tmp_path / "run")) == 0
     assert drawn == plots
+
+
+def test_sigterm_names_the_progress_bar_the_run_was_in(capsys):
+    """The last thing a run started is a progress bar as often as a log line: a SIGTERM message names it."""
+    fake = type("Fake", (), {"_bar": staticmethod(lambda *a, **k: None)})()
+    study.Study.bar(fake, "seed 0: pool scored under the proxy", 24)
+    assert study.LAST_LOG[0] == "seed 0: pool scored under the proxy"

@@ -176,3 +176,26 @@ def copy_data(root, tmp_path, name="data"):
     dest = tmp_path / name
     shutil.copytree(root, dest)
     return dest
+
+
+def ijk_ranges(text):
+    """to_annotate.csv's voxels_ijk "a-b,c-d,e-f" (first to last, inclusive) -> three slices."""
+    return tuple(slice(int(a), int(b) + 1) for a, b in (part.split("-") for part in text.split(",")))
+
+
+def label_boxes(truth, root, rows):
+    """The annotator labels the boxes of to_annotate.csv rows: the true label inside each (truth: a folder with
+    every label), the case's file kept elsewhere (created when there is none). Returns the cases of boxes that
+    are truly all background (their voxels cannot show the labeling: --boxes-done)."""
+    background = set()
+    for case in dict.fromkeys(r["case"] for r in rows):
+        true = nib.load(truth / "labelsTr" / f"{case}.nii.gz")
+        path = Path(next(r["save_label_as"] for r in rows if r["case"] == case))
+        label = np.asarray(nib.load(path).dataobj).copy() if path.exists() else np.zeros(true.shape, np.uint8)
+        for r in (r for r in rows if r["case"] == case):
+            box = ijk_ranges(r["voxels_ijk"])
+            label[box] = np.asarray(true.dataobj)[box]
+            if not label[box].any():
+                background.add(case)
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), true.affine, true.header), str(path))
+    return sorted(background)
