@@ -25,11 +25,11 @@ from annotate import require_labels, save_maps
 from cli import LO_HI, SIDES, at_least, one_of, opt, within
 from files import ProxyAlError
 from losses import dice_per_class
-from proxy_al import MIN_MC_PASSES, evaluate, noisy_label, pseudo_label, semi_loss, sliding_window_predict
-from report import nanmean, pseudo_label_report
+from proxy_al import MIN_MC_PASSES, noisy_label, pseudo_label, semi_loss, sliding_window_predict
+from report import pseudo_label_report
 from keys import stage_seed
 from ranking import Scoring, mc_pool
-from study import Method, export_nnunet, report_only, run_study
+from study import Method, export_nnunet, report_only, run_study, validate
 from train import PatchStream, Stage, batches, supervised_loss, train_proxy
 from unet import load_backbone
 
@@ -50,6 +50,8 @@ class Config:
     iterations: int = opt(4, "active iterations (paper: 4; 8 in the supplementary run)", at_least(1))
     n_val: float = opt(0.0, "validation cases, a count or a fraction < 1; 0 -> Task03 26, Task08 61, else 20 %",
                        at_least(0))
+    n_test: float = opt(0.0, "test cases (a count or a fraction < 1), drawn as validation is: they choose nothing "
+                        "(no weights are kept on them) and are reported beside validation", at_least(0))
     spacing_mm: tuple = opt((1.5, 1.5, 2.0), "resampling grid in mm (paper: 1.5 x 1.5 x 2.0)",
                             (lambda v: len(v) == 3 and min(v) > 0, "three numbers > 0 (mm)"))
     window_hu: tuple = opt((), "HU window LO,HI (e.g. --window-hu -21,189); empty -> by task: Task03 -21,189, "
@@ -152,7 +154,8 @@ def pseudo_labels(study, ids):
     with its Dice against the annotated foreground where a validation label exists (pool labels stay unread)."""
     report, labels = [], {}
     for cid in ids:
-        labels[cid] = pseudo_label_of(study, cid)
+        with study.clock("pseudo labels"):
+            labels[cid] = pseudo_label_of(study, cid)
         dice = (dice_per_class(study.cases.uncrop(cid, labels[cid]), np.asarray(study.cases.label(cid)) > 0, 2)[0]
                 if cid in study.cases.val else None)
         report.append((cid, int(labels[cid].sum()), dice))
@@ -187,13 +190,14 @@ def proxy_model(study, seed):
         volumes = [cases.labeled_volume(c, labels[c]) for c in cases.pool]
         val_cases = (lambda: ((cases.image(c), labels[c]) for c in cases.val)) if cases.val else None
         steps = max(1, len(cases.pool) * cfg.proxy_patches_per_case // cfg.batch_size)
-        history = train_proxy(model, volumes, val_cases, cfg.proxy_epochs, cfg.proxy_val_every, steps,  # line 3
-                              study.device, stage_seed(seed, "proxy"), patch_vox=cfg.patch_vox,
-                              batch_size=cfg.batch_size, window_hu=cases.window_hu, lr=cfg.lr,
-                              workers=study.workers, roi=cfg.roi_vox, overlap=cfg.overlap,
-                              fg_fraction=None if cfg.proxy_patches == "random" else cfg.fg_fraction,
-                              by_class=cfg.fg_draw == "classes", warmup_steps=cfg.warmup_steps, decay=cfg.lr_decay,
-                              progress=study.bar)
+        with study.clock("proxy training"):
+            history = train_proxy(model, volumes, val_cases, cfg.proxy_epochs, cfg.proxy_val_every, steps,  # line 3
+                                  study.device, stage_seed(seed, "proxy"), patch_vox=cfg.patch_vox,
+                                  batch_size=cfg.batch_size, window_hu=cases.window_hu, lr=cfg.lr,
+                                  workers=study.workers, roi=cfg.roi_vox, overlap=cfg.overlap,
+                                  fg_fraction=None if cfg.proxy_patches == "random" else cfg.fg_fraction,
+                                  by_class=cfg.fg_draw == "classes", warmup_steps=cfg.warmup_steps,
+                                  decay=cfg.lr_decay, progress=study.bar)
         study.save_checkpoint(f"seed{seed}/proxy", model, cases.pool, history=history)
     return model
 
@@ -263,6 +267,8 @@ def run_strategy(study, strategy, seed, proxy):
                 warnings.warn(f"{strategy.name} seed {seed} iteration {j + 1}: every {what}, so lines 9-11 "
                               "(semi-supervised fine-tuning on the most certain unlabeled units) are skipped")
         record.update(validate(study, model))
+        if study.cases.test:                                   # cases that chose nothing: the reported Dice
+            record["test"] = validate(study, model, study.cases.test)
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}: validation mean Dice {record['mean_dice']:.4f}")
         if j < iterations - 1 or study.cases.annotation:          # lines 14 / 17: else (no Msemi), Ms scores U
             acquire(study, model, state, record, seed, strategy, proxy, j)
@@ -331,8 +337,9 @@ def semi_finetune(study, model, labeled, certain, key):
     if study.load_checkpoint(key + "_semi", model, labeled + certain) is not None:
         return model
     model.eval()
-    noisy = {c: noisy_label(sliding_window_predict(model, study.cases.image(c), cfg.roi_vox, cfg.overlap), cfg.tau)
-             for c in study.queries.boxes(certain)}                                              # line 10
+    with study.clock("noisy labels"):
+        noisy = {c: noisy_label(sliding_window_predict(model, study.cases.image(c), cfg.roi_vox, cfg.overlap), cfg.tau)
+                 for c in study.queries.boxes(certain)}                                          # line 10
     cases, pair = sorted(labeled), ("|", *sorted(certain))             # seeds shared on the same cases
     sup = PatchStream(study.queries.volumes(cases), cfg.patch_vox, cfg.fg_fraction, study.cases.window_hu,
                       paired(key, "semi-sup", *cases), by_class=cfg.fg_draw == "classes",
@@ -357,16 +364,20 @@ def run_stage(study, model, step_loss, data, steps, dropout_seed, what):
     stage = Stage(model, step_loss, data, steps, study.device, cfg.lr, cfg.warmup_steps, cfg.lr_decay, dropout_seed,
                   study.bar)
     if cfg.keep == "last" or not study.cases.val:
-        return stage.run(what)
+        with study.clock(f"training ({what})"):
+            return stage.run(what)
     best, parts, history = None, [], []
     for done in range(0, steps, cfg.val_every):
         n = min(cfg.val_every, steps - done)
-        parts.append((n, stage.run(f"{what} steps {done + 1}-{done + n}/{steps}", n)))
+        with study.clock(f"training ({what})"):
+            parts.append((n, stage.run(f"{what} steps {done + 1}-{done + n}/{steps}", n)))
         dice = validate(study, model)["mean_dice"]          # eval mode; train_steps sets train mode again
         history.append((done + n, dice))
         if best is None or np.nan_to_num(dice, nan=-1.0) > best[0]:
             best = (np.nan_to_num(dice, nan=-1.0), {k: v.detach().clone() for k, v in model.state_dict().items()},
                     done + n)
+        print(f"  {what} step {done + n}/{steps}: validation mean Dice {dice:.4f} (best {best[0]:.4f}, step "
+              f"{best[2]})", flush=True)
     model.load_state_dict(best[1])
     mean = lambda key: sum(n * p[key] for n, p in parts) / steps
     return {"loss": mean("loss"), "step_s": mean("step_s"), "data_wait": mean("data_wait"), "best_step": best[2],
@@ -392,24 +403,13 @@ def score_cases(study, model, ids, key):
     """MC-dropout scores of each case (ranking.mc_pool): {id: {"variance", "entropy", "bald"}}, in patch mode
     with its boxes' means (Queries.case_scores; the maps are dropped case by case)."""
     scores, progress = {}, study.bar(f"MC scoring ({study.cfg.mc_passes} passes)", len(ids))
-    for i, (cid, s) in enumerate(mc_pool(model, ids, study.cases.image, Scoring.of(study.cfg), key, study.queries.patch), 1):
-        scores[cid] = study.queries.case_scores(cid, s)
-        progress.update(i)
+    with study.clock("MC scoring"):
+        for i, (cid, s) in enumerate(mc_pool(model, ids, study.cases.image, Scoring.of(study.cfg), key,
+                                             study.queries.patch), 1):
+            scores[cid] = study.queries.case_scores(cid, s)
+            progress.update(i)
     return scores
 
-
-def validate(study, model):
-    """Validation Dice per foreground class, per case (NaN where the case's label lacks the class: MONAI's
-    rule) and its mean over the cases that have it. mean_dice is MONAI's DiceMetric(include_background=False,
-    reduction="mean"), as the first author's tutorial reports it: per case the mean over its present classes,
-    then the mean over the cases. Each case is scored on box(cid, labeled=True), which holds all its
-    foreground: outside it both label and prediction are background, so the Dice is the full grid's."""
-    if not study.cases.val:
-        return {"dice": [float("nan")] * (study.cases.num_classes - 1), "mean_dice": float("nan"), "per_case": {}}
-    per_case = evaluate(model, (study.cases.labeled_case(c) for c in study.cases.val), study.cases.num_classes,
-                        study.cfg.roi_vox, study.cfg.overlap)
-    return {"dice": nanmean(per_case, 0).tolist(), "mean_dice": float(nanmean(nanmean(per_case, 1))),
-            "per_case": {c: row.tolist() for c, row in zip(study.cases.val, per_case)}}
 
 # ----------------------------------------------------------------------------- the study
 

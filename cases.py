@@ -105,11 +105,12 @@ def read_split(path) -> dict:
                          "folder (a new split would move cases between pool and validation)") from e
     if len(set(pool + val)) != len(pool) + len(val):
         raise ValueError(f"{path}: a case appears twice in pool/val; delete the split file to make a new one")
-    given = saved.get("given")
-    if given is not None and not (isinstance(given, list) and all(isinstance(c, str) for c in given)):
-        raise ValueError(f"{path}: 'given' must be a list of case ids (the pool cases labeled when the run began); "
-                         "restore the file from a backup")
-    return {"pool": pool, "val": val, **({"given": given} if given is not None else {})}
+    extra = {k: saved[k] for k in ("test", "given") if k in saved}
+    if not all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in extra.values()):
+        raise ValueError(f"{path}: 'test' and 'given' must be lists of case ids; restore the file from a backup")
+    if set(extra.get("test", [])) & set(pool + val):
+        raise ValueError(f"{path}: a test case is also in pool or val; restore the file from a backup")
+    return {"pool": pool, "val": val, **extra}
 
 
 def _reload_split(path, case_ids):
@@ -126,29 +127,32 @@ def _reload_split(path, case_ids):
     return split
 
 
-def split_cases(case_ids: list, n_val, seed: int, path, candidates: list | None = None) -> dict:
-    """Split case ids into {"pool": [ids], "val": [ids]}, deterministic by seed.
+def split_cases(case_ids: list, n_val, seed: int, path, candidates: list | None = None, n_test=0) -> dict:
+    """Split case ids into {"pool": [ids], "val": [ids]} (and "test": [ids] with n_test), deterministic by seed.
 
     If `path` exists the saved split is reloaded (and checked against case_ids); otherwise n_val validation
     cases are drawn from `candidates` (default: all; in annotation mode, the labeled cases) by a
-    np.random.default_rng(seed) permutation of the naturally sorted ids, the rest of case_ids is the pool,
-    and the split is written atomically as JSON. n_val: int count, or float in (0, 1) for a fraction of the
-    candidates.
+    np.random.default_rng(seed) permutation of the naturally sorted ids, then n_test test cases next in that
+    order; the rest of case_ids is the pool, and the split is written atomically as JSON. n_val, n_test: int
+    counts, or floats in (0, 1) for a fraction of the candidates.
     """
     case_ids = sorted(set(case_ids), key=natural_key)
     if path is not None and Path(path).is_file():
         return _reload_split(path, case_ids)
     candidates = case_ids if candidates is None else sorted(set(candidates), key=natural_key)
     n_val = _resolve_n_val(n_val, len(candidates)) if n_val else 0
+    n_test = _resolve_n_val(n_test, len(candidates) - n_val) if n_test else 0
     order = np.random.default_rng(int(seed)).permutation(len(candidates))
     val = sorted((candidates[i] for i in order[:n_val]), key=natural_key)
-    pool = [c for c in case_ids if c not in set(val)]
+    test = sorted((candidates[i] for i in order[n_val:n_val + n_test]), key=natural_key)
+    pool = [c for c in case_ids if c not in set(val + test)]
+    split = {"pool": pool, "val": val, **({"test": test} if n_test else {})}
     if path is not None:
-        atomic_write_json(path, {"seed": int(seed), "n_val": n_val, "pool": pool, "val": val})
-    return {"pool": pool, "val": val}
+        atomic_write_json(path, {"seed": int(seed), "n_val": n_val, **split})
+    return split
 
 
-def load_split(run, task_name, case_ids, val_candidates, n_val):
+def load_split(run, task_name, case_ids, val_candidates, n_val, n_test=0):
     """(split, new): the run's split.json if it has one (new False), else a split drawn now (validation from
     `val_candidates`, seed 0) that start() writes once every check has passed (new True)."""
     path = run.path / "split.json"
@@ -165,8 +169,12 @@ def load_split(run, task_name, case_ids, val_candidates, n_val):
         n_val = 0
     elif n_val >= 1:
         n_val = min(int(n_val), len(val_candidates) - 1)       # keep a case for the pool
+    n_test = int(n_test) if n_test >= 1 else n_test              # a count, or a fraction of the candidates
+    if n_test and n_val + (n_test if n_test >= 1 else 1) > len(val_candidates) - 1:
+        raise ProxyAlError(f"--n-test {n_test:g}: with {n_val} validation cases it leaves no labeled case of the "
+                           f"{len(val_candidates)} for the pool; lower --n-test or --n-val")
     try:
-        return split_cases(list(case_ids), n_val, 0, None, val_candidates), True
+        return split_cases(list(case_ids), n_val, 0, None, val_candidates, n_test), True
     except ValueError as err:
         raise ProxyAlError(str(err)) from None
 
@@ -196,8 +204,8 @@ class Cases:
         self.left_out, self._boxes = {}, {}                               # case: why; (case, labeled): its box
         labeled = [cid for cid, c in self.files.items() if c["label"]]
         split, new = load_split(run, self.task["name"], list(self.files),
-                                labeled if len(labeled) < len(self.files) else list(self.files), cfg.n_val)
-        self.pool, self.val = list(split["pool"]), list(split["val"])
+                                labeled if len(labeled) < len(self.files) else list(self.files), cfg.n_val, cfg.n_test)
+        self.pool, self.val, self.test = list(split["pool"]), list(split["val"]), list(split.get("test", []))
         self._follow_split(run.path / "split.json", run.selected())
         # Annotation mode: some case awaits a label, or the run began so ("given" in split.json: a label file of
         # a box case holds only the boxes asked for, so a run stays in annotation mode once every case has one).
@@ -213,10 +221,10 @@ class Cases:
         """A rerun on a data folder that changed since split.json was written: images added are not used (the
         split is fixed), a removed pool image that no strategy selected is left out, like an unreadable one; a
         removed validation image, or one a strategy selected, stops the run naming it. One message says it all."""
-        split_ids = set(self.pool + self.val)
+        split_ids = set(self.pool + self.val + self.test)
         added = [c for c in self.files if c not in split_ids]
-        removed = [c for c in self.pool + self.val if c not in self.files]
-        stop = [c for c in removed if c in self.val or c in selected]
+        removed = [c for c in self.pool + self.val + self.test if c not in self.files]
+        stop = [c for c in removed if c in self.val or c in self.test or c in selected]
         if stop:
             raise ProxyAlError(f"{self.root}/imagesTr: the image(s) of {few(stop)} are gone since this run began, "
                                "but the run validates on them or has selected them (split.json, state/); put the "
@@ -256,6 +264,7 @@ class Cases:
         if not self.files:
             raise ProxyAlError(f"{self.root}: no readable case")
         self.val = [c for c in self.val if c in self.files]
+        self.test = [c for c in self.test if c in self.files]
         self.pool = [c for c in self.pool if c in self.files]
 
     def check_labels(self):
@@ -263,7 +272,7 @@ class Cases:
         into the cache; a pool label is still used only once its case is selected). A validation label without
         foreground is named: it is left out of every class's mean (MONAI's rule)."""
         problems = [f"{self.files[c]['label_to']}: missing, but {c} is a validation case of this run (split.json); "
-                    "put its label back, or start a new --out" for c in self.val if not self.files[c]["label"]]
+                    "put its label back, or start a new --out" for c in self.val + self.test if not self.files[c]["label"]]
         for case in self.files.values():
             try:
                 if case["label"]:
@@ -273,7 +282,7 @@ class Cases:
         if problems:
             raise ProxyAlError(f"{len(problems)} label file(s) are missing or do not fit their image:\n" + "\n".join(problems))
         for cid, case in self.files.items():
-            if case["label"] and not self.label(cid).any() and cid in self.val:
+            if case["label"] and not self.label(cid).any() and cid in self.val + self.test:
                 warnings.warn(f"{case['label']}: validation label without foreground; this case counts in no "
                               "class's Dice (MONAI's rule). Check the file, or relabel it")
 
@@ -335,10 +344,10 @@ def sources(cases):
     """{case: {"image": files.fingerprint, "label": fingerprint or None}} of the files every rerun must find as
     they were: each image of the split, and the labels that are not annotations to come (validation labels,
     the cases labeled when an annotation run began, every label of a simulated run)."""
-    fixed = set(cases.val) | set(cases.given) | (set() if cases.annotation else set(cases.pool))
+    fixed = set(cases.val + cases.test) | set(cases.given) | (set() if cases.annotation else set(cases.pool))
     return {c: {"image": fingerprint(cases.files[c]["image"]),
                 "label": fingerprint(cases.files[c]["label"]) if c in fixed and cases.files[c]["label"] else None}
-            for c in cases.pool + cases.val}
+            for c in cases.pool + cases.val + cases.test}
 
 
 def check_sources(cases, path):

@@ -16,6 +16,7 @@ import numpy as np
 import files
 import regions
 import strategies
+from train import fmt_s
 
 
 def write_csv(path, header, rows):
@@ -95,7 +96,7 @@ def cell(x, digits=4):
     return float("nan") if x is None else round(float(x), digits)
 
 
-def write_reports(out, state, task, n_pool, left_out=None, plot=True):
+def write_reports(out, state, task, n_pool, left_out=None, plot=True, times=None):
     """results.csv, per_case_dice.csv, wilcoxon.csv, summary.md (and dice_curve.png with matplotlib, if `plot`)
     in `out`.
 
@@ -111,10 +112,16 @@ def write_reports(out, state, task, n_pool, left_out=None, plot=True):
                        else 100.0 * rec["n_labeled"] / max(n_pool, 1))
     rows = [[s, seed, j, rec["n_labeled"], round(pct(rec), 2)]
             + [cell(d) for d in rec["dice"]] + [cell(rec["mean_dice"])] for s, seed, j, rec in records(state)]
-    write_csv(out / "results.csv", header, rows)
-    per_case = [[s, seed, j, c] + [cell(x) for x in d] + [cell(nanmean(d))]
-                for s, seed, j, rec in records(state) for c, d in rec["per_case"].items()]
-    write_csv(out / "per_case_dice.csv", ["strategy", "seed", "iteration", "case"] + names + ["mean_dice"], per_case)
+    tested, validation = test_view(state), state    # --n-test: the Dice of cases that chose nothing
+    if tested:
+        test_rows = [r[:5] + [cell(d) for d in rec["dice"]] + [cell(rec["mean_dice"])]
+                     for r, (_, _, _, rec) in zip(rows, records(tested))]
+        write_csv(out / "results.csv", header + [f"test_{n}" for n in header[5:]],
+                  [r + t[5:] for r, t in zip(rows, test_rows)])
+        rows, state = test_rows, tested  # the tables below: the test cases
+    else:
+        write_csv(out / "results.csv", header, rows)
+    write_per_case(out, state, names, validation if tested else None)
     matrix = wilcoxon_matrix(state)
     order, _, p = matrix
     write_csv(out / "wilcoxon.csv", ["strategy"] + [display_name(s) for s in order],
@@ -126,8 +133,11 @@ def write_reports(out, state, task, n_pool, left_out=None, plot=True):
         write_csv(out / "budget.csv", ["strategy", "seed", "iteration", "n_labeled", "voxels", "fg_voxels",
                                        "mean_dice"], budget)
     patch = is_patch_run(state)
-    summary = (summary_table(task["name"], header, rows) + empty_note(state, class_names) + "\n"
-               + (budget_table(budget) + "\n" if patch else "") + wilcoxon_table(matrix))
+    summary = (summary_table(task["name"], header, rows, "test" if tested else "validation")
+               + empty_note(state, class_names) + "\n"
+               + (budget_table(budget) + "\n" if patch else "") + wilcoxon_table(matrix, "test" if tested else "validation"))
+    if times:
+        summary += "\n" + time_table(times)
     if left_out:
         summary += (f"\n## {len(left_out)} case(s) left out: their files could not be read\n\n"
                     + "".join(f"- {c}: {why}\n" for c, why in sorted(left_out.items())))
@@ -135,6 +145,38 @@ def write_reports(out, state, task, n_pool, left_out=None, plot=True):
     if plot:
         plot_curves(out, budget if patch else rows, "voxels" if patch else "pct")
     return summary
+
+
+def time_table(times):
+    """Markdown: the wall time of each stage (run_folder.read_times: every process's, summed) and its share."""
+    wall, stages = times["wall"], sorted(times["stages"].items(), key=lambda kv: (kv[0] == "other", -kv[1]))
+    lines = ["## Where the time went", "", "| stage | wall | share |", "|---|---|---|"]
+    lines += [f"| {stage} | {fmt_s(s)} | {100 * s / max(wall, 1e-9):.1f} % |" for stage, s in stages]
+    lines += [f"| total | {fmt_s(wall)} | 100 % |", "",
+              f"Wall seconds of {times['processes']} process(es) (ranks and reruns summed); a stage inside another "
+              "counts once; other: start-up, checks, the queue and waits."]
+    return "\n".join(lines) + "\n"
+
+
+def test_view(state):
+    """The state with each record's test Dice (--n-test) in place of its validation Dice, or None without one."""
+    if not any("test" in rec for *_, rec in records(state)):
+        return None
+    return {seed: {s: {**st, "iterations": [{**rec, **rec.get("test", {"dice": [float("nan")] * len(rec["dice"]),
+                                                                       "mean_dice": float("nan"), "per_case": {}})}
+                                            for rec in st["iterations"]]} for s, st in by_s.items()}
+            for seed, by_s in state.items()}
+
+
+def write_per_case(out, state, names, validation=None):
+    """per_case_dice.csv: a row per (strategy, seed, iteration, case); with a test set (`validation`: the state
+    of the validation Dice, `state` that of the test Dice) a column `set` says which."""
+    rows = lambda st, kind: [[s, seed, j, c] + [cell(x) for x in d] + [cell(nanmean(d))] + kind
+                             for s, seed, j, rec in records(st) for c, d in rec["per_case"].items()]
+    header = ["strategy", "seed", "iteration", "case"] + names + ["mean_dice"]
+    if validation is None:
+        return write_csv(out / "per_case_dice.csv", header, rows(state, []))
+    write_csv(out / "per_case_dice.csv", header + ["set"], rows(validation, ["validation"]) + rows(state, ["test"]))
 
 
 def is_patch_run(state):
@@ -169,7 +211,7 @@ def budget_table(budget):
                                "constant Dice d gives d (Zhan et al., IJCAI 2021). n/a: a run without a Dice."]) + "\n"
 
 
-def summary_table(task_name, header, rows):
+def summary_table(task_name, header, rows, cases="validation"):
     """Mean +- std over seeds of the last iteration's validation Dice, per strategy (the paper's Table 1), and
     the all-data reference (strategy `full`) in a table of its own under it. A seed's class Dice is already
     the mean over the cases where the class is present; std has ddof 1 (the sample std), "-" for one seed."""
@@ -185,8 +227,12 @@ def summary_table(task_name, header, rows):
         (ref if kind(strategy).reference else main).append(
             f"| {display_name(strategy) if kind(strategy).oracle else strategy} | {len(sel)} | {sel[0][3]} | "
             + " | ".join(cells) + " |")
-    lines = [f"# {task_name}: validation Dice at the last iteration (mean +- std over seeds; std with ddof 1, "
-             "the sample std)", ""] + (main if len(main) > 2 else [])
+    lines = [f"# {task_name}: {cases} Dice at the last iteration (mean +- std over seeds; std with ddof 1, "
+             "the sample std)", ""]
+    if cases == "test":
+        lines += ["The test cases chose nothing: weights were kept on the validation cases (results.csv has both).",
+                  ""]
+    lines += main if len(main) > 2 else []
     if len(ref) > 2:
         lines += ["", "Reference (all pool cases labeled: the supplement's \"model that is using all the data\"):",
                   ""] + ref
@@ -257,7 +303,7 @@ def wilcoxon_matrix(state):
     return order, means, p
 
 
-def wilcoxon_table(matrix):
+def wilcoxon_table(matrix, cases="validation"):
     """wilcoxon_matrix(state) as markdown: a row per strategy with its mean and its p-values against each."""
     order, means, p = matrix
     if len(order) < 2:
@@ -268,7 +314,7 @@ def wilcoxon_table(matrix):
     for a in order:
         cells = ["-" if a == b else "n/a" if p[a, b] is None else f"{p[a, b]:.3g}" for b in order]
         lines.append(f"| {display_name(a)} | {means[a]:.4f} | " + " | ".join(cells) + " |")
-    lines += ["", "Two-sided p-values over the validation cases both strategies have a value for (a case's value is "
+    lines += ["", f"Two-sided p-values over the {cases} cases both strategies have a value for (a case's value is "
               "the mean over its present foreground classes). n/a: fewer than 6 cases differ; with n differing "
               "cases the exact two-sided test cannot give p below 2 / 2^n, so p < 0.05 needs n >= 6."]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,8 @@ the method; a file that cannot be used ends in ProxyAlError naming it and the fi
     out/scores/seed<S>/<case>.json            MC-dropout scores of a pool case under the seed's proxy
     out/checkpoints/<key>.pt                  the weights a finished stage saved
     out/<name>.<hash of what made it>.npy     saved arrays (pseudo labels)
-    out/to_annotate/asked.json                annotation mode with boxes: each box's label file stamp when asked
+    out/to_annotate/asked.json                annotation mode with boxes: each box's label when asked (CRC-32)
+    out/times/<start>-<pid>.json              the wall seconds of each stage, per process (summary.md sums them)
 """
 import dataclasses
 import json
@@ -96,6 +97,23 @@ def read_states(out, rebuild=False):
             os.replace(path, path.with_suffix(".bad"))
             warnings.warn(f"{path}: invalid, moved to {path.with_suffix('.bad').name}; rebuilding it")
     return states
+
+
+def read_times(out):
+    """The stage times of every process that worked on the run (out/times/*.json: ranks, reruns), summed:
+    {"wall": seconds, "stages": {stage: seconds}, "processes": n}; None before any was written."""
+    total = {"wall": 0.0, "stages": {}, "processes": 0}
+    for path in sorted((Path(out) / "times").glob("*.json")):
+        try:
+            part = json.loads(path.read_text(encoding="utf-8"))
+            wall, stages = float(part["wall"]), {str(k): float(v) for k, v in part["stages"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue                        # a damaged record loses its seconds, nothing else
+        total["wall"] += wall
+        total["processes"] += 1
+        for stage, seconds in stages.items():
+            total["stages"][stage] = total["stages"].get(stage, 0.0) + seconds
+    return total if total["processes"] else None
 
 
 def is_run_folder(out):

@@ -7,6 +7,7 @@ al_loop.main turns it into the one line users see.
 """
 import dataclasses
 import errno
+import os
 import re
 import signal
 import threading
@@ -25,9 +26,10 @@ from cases import Cases, check_sources, read_task, resolve_data
 from queries import Queries
 from files import ProxyAlError, few, read_json
 from keys import stage_seed
-from report import write_reports
-from run_folder import MARKER, RunFolder, check_rerun_settings, locked, read_states
-from train import Progress, fmt_s, pick_device
+from proxy_al import evaluate
+from report import nanmean, write_reports
+from run_folder import MARKER, RunFolder, check_rerun_settings, locked, read_states, read_times
+from train import Progress, StageClock, fmt_s, pick_device
 from unet import UNet
 from world import World
 
@@ -48,7 +50,7 @@ class Study:
     """What every unit of one run shares: the config and what is derived from it once (`out`, `seeds`), the run
     folder (`run`), the cases (`cases`), the device, the rank group (`world`), the log, and the models."""
 
-    def __init__(self, cfg, run, cases, seeds, world, boxes_done=()):
+    def __init__(self, cfg, run, cases, seeds, world, boxes_done=(), clock=None):
         self.cfg, self.run, self.cases, self.seeds, self.world = cfg, run, cases, tuple(seeds), world
         self.queries = Queries(cfg, cases)                              # what a unit of Tl is: a case or a box
         self.out, self.t0, self.total, self.shown = run.path, time.time(), 0, 0
@@ -59,6 +61,8 @@ class Study:
         self.workers = cfg.workers if cfg.workers >= 0 else (6 if self.device.type == "cuda" else 0)
         self._proxy = (None, None)                                      # (seed, Mp) while this rank works on it
         self.boxes_done = boxes_done    # --boxes-done: cases (or "all") whose asked boxes the user says are labeled
+        self.clock = clock or StageClock()                              # where this process's time goes
+        self._times = f"times/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
 
     def settings(self):
         """The config as config.json and the checkpoints record it: with the run's folder and seeds."""
@@ -109,15 +113,17 @@ class Study:
             still += k
         return selected, selected + still
 
-    def write_reports(self, final=False):
+    def write_reports(self, final=False, plot=None):
         """results.csv, per_case_dice.csv, summary.md from every state file so far (other ranks' too), after
         each active iteration; dice_curve.png at most every PLOT_EVERY_S seconds between them (a plot costs more
         than a tiny iteration) and always at the end (`final`)."""
-        plot = final or time.time() - self.plotted >= PLOT_EVERY_S
+        plot = (final or time.time() - self.plotted >= PLOT_EVERY_S) if plot is None else plot
         if plot:
             self.plotted = time.time()
-        return write_reports(self.out, read_states(self.out), self.cases.task, len(self.cases.pool),
-                             self.cases.left_out, plot)
+        with self.clock("reports"):
+            self.run.write_json(self._times, self.clock.totals())
+            return write_reports(self.out, read_states(self.out), self.cases.task, len(self.cases.pool),
+                                 self.cases.left_out, plot, read_times(self.out))
 
     # --- models
 
@@ -152,6 +158,27 @@ class Study:
         model = self.new_model(self.cases.num_classes, key)
         model.load_state_dict(self.run.checkpoint_weights(key, self.device))
         return model.eval()
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(study, model, ids=None):
+    """Validation Dice of the validation cases (or of `ids`, e.g. the test cases) per foreground class, per case
+    (NaN where the case's label lacks the class: MONAI's rule) and its mean over the cases that have it. mean_dice is MONAI's DiceMetric(include_background=False,
+    reduction="mean"), as the first author's tutorial reports it: per case the mean over its present classes,
+    then the mean over the cases. Each case is scored on box(cid, labeled=True), which holds all its
+    foreground: outside it both label and prediction are background, so the Dice is the full grid's."""
+    with study.clock("validation"):
+        return _validate(study, model, study.cases.val if ids is None else ids)
+
+
+def _validate(study, model, ids):
+    if not ids:
+        return {"dice": [float("nan")] * (study.cases.num_classes - 1), "mean_dice": float("nan"), "per_case": {}}
+    per_case = evaluate(model, (study.cases.labeled_case(c) for c in ids), study.cases.num_classes,
+                        study.cfg.roi_vox, study.cfg.overlap)
+    return {"dice": nanmean(per_case, 0).tolist(), "mean_dice": float(nanmean(nanmean(per_case, 1))),
+            "per_case": {c: row.tolist() for c, row in zip(ids, per_case)}}
 
 # ----------------------------------------------------------------------------- the queue
 
@@ -273,6 +300,11 @@ def check_request(study, chosen):
 def preprocess(study):
     """Resample every image into the cache once (Cases.preprocess); on many ranks each builds its share first,
     then every rank reads them all."""
+    with study.clock("preprocess"):
+        _preprocess(study)
+
+
+def _preprocess(study):
     world, ids = study.world, list(study.cases.files)
     if world.size > 1:
         study.cases.preprocess(ids[world.rank::world.size], None)
@@ -301,7 +333,8 @@ def start(study, chosen, sources=None):
     study.count_iterations(sum(s.iterations(study.cfg.iterations) - len((study.run.saved_state(seed, s.name) or
                                                                          {"iterations": []})["iterations"])
                                for seed in study.seeds for s in chosen))
-    study.log(f"{cases.task['name']}: {len(cases.pool)} pool, {len(cases.val)} validation cases; "
+    study.log(f"{cases.task['name']}: {len(cases.pool)} pool, {len(cases.val)} validation"
+              + (f", {len(cases.test)} test" if cases.test else "") + " cases; "
               f"{len(chosen)} strategies x {len(study.seeds)} seeds; device {study.device}; out {study.out}; "
               f"cache {cases.cache}" + (f"; {study.world.size} ranks" if study.world.size > 1 else ""))
 
@@ -312,7 +345,7 @@ def run_study(cfg, method, rebuild_state=False, default_strategy=False, boxes_do
     """The whole study on this process: rank 0 holds the run folder for the group; every rank takes units of
     Algorithm 1 (`method`) from the queue; rank 0 then waits for all and writes the reports. Annotation mode
     stops (exit 0) once the selected cases need labels."""
-    world = World()
+    world, clock = World(), StageClock()           # the clock from the start: the stages sum to the run's wall time
     main_thread = threading.current_thread() is threading.main_thread()     # only there can it take signals
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None   # SLURM's preemption
     out, existed = Path(cfg.out or f"runs/{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"), None
@@ -322,10 +355,10 @@ def run_study(cfg, method, rebuild_state=False, default_strategy=False, boxes_do
             existed = out.exists()
             with locked(out):
                 world.set("out", str(out))
-                return _run(cfg, out, world, method, rebuild_state, default_strategy, boxes_done)
+                return _run(cfg, out, world, method, rebuild_state, default_strategy, boxes_done, clock)
         world.wait(lambda: world.ask("check", ["out"]), "rank 0 to lock the run folder", print)
         out = Path(world.get("out"))
-        return _run(cfg, out, world, method, rebuild_state, default_strategy, boxes_done)
+        return _run(cfg, out, world, method, rebuild_state, default_strategy, boxes_done, clock)
     except NeedLabels as stop:
         print(stop)
         return 0
@@ -354,19 +387,19 @@ def run_study(cfg, method, rebuild_state=False, default_strategy=False, boxes_do
         world.close()
 
 
-def open_study(cfg, out=None, world=None, rebuild_state=False, default_strategy=False, boxes_done=()):
+def open_study(cfg, out=None, world=None, rebuild_state=False, default_strategy=False, boxes_done=(), clock=None):
     """(Study, the strategies to run) of a config, before any check: the run folder's files as they are (not
     locked: run_study locks it), the data folder's cases and the split."""
     run = RunFolder(out or cfg.out, rebuild_state)
     cases, t0 = Cases(cfg, run), time.time()
     chosen, seeds = choose_strategies(cfg, cases, default_strategy,
                                       lambda msg: print(f"[{fmt_s(time.time() - t0)}] {msg}", flush=True))
-    return Study(cfg, run, cases, seeds, world or World(), boxes_done), chosen
+    return Study(cfg, run, cases, seeds, world or World(), boxes_done, clock), chosen
 
 
-def _run(cfg, out, world, method, rebuild_state, default_strategy, boxes_done=()):
+def _run(cfg, out, world, method, rebuild_state, default_strategy, boxes_done=(), clock=None):
     check_rerun_settings(out, {**dataclasses.asdict(cfg), "out": str(out)}, cli.moot(cfg))
-    study, chosen = open_study(cfg, out, world, rebuild_state, default_strategy, boxes_done)
+    study, chosen = open_study(cfg, out, world, rebuild_state, default_strategy, boxes_done, clock)
     sources = check_sources(study.cases, out / "sources.json")      # another --data: the same files only
     check_request(study, chosen)
     preprocess(study)
@@ -382,7 +415,8 @@ def _run(cfg, out, world, method, rebuild_state, default_strategy, boxes_done=()
     if world.rank:
         return 0
     world.wait(lambda: study.progress() or world.add("finished", 0) == world.size, "the other ranks", study.log)
-    print(study.write_reports(final=True))
+    study.write_reports(final=True)
+    print(study.write_reports(plot=False))             # again: its table holds the time of the last plot
     study.log(f"done: results.csv, per_case_dice.csv, summary.md in {study.out}")
     return 0
 
@@ -464,5 +498,6 @@ def report_only(cfg):
         print(f"{cfg.out}: no iteration has finished yet ({sum(map(len, states.values()))} (seed, strategy) runs "
               "started), so there is nothing to report; the study writes its reports after each iteration")
         return 0
-    print(write_reports(Path(cfg.out), states, folders.read_task_info(root), len(split["pool"])))
+    print(write_reports(Path(cfg.out), states, folders.read_task_info(root), len(split["pool"]),
+                        times=read_times(cfg.out)))
     return 0

@@ -5,6 +5,7 @@ proxy (Algorithm 1 line 3), Ms (line 7) and Msemi (line 11).
 """
 import math
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -39,6 +40,38 @@ class Progress:
         elapsed = now - self.t0
         eta = elapsed / max(done, 1) * (self.total - done)
         print(f"{self.prefix}  {self.tag} {done}/{self.total}  {extra}  elapsed {fmt_s(elapsed)}  ETA {fmt_s(eta)}", flush=True)
+
+
+class StageClock:
+    """Wall seconds per stage of this process, each second counted once: a stage entered inside another pauses
+    it (`with clock("validation"):` inside "training (Ms)" counts to validation only). totals() adds "other":
+    the seconds in no stage, so the stages sum to the wall time."""
+
+    def __init__(self):
+        self.start, self.seconds, self._open = time.perf_counter(), {}, []
+        self._since = self.start
+
+    @contextmanager
+    def __call__(self, stage):
+        self._charge()
+        self._open.append(stage)
+        try:
+            yield
+        finally:
+            self._charge()
+            self._open.pop()
+
+    def _charge(self):
+        now = time.perf_counter()
+        if self._open:
+            self.seconds[self._open[-1]] = self.seconds.get(self._open[-1], 0.0) + now - self._since
+        self._since = now
+
+    def totals(self) -> dict:
+        """{"wall": seconds since the start, "stages": {stage: seconds, ..., "other": the rest}}."""
+        self._charge()
+        wall = time.perf_counter() - self.start
+        return {"wall": wall, "stages": {**self.seconds, "other": max(wall - sum(self.seconds.values()), 0.0)}}
 
 # ----------------------------------------------------------------------------- devices
 

@@ -65,3 +65,28 @@ def test_a_rerun_on_another_data_folder_is_taken_only_with_the_same_files(phanto
     moved = shutil.copytree(phantom, tmp_path / "moved")     # a copy: new times, the same files
     assert al_loop.main(tiny.args(moved, out, *extra, "--iterations", "3")) == 0
     assert len(tiny.states_of(out)["rand"]["iterations"]) == 3
+
+
+def test_test_cases_are_drawn_after_validation_and_leave_the_pool(tmp_path):
+    ids = [f"liver_{i}" for i in range(20)]
+    plain = split_cases(ids, 4, seed=0, path=None)
+    split = split_cases(ids, 4, seed=0, path=tmp_path / "split.json", n_test=5)
+    assert split["val"] == plain["val"] and len(split["test"]) == 5       # validation as without a test set
+    assert not set(split["test"]) & set(split["val"] + split["pool"]) and len(split["pool"]) == 11
+    assert json.loads((tmp_path / "split.json").read_text())["test"] == split["test"]
+    assert "test" not in plain                                            # split.json unchanged without one
+
+
+def test_a_run_with_test_cases_reports_them_beside_validation(phantom, tmp_path):
+    """--n-test: results.csv gets test_ columns, per_case_dice.csv a set column, summary.md's tables the test
+    Dice (weights were kept on validation)."""
+    out = tmp_path / "run"
+    assert al_loop.main(tiny.args(phantom, out, "--n-test", "2", "--strategy", "rand")) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["test"]) == 2 and len(split["pool"]) == 6
+    rows = tiny.rows(out / "results.csv")
+    assert rows and all(r["test_mean_dice"] not in ("", None) for r in rows)
+    sets = {(r["set"], r["case"]) for r in tiny.rows(out / "per_case_dice.csv")}
+    assert {c for s, c in sets if s == "test"} == set(split["test"])
+    assert {c for s, c in sets if s == "validation"} == set(split["val"])
+    assert "test Dice at the last iteration" in (out / "summary.md").read_text()

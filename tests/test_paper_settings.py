@@ -17,7 +17,7 @@ import study
 import tiny
 import run_folder
 from proxy_al import enable_mc_dropout, mc_scores, noisy_label, sliding_window
-from train import PatchStream, Stage, supervised_loss
+from train import PatchStream, Stage, StageClock, supervised_loss
 from unet import UNet
 import train
 
@@ -383,6 +383,7 @@ class FakeStudy:
         self.cfg = al_loop.dataclasses.replace(al_loop.PAPER, keep=keep, val_every=val_every, lr=1e-2)
         self.device, self.cases = torch.device("cpu"), type("Cases", (), {"val": ["v"]})()
         self.bar = lambda *a, **kw: type("Quiet", (), {"update": lambda *a, **kw: None})()
+        self.clock = StageClock()
 
 
 def toy_batches(seed=0):
@@ -425,9 +426,9 @@ def test_mean_dice_is_monais_mean_over_cases_of_present_classes(monkeypatch):
     """DiceMetric(include_background=False, reduction="mean"): per case the mean of its present classes, then
     the mean over the cases that have one."""
     per_case = np.array([[0.8, np.nan], [0.6, 0.2], [np.nan, np.nan]])
-    monkeypatch.setattr(al_loop, "evaluate", lambda *a, **kw: per_case)
+    monkeypatch.setattr(study, "evaluate", lambda *a, **kw: per_case)
     cases = type("C", (), {"val": ["a", "b", "c"], "num_classes": 3, "labeled_case": lambda self, c: None})()
-    fake = type("S", (), {"cases": cases, "cfg": al_loop.PAPER})()
+    fake = type("S", (), {"cases": cases, "cfg": al_loop.PAPER, "clock": StageClock()})()
     record = al_loop.validate(fake, None)
     assert record["mean_dice"] == pytest.approx((0.8 + 0.4) / 2)
     assert record["dice"] == pytest.approx([0.7, 0.2])

@@ -1,5 +1,7 @@
 """study.py: SIGTERM inside a file read stops the run as SIGTERM; dice_curve.png is drawn at the end, not after
-every iteration."""
+every iteration; the stage-time table."""
+import json
+import time
 
 import nibabel as nib
 import pytest
@@ -40,3 +42,18 @@ def test_sigterm_names_the_progress_bar_the_run_was_in(capsys):
     fake = type("Fake", (), {"_bar": staticmethod(lambda *a, **k: None)})()
     study.Study.bar(fake, "seed 0: pool scored under the proxy", 24)
     assert study.LAST_LOG[0] == "seed 0: pool scored under the proxy"
+
+
+def test_the_stage_time_table_is_written_and_sums_to_the_wall_time(phantom, tmp_path):
+    """summary.md says where the run's time went: the stages and 'other' sum to the wall time of the process,
+    which is the time the run took (within a few percent), and the main stages are named."""
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    assert al_loop.main(tiny.args(phantom, out, *tiny.STRATEGIES)) == 0
+    took = time.perf_counter() - t0
+    (times,) = [json.loads(p.read_text()) for p in (out / "times").glob("*.json")]
+    assert sum(times["stages"].values()) == pytest.approx(times["wall"], rel=1e-6)
+    assert times["wall"] == pytest.approx(took, rel=0.05, abs=0.3)
+    assert {"proxy training", "MC scoring", "training (supervised)", "validation", "reports"} <= times["stages"].keys()
+    summary = (out / "summary.md").read_text()
+    assert "## Where the time went" in summary and "| proxy training |" in summary and "| total |" in summary
