@@ -29,8 +29,8 @@ from proxy_al import MIN_MC_PASSES, noisy_label, pseudo_label, semi_loss, slidin
 from report import pseudo_label_report
 from keys import stage_seed
 from ranking import Scoring, mc_pool
-from study import Method, export_nnunet, report_only, run_study, validate
-from train import PatchStream, Stage, batches, supervised_loss, train_proxy
+from study import Method, export_nnunet, report_only, run_stage, run_study, validate
+from train import PatchStream, batches, supervised_loss, train_proxy
 from unet import load_backbone
 
 HU_BAND = (lambda v: v == "auto" or LO_HI[0](v.split(",")), "two numbers LO,HI with LO < HI, or auto")
@@ -77,6 +77,11 @@ class Config:
                                 "background dropped, floor 0.0005) or all", one_of("foreground", "all"))
     steps: int = opt(2000, "supervised training steps per active iteration (paper: 2,000)", at_least(1))
     semi_steps: int = opt(2000, "semi-supervised fine-tuning steps per active iteration (paper: 2,000)", at_least(1))
+    warm_start: str = opt("none", "Ms of the iterations after the first starts from: none (Mp, or random weights: "
+                          "the paper's line 7) or previous (the last iteration's model, as the first author's "
+                          "tutorial trains one network throughout)", one_of("none", "previous"))
+    warm_steps: int = opt(0, "--warm-start previous: supervised steps of the iterations after the first (0: --steps)",
+                          at_least(0), only=("warm_start", "previous"))
     proxy_epochs: int = opt(100, "proxy training epochs on the pseudo labels (paper: 100)", at_least(1))
     proxy_val_every: int = opt(5, "validate the proxy every N epochs and keep the best (paper: 5)", at_least(1))
     proxy_patches_per_case: int = opt(2, "patches per pool case and epoch of proxy training", at_least(1))
@@ -252,7 +257,10 @@ def run_strategy(study, strategy, seed, proxy):
         require_labels(study, state, seed, strategy)
         key, labeled = f"seed{seed}/{strategy.name}/iter{j}", list(state.labeled)    # key: its checkpoints' names
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}/{iterations}: {len(labeled)} labeled")
-        model = supervised(study, labeled, proxy.weights if strategy.proxy else None, key)   # line 7: Ms
+        warm = cfg.warm_start == "previous" and j > 0       # beyond the paper: on from iteration j - 1's model
+        start = (study.final_model(seed, strategy, j - 1, state.iterations[-1]).state_dict() if warm
+                 else proxy.weights if strategy.proxy else None)
+        model = supervised(study, labeled, start, key, cfg.warm_steps if warm and cfg.warm_steps else cfg.steps)  # line 7
         record = {"n_labeled": len(labeled)}
         record["voxels"], record["fg_voxels"] = study.queries.budget(labeled)   # the budget spent so far
         if study.queries.patch:                           # results.csv's pct_labeled: of the pool's voxels
@@ -307,9 +315,10 @@ def paired(key, *parts):
     return stage_seed(key.split("/")[0], *parts)
 
 
-def supervised(study, labeled, init_state, key):
-    """Line 7: train Ms on Tl for a fixed number of steps, from Mp's weights (new head) or from scratch.
-    The seed's strategies share the initial weights, and on the same cases the patches and dropout masks."""
+def supervised(study, labeled, init_state, key, steps):
+    """Line 7: train Ms on Tl for `steps` steps, from Mp's weights (new head), from scratch, or (--warm-start
+    previous) from the last iteration's model. The seed's strategies share the initial weights, and on the
+    same cases the patches and dropout masks."""
     cfg, cases = study.cfg, sorted(labeled)
     model = study.new_model(study.cases.num_classes, key.split("/")[0], "init")
     if study.load_checkpoint(key + "_sup", model, labeled) is None:
@@ -319,7 +328,7 @@ def supervised(study, labeled, init_state, key):
                              study.cases.window_hu, paired(key, "sup", *cases), by_class=cfg.fg_draw == "classes",
                              patches_per_case=cfg.patches_per_case)
         loader = batches(stream, cfg.batch_size * cfg.patches_per_case, study.workers, study.device)
-        stats = run_stage(study, model, supervised_loss, loader, cfg.steps, paired(key, "dropout", *cases), "supervised")
+        stats = run_stage(study, model, supervised_loss, loader, steps, paired(key, "dropout", *cases), "supervised")
         study.save_checkpoint(key + "_sup", model, labeled, stats=stats)
     return model
 
@@ -353,35 +362,6 @@ def semi_finetune(study, model, labeled, certain, key):
                   paired(key, "semi-dropout", *cases, *pair), "semi-supervised")
     study.save_checkpoint(key + "_semi", model, labeled + certain, stats=stats)
     return model
-
-
-def run_stage(study, model, step_loss, data, steps, dropout_seed, what):
-    """One training stage of Ms or Msemi: `steps` Adam steps at the config's lr and schedule. With --keep best
-    (the first author's tutorial keeps its best validated model) the model is validated every --val-every
-    steps and after the last, and ends with the weights of the best validation mean Dice (the first of equal
-    ones; the last weights when there is no validation case). Returns the stage's stats."""
-    cfg = study.cfg
-    stage = Stage(model, step_loss, data, steps, study.device, cfg.lr, cfg.warmup_steps, cfg.lr_decay, dropout_seed,
-                  study.bar)
-    if cfg.keep == "last" or not study.cases.val:
-        with study.clock(f"training ({what})"):
-            return stage.run(what)
-    best, parts, history = None, [], []
-    for done in range(0, steps, cfg.val_every):
-        n = min(cfg.val_every, steps - done)
-        with study.clock(f"training ({what})"):
-            parts.append((n, stage.run(f"{what} steps {done + 1}-{done + n}/{steps}", n)))
-        dice = validate(study, model)["mean_dice"]          # eval mode; train_steps sets train mode again
-        history.append((done + n, dice))
-        if best is None or np.nan_to_num(dice, nan=-1.0) > best[0]:
-            best = (np.nan_to_num(dice, nan=-1.0), {k: v.detach().clone() for k, v in model.state_dict().items()},
-                    done + n)
-        print(f"  {what} step {done + n}/{steps}: validation mean Dice {dice:.4f} (best {best[0]:.4f}, step "
-              f"{best[2]})", flush=True)
-    model.load_state_dict(best[1])
-    mean = lambda key: sum(n * p[key] for n, p in parts) / steps
-    return {"loss": mean("loss"), "step_s": mean("step_s"), "data_wait": mean("data_wait"), "best_step": best[2],
-            "validation": history}
 
 
 def acquisition_scores(study, model, state, seed, strategy, proxy, j):

@@ -29,10 +29,11 @@ from keys import stage_seed
 from proxy_al import evaluate
 from report import nanmean, write_reports
 from run_folder import MARKER, RunFolder, check_rerun_settings, locked, read_states, read_times
-from train import Progress, StageClock, fmt_s, pick_device
+from train import Progress, Stage, StageClock, fmt_s, pick_device
 from unet import UNet
 from world import World
 
+import numpy as np
 import torch
 
 
@@ -159,7 +160,7 @@ class Study:
         model.load_state_dict(self.run.checkpoint_weights(key, self.device))
         return model.eval()
 
-# ----------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------- training stages and validation
 
 
 def validate(study, model, ids=None):
@@ -179,6 +180,34 @@ def _validate(study, model, ids):
                         study.cfg.roi_vox, study.cfg.overlap)
     return {"dice": nanmean(per_case, 0).tolist(), "mean_dice": float(nanmean(nanmean(per_case, 1))),
             "per_case": {c: row.tolist() for c, row in zip(ids, per_case)}}
+
+def run_stage(study, model, step_loss, data, steps, dropout_seed, what):
+    """One training stage of Ms or Msemi: `steps` Adam steps at the config's lr and schedule. With --keep best
+    (the first author's tutorial keeps its best validated model) the model is validated every --val-every
+    steps and after the last, and ends with the weights of the best validation mean Dice (the first of equal
+    ones; the last weights when there is no validation case). Returns the stage's stats."""
+    cfg = study.cfg
+    stage = Stage(model, step_loss, data, steps, study.device, cfg.lr, cfg.warmup_steps, cfg.lr_decay, dropout_seed,
+                  study.bar)
+    if cfg.keep == "last" or not study.cases.val:
+        with study.clock(f"training ({what})"):
+            return stage.run(what)
+    best, parts, history = None, [], []
+    for done in range(0, steps, cfg.val_every):
+        n = min(cfg.val_every, steps - done)
+        with study.clock(f"training ({what})"):
+            parts.append((n, stage.run(f"{what} steps {done + 1}-{done + n}/{steps}", n)))
+        dice = validate(study, model)["mean_dice"]          # eval mode; train_steps sets train mode again
+        history.append((done + n, dice))
+        if best is None or np.nan_to_num(dice, nan=-1.0) > best[0]:
+            best = (np.nan_to_num(dice, nan=-1.0), {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    done + n)
+        print(f"  {what} step {done + n}/{steps}: validation mean Dice {dice:.4f} (best {best[0]:.4f}, step "
+              f"{best[2]})", flush=True)
+    model.load_state_dict(best[1])
+    mean = lambda key: sum(n * p[key] for n, p in parts) / steps
+    return {"loss": mean("loss"), "step_s": mean("step_s"), "data_wait": mean("data_wait"), "best_step": best[2],
+            "validation": history}
 
 # ----------------------------------------------------------------------------- the queue
 

@@ -17,9 +17,9 @@ def test_all_strategies_two_iterations(phantom, tmp_path, monkeypatch):
     started_from_proxy = {}
     real_supervised = al_loop.supervised
 
-    def spy_supervised(study, labeled, init_state, tag):
+    def spy_supervised(study, labeled, init_state, tag, steps):
         started_from_proxy[tag] = init_state is not None
-        return real_supervised(study, labeled, init_state, tag)
+        return real_supervised(study, labeled, init_state, tag, steps)
 
     certain_scores = {}
     real_score = al_loop.score_cases

@@ -398,7 +398,7 @@ def snapshot(model):
 
 
 def test_keep_last_gives_the_last_steps_weights(monkeypatch):
-    monkeypatch.setattr(al_loop, "validate", lambda s, m: pytest.fail("--keep last validates nothing"))
+    monkeypatch.setattr(study, "validate", lambda s, m: pytest.fail("--keep last validates nothing"))
     model = tiny_net(2, dropout=0.2)
     al_loop.run_stage(FakeStudy("last", 2), model, supervised_loss, toy_batches(), 6, 11, "t")
     reference = tiny_net(2, dropout=0.2)
@@ -411,13 +411,13 @@ def test_keep_best_keeps_the_best_validated_weights(monkeypatch):
     """Validated after steps 2, 4, 6 (scripted Dice 0.3, 0.7, 0.5): the weights after step 4 are kept, and
     training is the same as without the checks (the last weights equal --keep last's)."""
     seen, dice = [], iter([0.3, 0.7, 0.5])
-    monkeypatch.setattr(al_loop, "validate", lambda s, m: seen.append(snapshot(m)) or {"mean_dice": next(dice)})
+    monkeypatch.setattr(study, "validate", lambda s, m: seen.append(snapshot(m)) or {"mean_dice": next(dice)})
     model = tiny_net(2, dropout=0.2)
     stats = al_loop.run_stage(FakeStudy("best", 2), model, supervised_loss, toy_batches(), 6, 11, "t")
     assert len(seen) == 3 and stats["best_step"] == 4 and [s for s, _ in stats["validation"]] == [2, 4, 6]
     assert all(torch.equal(model.state_dict()[k], seen[1][k]) for k in seen[1])
     last = tiny_net(2, dropout=0.2)
-    monkeypatch.setattr(al_loop, "validate", lambda s, m: pytest.fail("--keep last validates nothing"))
+    monkeypatch.setattr(study, "validate", lambda s, m: pytest.fail("--keep last validates nothing"))
     al_loop.run_stage(FakeStudy("last", 2), last, supervised_loss, toy_batches(), 6, 11, "t")
     assert all(torch.equal(last.state_dict()[k], seen[2][k]) for k in seen[2])
 
