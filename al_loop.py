@@ -27,7 +27,7 @@ from files import ProxyAlError
 from losses import dice_per_class
 from proxy_al import MIN_MC_PASSES, noisy_label, pseudo_label, semi_loss, sliding_window_predict
 from report import pseudo_label_report
-from keys import stage_seed
+from keys import Key
 from ranking import Scoring, mc_pool
 from study import Method, export_nnunet, report_only, run_stage, run_study, validate
 from train import PatchStream, batches, supervised_loss, train_proxy
@@ -187,8 +187,9 @@ def pseudo_label_of(study, cid):
 def proxy_model(study, seed):
     """Lines 2-3 (training): the proxy model Mp on the pseudo labels, once per seed (a unit of its own)."""
     cfg, cases = study.cfg, study.cases
-    model = study.new_model(2, seed, "proxy")
-    if study.load_checkpoint(f"seed{seed}/proxy", model, cases.pool) is None:
+    key = Key(seed)
+    model = study.new_model(2, key.of_seed("proxy"))
+    if study.load_checkpoint(key.checkpoint(), model, cases.pool) is None:
         study.run.drop_scores(seed)                                         # the scores of an older Mp
         study.log(f"seed {seed}: proxy model on pseudo labels ({cfg.proxy_epochs} epochs)")
         labels = pseudo_labels(study, cases.pool + cases.val)    # lines 1-2: U (and validation, for Mp's check)
@@ -197,20 +198,20 @@ def proxy_model(study, seed):
         steps = max(1, len(cases.pool) * cfg.proxy_patches_per_case // cfg.batch_size)
         with study.clock("proxy training"):
             history = train_proxy(model, volumes, val_cases, cfg.proxy_epochs, cfg.proxy_val_every, steps,  # line 3
-                                  study.device, stage_seed(seed, "proxy"), patch_vox=cfg.patch_vox,
+                                  study.device, key.of_seed("proxy"), patch_vox=cfg.patch_vox,
                                   batch_size=cfg.batch_size, window_hu=cases.window_hu, lr=cfg.lr,
                                   workers=study.workers, roi=cfg.roi_vox, overlap=cfg.overlap,
                                   fg_fraction=None if cfg.proxy_patches == "random" else cfg.fg_fraction,
                                   by_class=cfg.fg_draw == "classes", warmup_steps=cfg.warmup_steps,
                                   decay=cfg.lr_decay, progress=study.bar)
-        study.save_checkpoint(f"seed{seed}/proxy", model, cases.pool, history=history)
+        study.save_checkpoint(key.checkpoint(), model, cases.pool, history=history)
     return model
 
 
 def proxy_score(study, seed, cid):
     """Line 3 (uncertainty) for one pool case: its MC-dropout scores under Mp (the queue saves them in a file of
     their own, so the pool's scoring is shared by all ranks and a restarted run skips the cases scored)."""
-    return score_cases(study, study.proxy(seed), [cid], f"seed{seed}/proxy")[cid]
+    return score_cases(study, study.proxy(seed), [cid], Key(seed).scoring())[cid]
 
 
 def initial_scores(study, seed, strategy, proxy):
@@ -218,7 +219,7 @@ def initial_scores(study, seed, strategy, proxy):
     proxyrank_ent*, BALD for proxyrank_bald*, else variance), or without the proxy random_scores."""
     if strategy.proxy:
         return study.queries.ranked(proxy.scores, strategy.measure)
-    return random_scores(study, np.random.default_rng(stage_seed(seed, "initial")), strategy, [],
+    return random_scores(study, np.random.default_rng(Key(seed).of_seed("initial")), strategy, [],
                          study.first_pool(strategy))
 
 
@@ -255,7 +256,7 @@ def run_strategy(study, strategy, seed, proxy):
                     seed, strategy, proxy, j - 1)
             study.run.save_state(seed, strategy.name)
         require_labels(study, state, seed, strategy)
-        key, labeled = f"seed{seed}/{strategy.name}/iter{j}", list(state.labeled)    # key: its checkpoints' names
+        key, labeled = Key(seed, strategy.name, j), list(state.labeled)    # key: its checkpoints' names and seeds
         study.log(f"{strategy.name} seed {seed} iteration {j + 1}/{iterations}: {len(labeled)} labeled")
         warm = cfg.warm_start == "previous" and j > 0       # beyond the paper: on from iteration j - 1's model
         start = (study.final_model(seed, strategy, j - 1, state.iterations[-1]).state_dict() if warm
@@ -309,41 +310,35 @@ def add_top_k(study, state, scores, k):
     return new
 
 
-def paired(key, *parts):
-    """A stage seed shared by every strategy of the key's seed (key: an iteration's, seed{N}/{strategy}/iter{j}):
-    of its seed and `parts` only, so that two strategies differ only in what they do differently (docs/method.md)."""
-    return stage_seed(key.split("/")[0], *parts)
-
-
 def supervised(study, labeled, init_state, key, steps):
     """Line 7: train Ms on Tl for `steps` steps, from Mp's weights (new head), from scratch, or (--warm-start
     previous) from the last iteration's model. The seed's strategies share the initial weights, and on the
     same cases the patches and dropout masks."""
     cfg, cases = study.cfg, sorted(labeled)
-    model = study.new_model(study.cases.num_classes, key.split("/")[0], "init")
-    if study.load_checkpoint(key + "_sup", model, labeled) is None:
+    model = study.new_model(study.cases.num_classes, key.paired("init"))
+    if study.load_checkpoint(key.checkpoint("sup"), model, labeled) is None:
         if init_state is not None:
             load_backbone(model, init_state, head_from_proxy=cfg.head_init == "proxy")
         stream = PatchStream(study.queries.volumes(cases), cfg.patch_vox, cfg.fg_fraction,
-                             study.cases.window_hu, paired(key, "sup", *cases), by_class=cfg.fg_draw == "classes",
+                             study.cases.window_hu, key.paired("sup", *cases), by_class=cfg.fg_draw == "classes",
                              patches_per_case=cfg.patches_per_case)
         loader = batches(stream, cfg.batch_size * cfg.patches_per_case, study.workers, study.device)
-        stats = run_stage(study, model, supervised_loss, loader, steps, paired(key, "dropout", *cases), "supervised")
-        study.save_checkpoint(key + "_sup", model, labeled, stats=stats)
+        stats = run_stage(study, model, supervised_loss, loader, steps, key.paired("dropout", *cases), "supervised")
+        study.save_checkpoint(key.checkpoint("sup"), model, labeled, stats=stats)
     return model
 
 
 def most_certain(study, model, ids, labeled, strategy, key):
     """Line 9: as many of the most certain units of U under Ms as Tl holds (cases of `ids`, or their boxes
     overlapping no annotated box), by the strategy's own measure, else variance."""
-    scores = score_cases(study, model, ids, key + "/certain")
+    scores = score_cases(study, model, ids, key.scoring("certain"))
     return study.queries.top(study.queries.ranked(scores, strategy.measure, labeled, lowest=True), len(labeled), labeled)
 
 
 def semi_finetune(study, model, labeled, certain, key):
     """Lines 10-11: noisy labels Tn of Un from Ms (tau), then Msemi = Ms fine-tuned on {Tl, Tn}."""
     cfg = study.cfg
-    if study.load_checkpoint(key + "_semi", model, labeled + certain) is not None:
+    if study.load_checkpoint(key.checkpoint("semi"), model, labeled + certain) is not None:
         return model
     model.eval()
     with study.clock("noisy labels"):
@@ -351,16 +346,16 @@ def semi_finetune(study, model, labeled, certain, key):
                  for c in study.queries.boxes(certain)}                                          # line 10
     cases, pair = sorted(labeled), ("|", *sorted(certain))             # seeds shared on the same cases
     sup = PatchStream(study.queries.volumes(cases), cfg.patch_vox, cfg.fg_fraction, study.cases.window_hu,
-                      paired(key, "semi-sup", *cases), by_class=cfg.fg_draw == "classes",
+                      key.paired("semi-sup", *cases), by_class=cfg.fg_draw == "classes",
                       patches_per_case=cfg.patches_per_case)
     two = PatchStream(study.queries.volumes(certain, noisy), cfg.patch_vox,
-                      cfg.semi_fg_fraction, study.cases.window_hu, paired(key, "semi-unl", *cases, *pair), two_views=True,
+                      cfg.semi_fg_fraction, study.cases.window_hu, key.paired("semi-unl", *cases, *pair), two_views=True,
                       by_class=cfg.fg_draw == "classes", patches_per_case=cfg.patches_per_case)
     workers, n = (max(study.workers // 2, 1) if study.workers else 0), cfg.batch_size * cfg.patches_per_case
     pairs = zip(batches(sup, n, workers, study.device), batches(two, n, workers, study.device))
     stats = run_stage(study, model, lambda m, b: semi_loss(m, b, cfg.alpha, cfg.beta), pairs, cfg.semi_steps,   # line 11
-                  paired(key, "semi-dropout", *cases, *pair), "semi-supervised")
-    study.save_checkpoint(key + "_semi", model, labeled + certain, stats=stats)
+                  key.paired("semi-dropout", *cases, *pair), "semi-supervised")
+    study.save_checkpoint(key.checkpoint("semi"), model, labeled + certain, stats=stats)
     return model
 
 
@@ -370,10 +365,10 @@ def acquisition_scores(study, model, state, seed, strategy, proxy, j):
     if strategy.acquisition == "proxy":                  # the proxy ranking itself, in order
         return study.queries.ranked({c: proxy.scores[c] for c in rest}, strategy.measure, state.labeled)
     if strategy.random:
-        return random_scores(study, np.random.default_rng(stage_seed(seed, "random", j)), strategy, state.labeled,
+        return random_scores(study, np.random.default_rng(Key(seed).of_seed("random", j)), strategy, state.labeled,
                              study.cfg.k)
-    key = f"seed{seed}/{strategy.name}/iter{j}"
-    mc = score_cases(study, model, rest, key)
+    key = Key(seed, strategy.name, j)
+    mc = score_cases(study, model, rest, key.scoring())
     if study.cfg.save_maps:
         save_maps(study, model, mc, key)
     return study.queries.ranked(mc, strategy.acquisition, state.labeled)

@@ -15,7 +15,7 @@ import files
 import strategies
 from cases import box_mask
 from files import ProxyAlError, few
-from keys import stage_seed
+from keys import map_seed
 from proxy_al import mc_scores, sliding_window_predict
 from regions import unit_case
 from report import write_csv
@@ -60,10 +60,10 @@ def selecting_model(study, state, seed, strategy):
     return study.final_model(seed, strategy, len(state.iterations) - 1, state.iterations[-1])
 
 
-def save_maps(study, model, scores, name):
+def save_maps(study, model, scores, key):
     """MC variance maps of the --save-maps cases of highest variance, as NIfTI on each scan's own grid (its
-    shape and affine): they overlay the scan in ITK-SNAP or 3D Slicer."""
-    folder = study.out / "maps" / name.replace("/", "_")   # name: a stage's key
+    shape and affine): they overlay the scan in ITK-SNAP or 3D Slicer. key: the stage's keys.Key."""
+    folder = study.out / "maps" / key.folder
     ids = sorted(scores, key=lambda c: -scores[c]["variance"])[:study.cfg.save_maps]
     for cid in ids:
         write_maps(study, model, cid, folder, prediction=False)
@@ -74,7 +74,7 @@ def write_maps(study, model, cid, folder, prediction=True):
     """<case>_uncertainty.nii.gz (per-voxel MC variance, float32) and with `prediction` <case>_pred.nii.gz
     (the model's segmentation, uint8 class values of dataset.json), on the image file's own grid."""
     cfg, image, path = study.cfg, study.cases.image(cid), study.cases.files[cid]["image"]
-    torch.manual_seed(stage_seed(folder.name, cid, "map"))
+    torch.manual_seed(map_seed(folder.name, cid))
     var = mc_scores(model, image, cfg.mc_passes, cfg.roi_vox, cfg.overlap, return_map=True,
                     variance_classes=cfg.variance_classes)["variance_map"]
     var = study.cases.uncrop(cid, var)                                  # the body box back on the scan's grid

@@ -3,7 +3,7 @@ the order they give (lines 4, 9, 13 and 16). Functions of a model, the cases' im
 with no run folder, queue or progress bar inside: the loop (al_loop.py) and other tools (the MONAI Label app
 in monailabel_app/) rank alike.
 
-    scores = dict(ranking.mc_pool(model, ids, image_of, Scoring.of(cfg), key="seed0/proxy"))
+    scores = dict(ranking.mc_pool(model, ids, image_of, Scoring.of(cfg), key=Key(0).scoring()))
     ranking.rank(scores, "variance")          # [(case, score)], the most uncertain first
 """
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from keys import stage_seed
+from keys import mc_seed
 from proxy_al import mc_scores
 
 
@@ -33,11 +33,11 @@ class Scoring:
 def mc_pool(model: nn.Module, ids: Iterable[str], image_of: Callable[[str], np.ndarray], scoring: Scoring, key: str,
             maps: bool = False) -> Iterator[tuple[str, dict]]:
     """(case, proxy_al.mc_scores) for each case of `ids` in turn, of image_of(case) ((X, Y, Z) float32 in
-    [0, 1]) under `model`. Each case is seeded by (key, case) alone, so its scores do not depend on the cases
-    scored before it, on the rank that scores it, or on the tool. maps: with the per-voxel maps (region
+    [0, 1]) under `model`. Each case is seeded by (key, case) alone (keys.mc_seed; key: the scoring's name,
+    keys.Key.scoring), so its scores do not depend on the cases scored before it, on the rank, or on the tool. maps: with the per-voxel maps (region
     queries); one case's at a time, as the caller keeps what it needs of them."""
     for cid in ids:
-        torch.manual_seed(stage_seed(key, "mc", cid))
+        torch.manual_seed(mc_seed(key, cid))
         yield cid, mc_scores(model, image_of(cid), scoring.mc_passes, scoring.roi_vox, scoring.overlap,
                              variance_classes=scoring.variance_classes, return_maps=maps)
 

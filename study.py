@@ -25,7 +25,7 @@ import strategies
 from cases import Cases, check_sources, read_task, resolve_data
 from queries import Queries
 from files import ProxyAlError, few, read_json
-from keys import stage_seed
+from keys import Key
 from proxy_al import evaluate
 from report import nanmean, write_reports
 from run_folder import MARKER, RunFolder, check_rerun_settings, locked, read_states, read_times
@@ -128,8 +128,9 @@ class Study:
 
     # --- models
 
-    def new_model(self, out_channels, *seed_parts):
-        torch.manual_seed(stage_seed(*seed_parts))
+    def new_model(self, out_channels, seed):
+        """A U-Net of the config's widths and dropout, its weights drawn from `seed` (keys.Key's seeds)."""
+        torch.manual_seed(seed)
         return UNet(1, out_channels, tuple(self.cfg.channels), self.cfg.dropout).to(self.device)
 
     def load_checkpoint(self, key, model, cases):
@@ -145,19 +146,16 @@ class Study:
     def proxy(self, seed):
         """Mp of a seed from its checkpoint, kept while this rank works on that seed."""
         if self._proxy[0] != seed:
-            model = self.new_model(2, seed, "proxy")
-            self.load_checkpoint(f"seed{seed}/proxy", model, self.cases.pool)
+            model = self.new_model(2, Key(seed).of_seed("proxy"))
+            self.load_checkpoint(Key(seed).checkpoint(), model, self.cases.pool)
             self._proxy = (seed, model)
         return self._proxy[1]
 
     def final_model(self, seed, strategy, j, record):
         """The model iteration j (from 0) ended with, from its checkpoint: Msemi, or Ms where there was none."""
-        return self.stage_model(f"seed{seed}/{strategy.name}/iter{j}_{'semi' if record.get('certain') else 'sup'}")
-
-    def stage_model(self, key):
-        """The model a finished stage saved (checkpoints/<key>.pt), in eval mode."""
-        model = self.new_model(self.cases.num_classes, key)
-        model.load_state_dict(self.run.checkpoint_weights(key, self.device))
+        key, stage = Key(seed, strategy.name, j), "semi" if record.get("certain") else "sup"
+        model = self.new_model(self.cases.num_classes, key.model_seed(stage))
+        model.load_state_dict(self.run.checkpoint_weights(key.checkpoint(stage), self.device))
         return model.eval()
 
 # ----------------------------------------------------------------------------- training stages and validation
@@ -249,7 +247,7 @@ def work(study, chosen, method):
         done = world.add(f"scored{seed}")
         scoring.setdefault(seed, study.bar(f"seed {seed}: pool scored under the proxy", len(pool))).update(done)
         if done == len(pool) and study.cfg.save_maps:                                      # the last case
-            method.save_maps(study, study.proxy(seed), proxy_scores(seed), f"seed{seed}/proxy")
+            method.save_maps(study, study.proxy(seed), proxy_scores(seed), Key(seed))
 
     def proxy_scores(seed):
         wait_for(f"scored{seed}", len(pool), f"the pool scores of seed {seed}")
