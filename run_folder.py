@@ -305,6 +305,24 @@ class RunFolder:
         ckpt = {"model": model.state_dict(), "cases": list(cases), "config": settings, **results}
         files.atomic_write(self.path / "checkpoints" / f"{key}.pt", lambda f: torch.save(ckpt, f))
 
+    def same_stage(self, identity, device):
+        """The checkpoint of a finished stage made from the same `identity` (everything that made it: seed, start
+        weights, cases, steps; run_folder's settings are the run's), as another strategy saved it, or None."""
+        path = self.path / "checkpoints" / "same" / f"{zlib.crc32(json.dumps(identity).encode()):08x}.json"
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved["identity"] != identity:
+                return None
+            return torch.load(self.path / "checkpoints" / f"{saved['checkpoint']}.pt", map_location=device,
+                              weights_only=False)
+        except Exception:     # none yet, or damaged: the stage is trained (and gives the same weights)
+            return None
+
+    def mark_stage(self, identity, key):
+        """Record that the checkpoint `key` holds the stage made from `identity` (same_stage finds it)."""
+        path = self.path / "checkpoints" / "same" / f"{zlib.crc32(json.dumps(identity).encode()):08x}.json"
+        files.atomic_write_json(path, {"identity": identity, "checkpoint": key})
+
     def checkpoint_weights(self, key, device):
         """The weights a finished stage saved (checkpoints/<key>.pt)."""
         return torch.load(self.path / "checkpoints" / f"{key}.pt", map_location=device, weights_only=False)["model"]

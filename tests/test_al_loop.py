@@ -26,9 +26,9 @@ def test_warm_start_trains_later_iterations_on_from_the_last_model(phantom, tmp_
     random ones) and trains --warm-steps steps; iteration 1 is the paper's."""
     starts, real = [], al_loop.supervised
 
-    def spy(study, labeled, init_state, key, steps):
+    def spy(study, labeled, init_state, key, steps, origin=None):
         starts.append((key, None if init_state is None else {k: v.clone() for k, v in init_state.items()}, steps))
-        return real(study, labeled, init_state, key, steps)
+        return real(study, labeled, init_state, key, steps, origin)
 
     monkeypatch.setattr(al_loop, "supervised", spy)
     out = tmp_path / "run"
@@ -38,3 +38,16 @@ def test_warm_start_trains_later_iterations_on_from_the_last_model(phantom, tmp_
     assert w1 is None and s1 == 2 and s2 == 3                      # rand: iteration 1 from random weights
     first = torch.load(out / "checkpoints" / "seed0" / "rand" / "iter0_sup.pt", weights_only=False)["model"]
     assert all(torch.equal(first[k], w2[k]) for k in first)       # iteration 2 from iteration 1's model
+
+
+def test_a_stage_another_strategy_finished_is_taken_not_trained_again(phantom, tmp_path, monkeypatch):
+    """rand and var share line 5's cases and Ms's start (paired seeds): iteration 1's Ms is trained once and
+    taken by the other, with the same weights; iteration 2's differ (other acquisitions) and are trained."""
+    trained, real = [], al_loop.run_stage
+    monkeypatch.setattr(al_loop, "run_stage", lambda study, *a: trained.append(a[-1]) or real(study, *a))
+    out = tmp_path / "run"
+    assert al_loop.main(tiny.args(phantom, out, "--strategy", "rand,var")) == 0
+    assert trained.count("supervised") == 3
+    load = lambda name: torch.load(out / "checkpoints" / "seed0" / f"{name}.pt", weights_only=False)["model"]
+    a, b = load("rand/iter0_sup"), load("var/iter0_sup")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -17,9 +17,9 @@ def test_all_strategies_two_iterations(phantom, tmp_path, monkeypatch):
     started_from_proxy = {}
     real_supervised = al_loop.supervised
 
-    def spy_supervised(study, labeled, init_state, tag, steps):
-        started_from_proxy[tag] = init_state is not None
-        return real_supervised(study, labeled, init_state, tag, steps)
+    def spy_supervised(study, labeled, init_state, tag, steps, origin=None):
+        started_from_proxy[str(tag)] = init_state is not None
+        return real_supervised(study, labeled, init_state, tag, steps, origin)
 
     certain_scores = {}
     real_score = al_loop.score_cases
