@@ -313,8 +313,9 @@ class RunFolder:
             saved = json.loads(path.read_text(encoding="utf-8"))
             if saved["identity"] != identity:
                 return None
-            return torch.load(self.path / "checkpoints" / f"{saved['checkpoint']}.pt", map_location=device,
+            ckpt = torch.load(self.path / "checkpoints" / f"{saved['checkpoint']}.pt", map_location=device,
                               weights_only=False)
+            return ckpt if sorted(ckpt["cases"]) == identity["cases"] else None     # not replaced since
         except Exception:     # none yet, or damaged: the stage is trained (and gives the same weights)
             return None
 

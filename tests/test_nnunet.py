@@ -149,7 +149,7 @@ def patch_queries(root, run, given=()):
     run.mkdir()
     (run / "split.json").write_text(json.dumps({"pool": POOL, "val": VAL}))
     cfg = SimpleNamespace(data=str(root), data_root="data", phantom_cases=0, spacing_mm=(5.0, 5.0, 5.0), crop="body",
-                          window_hu=(), cache_dir=str(run.parent / "cache"), n_val=2, query="patch",
+                          window_hu=(), cache_dir=str(run.parent / "cache"), n_val=2, n_test=0, query="patch",
                           query_vox=(4, 4, 4))
     return Queries(cfg, Cases(cfg, RunFolder(run)))
 

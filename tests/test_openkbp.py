@@ -268,5 +268,5 @@ def test_progress_lines_at_a_sensible_rate(src, tmp_path, monkeypatch):
 def test_real_preset_runs_the_documented_comparison():
     import al_loop
     cfg = al_loop.parse_args(["--preset", "real", "--data", "OpenKBP_Mandible", "--hu-band", "300,3000"])[0]
-    assert cfg.strategy == "rand,proxyrank,var,proxyrank_var_semi,full" and cfg.seeds == (0, 1, 2)
-    assert cfg.n_val == 8 and cfg.k == 3 and cfg.iterations == 2 and cfg.hu_band == "300,3000"
+    assert cfg.strategy == "rand,var,proxyrank,proxyrank_var,proxyrank_var_semi,full" and cfg.seeds == (0, 1, 2)
+    assert cfg.n_val == 8 and cfg.n_test == 16 and cfg.k == 4 and cfg.iterations == 3 and cfg.hu_band == "300,3000"
