@@ -28,6 +28,7 @@ from losses import dice_per_class
 from proxy_al import MIN_MC_PASSES, noisy_label, pseudo_label, semi_loss, sliding_window_predict
 from report import pseudo_label_report
 from keys import Key
+from state import Record
 from ranking import Scoring, mc_pool
 from study import Method, export_nnunet, report_only, run_stage, run_study, validate
 from train import PatchStream, batches, supervised_loss, train_proxy
@@ -236,76 +237,84 @@ def random_scores(study, rng, strategy, taken, k):
     the pool cases not taken; in patch mode k random boxes (Queries.draw), uniform in the body (rand) or by
     nnActive's foreground-favouring rule on the annotation (rand_fg_oracle) or on the pseudo labels
     (rand_fg_pseudo). The all-data reference takes whole cases in both modes."""
-    if not study.queries.patch or strategy.reference:
-        rest = [c for c in study.cases.pool if c not in taken]
+    queries = study.queries
+    if not queries.patch or strategy.reference:
+        rest = [u for u in map(queries.of, study.cases.pool) if u not in taken]
         return dict(zip(rest, rng.permutation(len(rest)).astype(float)))
     labels = {"fg_oracle": lambda c: study.cases.label(c)[study.cases.box(c)],
               "fg_pseudo": lambda c: pseudo_label_of(study, c)}.get(strategy.acquisition)
-    return study.queries.draw(k, rng, [*study.cases.given, *taken], strategy.areas, labels)   # given: whole cases
+    return queries.draw(k, rng, [*map(queries.of, study.cases.given), *taken], strategy.areas, labels)
 
 # ----------------------------------------------------------------------------- Algorithm 1, lines 5-18
 
 
 def run_strategy(study, strategy, seed, proxy):
-    """Lines 5-18 for one strategy and seed; its state is saved once per iteration. The cases already acquired
+    """Lines 5-18 for one strategy and seed; its state is saved once per iteration. The units already acquired
     are kept whatever --k a rerun gives (it sizes the acquisitions still to come), and a finished run given more
     --iterations first acquires after its last iteration, as an uninterrupted run would have."""
-    cfg, pool = study.cfg, study.cases.pool
     state = study.run_state(seed, strategy)
     if not state.initial:                                                # nothing selected yet: line 5
         state.initial.extend(add_top_k(study, state, initial_scores(study, seed, strategy, proxy),
                                        study.first_pool(strategy)))
         study.run.save_state(seed, strategy.name)
-    iterations = strategy.iterations(cfg.iterations)
+    iterations = strategy.iterations(study.cfg.iterations)
     for j in range(len(state.iterations), iterations):                                      # line 6
-        if j and "acquired" not in state.iterations[-1]:     # the run ended at j - 1 before: its lines 12-16 now
+        if j and state.iterations[-1].acquired is None:   # the run ended at j - 1 before: its lines 12-16 now
             last = state.iterations[-1]
             acquire(study, study.final_model(seed, strategy, j - 1, last) if strategy.uses_mc else None, state, last,
                     seed, strategy, proxy, j - 1)
             study.run.save_state(seed, strategy.name)
         require_labels(study, state, seed, strategy)
-        key, labeled = Key(seed, strategy.name, j), list(state.labeled)    # key: its checkpoints' names and seeds
-        study.log(f"{strategy.name} seed {seed} iteration {j + 1}/{iterations}: {len(labeled)} labeled")
-        warm = cfg.warm_start == "previous" and j > 0       # beyond the paper: on from iteration j - 1's model
-        start = (study.final_model(seed, strategy, j - 1, state.iterations[-1]).state_dict() if warm
-                 else proxy.weights if strategy.proxy else None)
-        model = supervised(study, labeled, start, key, cfg.warm_steps if warm and cfg.warm_steps else cfg.steps,
-                           None if warm else "proxy" if strategy.proxy else "random")                 # line 7: Ms
-        record = {"n_labeled": len(labeled)}
-        record["voxels"], record["fg_voxels"] = study.queries.budget(labeled)   # the budget spent so far
-        if study.queries.patch:                           # results.csv's pct_labeled: of the pool's voxels
-            record["pool_voxels"] = study.queries.budget(pool, foreground=False)[0]
-        unlabeled = [c for c in pool if c not in labeled]             # patch mode: cases with boxes still free
-        if strategy.semi:                                                                    # line 8
-            record["certain"] = most_certain(study, model, unlabeled, labeled, strategy, key) if unlabeled else []
-            if record["certain"]:                                                            # line 9
-                model = semi_finetune(study, model, labeled, record["certain"], key)         # lines 10-11: Msemi
-            else:                               # nothing left to fine-tune on: Ms stands in for Msemi
-                what = "pool case is labeled" if unlabeled == [] else "box of the pool overlaps a labeled box"
-                warnings.warn(f"{strategy.name} seed {seed} iteration {j + 1}: every {what}, so lines 9-11 "
-                              "(semi-supervised fine-tuning on the most certain unlabeled units) are skipped")
-        record.update(validate(study, model))
-        if study.cases.test:                                   # cases that chose nothing: the reported Dice
-            record["test"] = validate(study, model, study.cases.test)
-        study.log(f"{strategy.name} seed {seed} iteration {j + 1}: validation mean Dice {record['mean_dice']:.4f}")
+        record, model = iteration(study, strategy, seed, proxy, state, j)                   # lines 7-11
         if j < iterations - 1 or study.cases.annotation:          # lines 14 / 17: else (no Msemi), Ms scores U
             acquire(study, model, state, record, seed, strategy, proxy, j)
         state.iterations.append(record)
-        study.run.save_state(seed, strategy.name)        # the record and the cases it acquired, in one write
+        study.run.save_state(seed, strategy.name)        # the record and the units it acquired, in one write
         study.write_reports()
         study.progress(1)                                                                   # line 18
     require_labels(study, state, seed, strategy)
-    done, waiting = len(state.iterations), state.iterations[-1].get("acquired")
+    done, waiting = len(state.iterations), state.iterations[-1].acquired
     if waiting:                 # annotation mode's last acquisition (or a run cut back by --iterations)
         study.log(f"{strategy.name} seed {seed}: the {len(waiting)} case(s) acquired after iteration {done} are "
                   f"labeled but not trained on; rerun with --iterations {done + 1} to train on them")
 
 
+def iteration(study, strategy, seed, proxy, state, j):
+    """Lines 7-11 of iteration j: Ms on Tl, and for a _semi strategy Msemi on {Tl, Tn}; their validation Dice.
+    Returns (the iteration's Record, its final model)."""
+    cfg, pool, queries = study.cfg, study.cases.pool, study.queries
+    key, labeled = Key(seed, strategy.name, j), list(state.labeled)      # key: its checkpoints' names and seeds
+    study.log(f"{strategy.name} seed {seed} iteration {j + 1}/{strategy.iterations(cfg.iterations)}: "
+              f"{len(labeled)} labeled")
+    warm = cfg.warm_start == "previous" and j > 0       # beyond the paper: on from iteration j - 1's model
+    start = (study.final_model(seed, strategy, j - 1, state.iterations[-1]).state_dict() if warm
+             else proxy.weights if strategy.proxy else None)
+    model = supervised(study, labeled, start, key, cfg.warm_steps if warm and cfg.warm_steps else cfg.steps,
+                       None if warm else "proxy" if strategy.proxy else "random")                     # line 7: Ms
+    certain = None
+    unlabeled = [c for c in pool if queries.of(c) not in labeled]     # patch mode: cases with boxes still free
+    if strategy.semi:                                                                        # line 8
+        certain = most_certain(study, model, unlabeled, labeled, strategy, key) if unlabeled else []   # line 9
+        if certain:
+            model = semi_finetune(study, model, labeled, certain, key)                       # lines 10-11: Msemi
+        else:                                   # nothing left to fine-tune on: Ms stands in for Msemi
+            what = "pool case is labeled" if unlabeled == [] else "box of the pool overlaps a labeled box"
+            warnings.warn(f"{strategy.name} seed {seed} iteration {j + 1}: every {what}, so lines 9-11 "
+                          "(semi-supervised fine-tuning on the most certain unlabeled units) are skipped")
+    voxels, fg_voxels = queries.budget(labeled)                                  # the budget spent so far
+    dice = validate(study, model)
+    record = Record(len(labeled), **dice, voxels=voxels, fg_voxels=fg_voxels, certain=certain,
+                    pool_voxels=queries.budget(map(queries.of, pool), False)[0] if queries.patch else None,
+                    test=validate(study, model, study.cases.test) if study.cases.test else None)   # chose nothing
+    study.log(f"{strategy.name} seed {seed} iteration {j + 1}: validation mean Dice {record.mean_dice:.4f}")
+    return record, model
+
+
 def acquire(study, model, state, record, seed, strategy, proxy, j):
     """Lines 12-16 after iteration j: the unlabeled pool scored under its final model, the top k join Tl."""
     scores = acquisition_scores(study, model, state, seed, strategy, proxy, j)              # lines 12 / 15
-    record["acquired"] = add_top_k(study, state, scores, study.cfg.k)                      # lines 13 / 16
-    record["scores"] = {u: scores[u] for u in record["acquired"]} if study.queries.patch else scores
+    acquired = add_top_k(study, state, scores, study.cfg.k)                                # lines 13 / 16
+    record.acquire(acquired, {u: scores[u] for u in acquired} if study.queries.patch else scores)
 
 
 def add_top_k(study, state, scores, k):
@@ -325,10 +334,10 @@ def supervised(study, labeled, init_state, key, steps, origin=None):
     same cases the patches and dropout masks: a stage another strategy of the seed finished from the same
     `origin` ("proxy" or "random" weights; None: a start of this strategy's own) on the same cases is the same
     computation, and its weights are taken instead of trained again."""
-    cfg, cases = study.cfg, sorted(labeled)
+    cfg, cases = study.cfg, sorted(labeled, key=str)          # the seeds of the same units are the same
     model = study.new_model(study.cases.num_classes, key.paired("init"))
     if study.load_checkpoint(key.checkpoint("sup"), model, labeled) is None:
-        same = origin and {"seed": str(key.seed), "start": origin, "cases": cases, "steps": steps}
+        same = origin and {"seed": str(key.seed), "start": origin, "cases": list(map(str, cases)), "steps": steps}
         done = same and study.run.same_stage(same, study.device)
         if done:
             model.load_state_dict(done["model"])
@@ -363,7 +372,7 @@ def semi_finetune(study, model, labeled, certain, key):
     with study.clock("noisy labels"):
         noisy = {c: noisy_label(sliding_window_predict(model, study.cases.image(c), cfg.roi_vox, cfg.overlap), cfg.tau)
                  for c in study.queries.boxes(certain)}                                          # line 10
-    cases, pair = sorted(labeled), ("|", *sorted(certain))             # seeds shared on the same cases
+    cases, pair = sorted(labeled, key=str), ("|", *sorted(certain, key=str))     # seeds shared on the same units
     sup = PatchStream(study.queries.volumes(cases), cfg.patch_vox, cfg.fg_fraction, study.cases.window_hu,
                       key.paired("semi-sup", *cases), by_class=cfg.fg_draw == "classes",
                       patches_per_case=cfg.patches_per_case)
@@ -380,7 +389,7 @@ def semi_finetune(study, model, labeled, certain, key):
 
 def acquisition_scores(study, model, state, seed, strategy, proxy, j):
     """Lines 12 and 15: a score for every unlabeled unit of the pool under Msemi or Ms; higher is acquired first."""
-    rest = [c for c in study.cases.pool if c not in state.labeled]      # patch mode: every case with free boxes
+    rest = [c for c in study.cases.pool if study.queries.of(c) not in state.labeled]   # patch mode: with free boxes
     if strategy.acquisition == "proxy":                  # the proxy ranking itself, in order
         return study.queries.ranked({c: proxy.scores[c] for c in rest}, strategy.measure, state.labeled)
     if strategy.random:

@@ -13,14 +13,16 @@ import torch
 import data
 import files
 import strategies
-from cases import box_mask
 from files import ProxyAlError, few
 from keys import map_seed
 from proxy_al import mc_scores, sliding_window_predict
-from regions import unit_case
 from report import write_csv
-from run_folder import ASKED
-from study import NeedLabels
+
+ASKED = "to_annotate/asked.json"      # with boxes: what was asked, and the label inside each box then (AskedBoxes)
+
+
+class NeedLabels(Exception):
+    """Annotation mode: the selected cases need labels before the loop can go on (the run stops, exit 0)."""
 
 
 def require_labels(study, state, seed, strategy):
@@ -28,24 +30,24 @@ def require_labels(study, state, seed, strategy):
     selected case gets a pre-segmentation to correct and an uncertainty map, from the model that selected it."""
     if study.queries.patch:                 # simulated (every label there): the boxes' labels are read as needed
         return require_box_labels(study, state, seed, strategy) if study.cases.annotation else None
-    pending = [c for c in state.labeled if not study.cases.files[unit_case(c)]["label"]]
+    cases, folder = study.cases, study.out / "to_annotate"
+    pending = [u for u in state.labeled if not cases.files[u.case]["label"]]
     if not pending:
         return
-    folder = study.out / "to_annotate"
-    missing = [c for c in pending if not (folder / f"{c}_pred.nii.gz").exists()]
+    missing = [u.case for u in pending if not (folder / f"{u.case}_pred.nii.gz").exists()]
     model = selecting_model(study, state, seed, strategy) if missing else None
     for cid in missing if model else ():
         write_maps(study, model, cid, folder)
     found = lambda c, kind: str(folder / f"{c}_{kind}.nii.gz") if (folder / f"{c}_{kind}.nii.gz").exists() else ""
-    rank = lambda c: state.labeled.index(c) - len(state.given) + 1       # among the selected cases
-    rows = [(c, study.cases.files[c]["image"], f"{state.scores[c]:.6g}", rank(c), found(c, "pred"),
-             found(c, "uncertainty"), study.cases.files[c]["label_to"]) for c in pending]
+    rank = lambda u: state.labeled.index(u) - len(state.given) + 1       # among the selected cases
+    rows = [(u.case, cases.files[u.case]["image"], f"{state.scores[u]:.6g}", rank(u), found(u.case, "pred"),
+             found(u.case, "uncertainty"), cases.files[u.case]["label_to"]) for u in pending]
     write_csv(study.out / "to_annotate.csv", ["case", "image", "score", "rank", "prediction", "uncertainty",
                                               "save_label_as"], rows)
     raise NeedLabels(f"{len(pending)} case(s) need labels: see {study.out / 'to_annotate.csv'}.\n"
                      f"Open each scan with its pre-segmentation and uncertainty map from {folder} (on the scan's "
-                     f"grid), correct it, save it as labelsTr/<case>{_ending(study.cases.files[pending[0]]['label_to'])} in "
-                     f"{study.cases.root}, and rerun the same command (to_annotate.csv: save_label_as).")
+                     f"grid), correct it, save it as labelsTr/<case>{_ending(cases.files[pending[0].case]['label_to'])}"
+                     f" in {cases.root}, and rerun the same command (to_annotate.csv: save_label_as).")
 
 
 def _ending(path):
@@ -85,11 +87,6 @@ def write_maps(study, model, cid, folder, prediction=True):
         data.write_native(folder / f"{cid}_pred.nii.gz", seg, path, cfg.spacing_mm, nearest=True)
 
 
-def trained_count(state):
-    """How many units of Tl (state.labeled, in order) the run has trained on: the last record's, else the given."""
-    return state.iterations[-1]["n_labeled"] if state.iterations else len(state.given)
-
-
 def box_content(study, unit):
     """(CRC-32 of the label inside the box, whether it holds a labeled voxel) on the training grid; a case
     without a label file reads as background there."""
@@ -127,11 +124,11 @@ class AskedBoxes:
         """Whether a box of Tl not yet trained on counts as labeled (recorded as asked now if it is new here);
         `done`: the user says it is (--boxes-done)."""
         crc, _ = box_content(self.study, unit)
-        entry = self.entries.get(unit)
+        entry = self.entries.get(str(unit))
         if entry is None or "crc" not in entry:     # asked now, or by an older proxy-al (a file stamp): as asked now
-            entry = self.entries[unit] = {"crc": crc, "done": bool(entry and entry.get("done"))}
-        has_file = bool(self.study.cases.files[unit_case(unit)]["label"])
-        now = has_file and (entry["done"] or (done and unit in self.shown) or crc != entry["crc"])
+            entry = self.entries[str(unit)] = {"crc": crc, "done": bool(entry and entry.get("done"))}
+        has_file = bool(self.study.cases.files[unit.case]["label"])
+        now = has_file and (entry["done"] or (done and str(unit) in self.shown) or crc != entry["crc"])
         if now and not entry["done"]:
             self.newly.append(unit)
         entry["done"] = bool(now)
@@ -150,12 +147,12 @@ def pending_boxes(study, asked, state, done=()):
     """(the boxes of Tl still to label, trained-on boxes whose label file is gone): the boxes acquired since the
     last training that do not count as labeled yet, and those trained on whose case's label file is gone (asked
     again). `done`: cases (or "all") whose boxes the user says are labeled as saved."""
-    trained = state.labeled[:trained_count(state)]
-    gone = [u for u in trained if u not in state.given and not study.cases.files[unit_case(u)]["label"]]
+    trained = state.trained
+    gone = [u for u in trained if u not in state.given and not study.cases.files[u.case]["label"]]
     for u in gone:
-        asked.entries.pop(u, None)              # what the file held is unknown: it must hold the box again
+        asked.entries.pop(str(u), None)         # what the file held is unknown: it must hold the box again
     later = gone + [u for u in state.labeled[len(trained):] if u not in state.given]
-    says = lambda u: "all" in done or unit_case(u) in done
+    says = lambda u: "all" in done or u.case in done
     return [u for u in later if not asked.labeled(u, says(u))], gone
 
 
@@ -170,24 +167,24 @@ def require_box_labels(study, state, seed, strategy):
         raise ProxyAlError(f"--boxes-done {','.join(unknown)}: not pool cases of this run; name the cases of "
                            f"to_annotate.csv (column case), or all")
     pending, gone = pending_boxes(study, asked, state, study.boxes_done)
-    for cid in dict.fromkeys(map(unit_case, gone)):
+    for cid in dict.fromkeys(u.case for u in gone):
         warnings.warn(f"{cases.files[cid]['label_to']}: missing, but the run trained on boxes of {cid}; they are "
                       "asked again: restore the file from a backup, or label them again")
     units = [u for u in state.labeled if u not in state.given and u not in pending]
-    for cid in dict.fromkeys(map(unit_case, asked.newly)):
-        warn_outside(study, cid, [u for u in units if unit_case(u) == cid])
+    for cid in dict.fromkeys(u.case for u in asked.newly):
+        warn_outside(study, cid, [u for u in units if u.case == cid])
     if not pending:
         asked.save()
         return
     write_box_rows(study, state, seed, strategy, asked, pending)
     asked.save()
-    ending = _ending(cases.files[unit_case(pending[0])]["label_to"])
-    held = [c for c in dict.fromkeys(map(unit_case, pending)) if any(box_content(study, u)[1] for u in pending
-                                                                     if unit_case(u) == c)]
+    ending = _ending(cases.files[pending[0].case]["label_to"])
+    held = [c for c in dict.fromkeys(u.case for u in pending) if any(box_content(study, u)[1] for u in pending
+                                                                     if u.case == c)]
     held = (f" The label files of {few(held)} already hold labels inside boxes asked now (saved before they were "
             "asked, or spilled over from a neighbouring box): if they are right there, confirm them with "
             f"--boxes-done {','.join(held)}." if held else "")
-    raise NeedLabels(f"{len(pending)} box(es) in {len(set(map(unit_case, pending)))} case(s) need labels: see "
+    raise NeedLabels(f"{len(pending)} box(es) in {len({u.case for u in pending})} case(s) need labels: see "
                      f"{study.out / 'to_annotate.csv'}.\nOpen each scan with its boxes mask (box n has value n), "
                      f"pre-segmentation and uncertainty map from {study.out / 'to_annotate'} (on the scan's grid), "
                      f"label the voxels inside each box (only the boxes are read), save the case's label as "
@@ -209,8 +206,8 @@ def write_box_rows(study, state, seed, strategy, asked, pending):
     by_case = {}
     for name, (st, units) in rows_of.items():
         for u in units:
-            by_case.setdefault(unit_case(u), {}).setdefault(u, (name, st))
-    stale = [c for c in dict.fromkeys(map(unit_case, pending))
+            by_case.setdefault(u.case, {}).setdefault(u, (name, st))
+    stale = [c for c in dict.fromkeys(u.case for u in pending)
              if asked.maps.get(c) != len(state.iterations) or not (folder / f"{c}_pred.nii.gz").exists()]
     model = selecting_model(study, state, seed, strategy) if stale else None
     rows = []
@@ -231,6 +228,20 @@ def write_box_rows(study, state, seed, strategy, asked, pending):
     write_csv(study.out / "to_annotate.csv", ["case", "box", "voxels_ijk", "first_voxel_mm", "last_voxel_mm", "score",
                                               "rank", "boxes_mask", "prediction", "uncertainty", "save_label_as",
                                               "strategy"], rows)
+
+
+def box_mask(cases, cid, boxes, onto=None, numbered=True) -> np.ndarray:
+    """The boxes of case cid (cases: Cases) on the voxel grid of the NIfTI file `onto` (default: its image), in
+    that file's axis order: uint8, box n of `boxes` valued n (`numbered`; else every box 1), 0 elsewhere. boxes:
+    (start, size) voxel triples on image(cid); a file voxel is in a box when its nearest grid voxel is
+    (data.to_native_grid)."""
+    if numbered and len(boxes) > 255:
+        raise ValueError(f"case {cid}: {len(boxes)} boxes; a uint8 mask numbers at most 255")
+    mask = np.zeros(cases.image_hu(cid).shape, np.uint8)
+    for number, (start, size) in enumerate(boxes, 1):
+        mask[tuple(slice(a, a + b) for a, b in zip(start, size))] = number if numbered else 1
+    return data.to_native_grid(cases.uncrop(cid, mask), onto or cases.files[cid]["image"], cases.spacing_mm,
+                               nearest=True)
 
 
 def write_box_mask(study, cid, boxes, path):

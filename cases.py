@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 
 import data
+from annotate import ASKED
+from data import foreground_index
 import folders
 from files import ProxyAlError, atomic_write_json, few, fingerprint, read_json
 from folders import natural_key
 from phantom import make_phantom_dataset
-from run_folder import ASKED
-from train import foreground_index
 
 MSD_TASKS = {"MSD_Task03": "Task03_Liver", "MSD_Task08": "Task08_HepaticVessel"}
 # Paper splits: Task03 105 pool / 26 validation; Task08 242 pool / 61 validation.
@@ -184,7 +184,7 @@ def given_cases(cases, split, run):
     split.json, else (an older run) from a state file, else the pool cases with a label file now."""
     if "given" in split:
         return [c for c in split["given"] if c in cases.pool]
-    saved = [st.get("given", []) for by_s in run.saved.values() for st in by_s.values()]
+    saved = [[u.case for u in st.given] for by_s in run.saved.values() for st in by_s.values()]
     if saved:
         return [c for c in saved[0] if c in cases.pool]
     return [c for c in cases.pool if cases.files[c]["label"]]
@@ -367,17 +367,3 @@ def check_sources(cases, path):
                            "them. Point --data to the data this run used (a moved or copied folder with the "
                            "same files is fine), put the files back, or start a new --out")
     return {c: {k: now[c][k] or (saved.get(c) or {}).get(k) for k in now[c]} for c in now}
-
-
-def box_mask(cases, cid, boxes, onto=None, numbered=True) -> np.ndarray:
-    """The boxes of case cid (cases: Cases) on the voxel grid of the NIfTI file `onto` (default: its image), in
-    that file's axis order: uint8, box n of `boxes` valued n (`numbered`; else every box 1), 0 elsewhere. boxes:
-    (start, size) voxel triples on image(cid); a file voxel is in a box when its nearest grid voxel is
-    (data.to_native_grid)."""
-    if numbered and len(boxes) > 255:
-        raise ValueError(f"case {cid}: {len(boxes)} boxes; a uint8 mask numbers at most 255")
-    mask = np.zeros(cases.image_hu(cid).shape, np.uint8)
-    for number, (start, size) in enumerate(boxes, 1):
-        mask[tuple(slice(a, a + b) for a, b in zip(start, size))] = number if numbered else 1
-    return data.to_native_grid(cases.uncrop(cid, mask), onto or cases.files[cid]["image"], cases.spacing_mm,
-                               nearest=True)

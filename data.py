@@ -21,8 +21,6 @@ from files import atomic_save_npy, atomic_write_bytes
 TASK_WINDOWS_HU = {"Task03_Liver": (-21, 189), "Task08_HepaticVessel": (-3, 243)}
 # Other data sets: the paper's liver window, a soft-tissue abdominal window.
 DEFAULT_WINDOW_HU = (-21, 189)
-# Paper splits: Task03 105 pool / 26 validation; Task08 242 pool / 61 validation.
-PAPER_N_VAL = {"Task03_Liver": 26, "Task08_HepaticVessel": 61}
 # Names a task may go by: MSD folder name, or the "name" field of its dataset.json.
 _TASK_ALIASES = {"Task03_Liver": ("task03", "liver"), "Task08_HepaticVessel": ("task08", "hepaticvessel")}
 CACHE_VERSION = 2  # bump when the cached arrays change meaning; old entries then miss and are rebuilt
@@ -333,6 +331,27 @@ def write_native(path, volume: np.ndarray, image_path, spacing_mm, nearest: bool
 def nifti_affine(path) -> np.ndarray:
     """The 4x4 voxel-to-world affine (mm) of a NIfTI file, in its own axis order (header only)."""
     return _open_nifti(path).affine
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels: where the patch sampler centres its patches.
+
+
+def foreground_index(label: np.ndarray, ignore: int = 255) -> dict[int, np.ndarray]:
+    """Flat voxel indices of each foreground class present in label (X, Y, Z) uint8.
+
+    Returns {class: int32 or int64 (N,) indices into label.ravel()}, only classes with N > 0.
+    A partial label (`ignore` where unannotated: losses.IGNORE, 255) also gets 0: its annotated background voxels,
+    where background centres are drawn; `ignore` itself is no class. Compute once per case and pass to sample_patch.
+    """
+    flat = np.asarray(label).ravel()
+    where = np.flatnonzero(flat)
+    values = flat[where]
+    index_dtype = np.int32 if flat.size < 2**31 else np.int64
+    index = {int(c): where[values == c].astype(index_dtype) for c in np.unique(values) if c != ignore}
+    if len(index) < len(np.unique(values)):                     # partial: centres only on annotated voxels
+        index[0] = np.flatnonzero(flat == 0).astype(index_dtype)
+    return index
 
 
 # ----------------------------------------------------------------------------------------------------------

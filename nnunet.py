@@ -19,10 +19,8 @@ import nibabel as nib
 import numpy as np
 
 import data
-from cases import box_mask
+from annotate import ASKED, box_mask
 from files import atomic_write_json, read_json
-from regions import unit_case
-from run_folder import ASKED
 
 # nnU-Net's raw layout: one input channel as <case>_0000<ending>, the label as <case><ending>.
 FILE_ENDING = ".nii.gz"
@@ -55,28 +53,27 @@ def selection(states: dict, strategy: str | None = None, seed: int | str | None 
               iteration: int | None = None) -> tuple[str, int, int, list[str]]:
     """The cases the supervised model Ms of one strategy, seed and iteration was trained on.
 
-    states: {seed_str: {strategy: {"labeled": [ids], "iterations": [{"n_labeled": int, ...}], ...}}}, as
-    run_folder.read_states returns. iteration counts from 1; iteration j trained on the first n_labeled of
-    'labeled' (record j). Defaults: the run's only seed, its only strategy, the last finished iteration.
-    Returns (strategy, seed, iteration, case ids in the order they were labeled).
+    states: {seed_str: {strategy: state.RunState}}, as run_folder.read_states returns. iteration counts from 1;
+    iteration j trained on the first n_labeled of Tl (record j). Defaults: the run's only seed, its only
+    strategy, the last finished iteration. Returns (strategy, seed, iteration, the units in the order labeled).
     """
     if not states:
         raise ValueError("the run has no state yet; run al_loop.py first")
     seed = _pick("seeds", sorted(states, key=_seed_order), seed, "--seed")
     strategy = _pick("strategies", sorted(states[seed]), strategy, "--strategy")
     st = states[seed][strategy]
-    records = st.get("iterations", [])
+    records = st.iterations
     if not records:
         raise ValueError(f"strategy {strategy} seed {seed}: no finished iteration yet; nothing was trained")
     j = len(records) if iteration is None else int(iteration)
     if not 1 <= j <= len(records):
         raise ValueError(f"--iteration {iteration}: strategy {strategy} seed {seed} has finished iterations "
                          f"1..{len(records)}")
-    n_labeled = records[j - 1]["n_labeled"]
-    if n_labeled > len(st["labeled"]):
+    n_labeled = records[j - 1].n_labeled
+    if n_labeled > len(st.labeled):
         raise ValueError(f"strategy {strategy} seed {seed}: iteration {j} trained on {n_labeled} cases but the "
-                         f"state lists {len(st['labeled'])}; the state file is damaged (--rebuild-state)")
-    return strategy, int(seed) if seed.isdigit() else seed, j, list(st["labeled"][:n_labeled])
+                         f"state lists {len(st.labeled)}; the state file is damaged (--rebuild-state)")
+    return strategy, int(seed) if seed.isdigit() else seed, j, list(st.labeled[:n_labeled])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,10 +243,10 @@ def export_dataset(cases: dict | list, train_ids: list[str], val_ids: list[str],
 # 4. The run's export action: selection + dataset + what to type next.
 
 
-def labeled_after(st: dict, train_ids: list[str], has_label) -> tuple[list[str], list[str]]:
+def labeled_after(st, train_ids: list, has_label) -> tuple[list, list]:
     """The units a state acquired after the training set train_ids (its 'labeled' beyond them: in annotation mode
     the last iteration asks for k more), split into (those labeled now, those still waiting) by has_label(unit)."""
-    later = st["labeled"][len(train_ids):]
+    later = st.labeled[len(train_ids):]
     return [u for u in later if has_label(u)], [u for u in later if not has_label(u)]
 
 
@@ -257,13 +254,11 @@ def labeled_now(run_dir, cases: dict, queries=None):
     """has_label(unit) for labeled_after: its case has a label file. In annotation mode with boxes a box also
     needs the run's confirmation that it is labeled (to_annotate/asked.json "done", annotate.AskedBoxes, written
     by the rerun after the annotator saved it): the case's file holds its boxes labeled before as well."""
-    if queries is None or not queries.patch:
-        return lambda c: bool(cases.get(c, {}).get("label"))
-    has_file = lambda u: bool(cases.get(unit_case(u), {}).get("label"))
-    if not queries.cases.annotation:            # simulated: every label file holds the whole annotation
+    has_file = lambda u: bool(cases.get(u.case, {}).get("label"))
+    if queries is None or not queries.patch or not queries.cases.annotation:   # every label file holds it all
         return has_file
     done = confirmed_boxes(run_dir)
-    return lambda u: has_file(u) and (queries.whole(u) or u in done)
+    return lambda u: has_file(u) and (u.whole or str(u) in done)
 
 
 def confirmed_boxes(run_dir) -> set[str]:
@@ -277,14 +272,12 @@ def confirmed_boxes(run_dir) -> set[str]:
     return {u for u, entry in asked.get("boxes", {}).items() if isinstance(entry, dict) and entry.get("done")}
 
 
-def training_cases(units: list[str], queries=None) -> tuple[list[str], dict]:
+def training_cases(units: list, queries=None) -> tuple[list[str], dict]:
     """(the case ids of `units` in the order first labeled, {case: [(start, size)]} of those labeled only in
-    boxes, on their training grids). A case labeled whole (a unit without "@", e.g. annotation mode's given
-    cases) keeps its whole label. Volume mode: the units themselves, no boxes."""
-    if queries is None or not queries.patch:
-        return list(units), {}
-    whole = {unit_case(u) for u in units if queries.whole(u)}
-    return list(dict.fromkeys(map(unit_case, units))), queries.boxes([u for u in units if unit_case(u) not in whole])
+    boxes, on their training grids). A case labeled whole (a Volume, e.g. annotation mode's given cases) keeps its
+    whole label. Volume mode: the units' cases, no boxes."""
+    ids, whole = list(dict.fromkeys(u.case for u in units)), {u.case for u in units if u.whole}
+    return ids, queries.boxes([u for u in units if u.case not in whole]) if queries is not None else {}
 
 
 def export_run(run_dir: str | Path, cases: dict | list, states: dict, split: dict, labels: dict, dataset_id: int,
@@ -300,13 +293,13 @@ def export_run(run_dir: str | Path, cases: dict | list, states: dict, split: dic
     strategy, seed, j, train_ids = selection(states, strategy, seed, iteration)
     later, waiting = labeled_after(states[str(seed)][strategy], train_ids, labeled_now(run_dir, cases, queries)) \
         if iteration is None else ([], [])
-    outside = [u for u in train_ids + later if unit_case(u) not in split["pool"]]
+    outside = [str(u) for u in train_ids + later if u.case not in split["pool"]]
     if outside:
         raise ValueError(f"{Path(run_dir) / 'split.json'}: cases {outside} of the run state are not in its pool; "
                          "the state and split.json are from different runs")
     provenance = {"run": str(Path(run_dir).resolve()), "strategy": strategy, "seed": seed, "iteration": j}
     if iteration is None:
-        provenance["labeled_after_iteration"] = later
+        provenance["labeled_after_iteration"] = list(map(str, later))
     ids, boxes = training_cases(train_ids + later, queries)
     folder = export_dataset(cases, ids, list(split["val"]), labels, dataset_id, name, out_root, overwrite,
                             provenance, boxes, queries.cases if boxes else None)
@@ -315,10 +308,10 @@ def export_run(run_dir: str | Path, cases: dict | list, states: dict, split: dic
         "labeled after it"
     log(f"{folder}: {len(ids)} training + {len(split['val'])} validation cases ({strategy}, seed {seed}, {what})")
     state_file = Path(run_dir) / "state" / f"seed{seed}_{strategy}.json"
-    log(f"training {'boxes and ' * bool(boxes)}cases: {', '.join(train_ids)} (trained on at iteration {j}, "
-        f"{state_file})" + (f"; {', '.join(later)} (acquired after iteration {j}, labels from "
-                            f"{', '.join(sorted({str(Path(cases[unit_case(u)]['label']).parent) for u in later}))})"
-                            if later else ""))
+    log(f"training {'boxes and ' * bool(boxes)}cases: {', '.join(map(str, train_ids))} (trained on at iteration "
+        f"{j}, {state_file})" + (f"; {', '.join(map(str, later))} (acquired after iteration {j}, labels from "
+                                 f"{', '.join(sorted({str(Path(cases[u.case]['label']).parent) for u in later}))})"
+                                 if later else ""))
     _log_rest(log, folder, cases, j, waiting, boxes, len(labels), bool(queries and queries.patch))
     return folder
 
@@ -330,10 +323,10 @@ def _log_rest(log, folder, cases, j, waiting, boxes, ignore, patch):
         log(f"partial labels: {sum(map(len, boxes.values()))} boxes in {len(boxes)} cases ({', '.join(boxes)}), "
             f"nnU-Net's ignore label {ignore} outside them; every other case's label is whole")
     if waiting and patch:
-        log(f"not exported: {', '.join(waiting)} (acquired after iteration {j}, not confirmed labeled: "
+        log(f"not exported: {', '.join(map(str, waiting))} (acquired after iteration {j}, not confirmed labeled: "
             f"{_few_paths(cases, waiting)}); label them, rerun the run's command (it confirms them), and export again")
     elif waiting:
-        log(f"not exported: {', '.join(waiting)} (acquired after iteration {j}, no label file yet: "
+        log(f"not exported: {', '.join(map(str, waiting))} (acquired after iteration {j}, no label file yet: "
             f"{_few_paths(cases, waiting)}); label them and export again")
     number = int(folder.name[7:10])                     # Dataset501_Liver
     splits = preprocessed_splits_path(folder.name)
@@ -344,8 +337,7 @@ def _log_rest(log, folder, cases, j, waiting, boxes, ignore, patch):
         f"nnUNetv2_train {number} 3d_fullres 0")
 
 
-def _few_paths(cases, ids, n=3):
-    """Where the cases of the first n of `ids` (cases or boxes) get their labels (label_to), for messages."""
-    paths = list(dict.fromkeys(cases[unit_case(c)].get("label_to") or unit_case(c) for c in ids
-                               if unit_case(c) in cases))
+def _few_paths(cases, units, n=3):
+    """Where the cases of the first n of `units` get their labels (label_to), for messages."""
+    paths = list(dict.fromkeys(cases[u.case].get("label_to") or u.case for u in units if u.case in cases))
     return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")

@@ -1,9 +1,8 @@
-"""What one query asks the annotator for, Algorithm 1's unit: a whole pool case (--query volume, the paper) or
-a box of --query-vox voxels inside one pool case (--query patch: region-level active learning with partial
-labels, after nnActive, Lüth et al., TMLR 2025). Tl is a list of units: a case id, or a box "<case>@x,y,z"
-(regions.box_unit: its first voxel on the case's training grid, Cases.image(case), the body box with --crop
-body). Volume mode is the special case "every box is a whole case", and keeps the paper's code paths as
-they were: its units are case ids, its labels whole.
+"""What one query asks the annotator for, Algorithm 1's unit (units.py): a whole pool case (--query volume, the
+paper) or a box of --query-vox voxels inside one pool case (--query patch: region-level active learning with
+partial labels, after nnActive, Lüth et al., TMLR 2025). Tl is a list of units; a Box starts at a voxel of the
+case's training grid (Cases.image(case), the body box with --crop body). A Volume is the special case "a box over
+the whole case", and volume runs keep the paper's code paths: whole cases, whole labels.
 
 - scores of a case, under a model: the floats of proxy_al.mc_scores (volume mode), and in patch mode the mean
   of each per-voxel map over every candidate box (regions.box_scores, a quarter box apart);
@@ -15,15 +14,15 @@ they were: its units are case ids, its labels whole.
 import numpy as np
 
 import regions
+import units
+from data import foreground_index
 from losses import IGNORE
-from regions import box_unit, unit_case, unit_start
 from strategies import MC_MEASURES
-from train import foreground_index
 
 
 class Queries:
-    """The units of one run: `patch` (bool) and, in patch mode, `vox` (the box size asked for, clamped to
-    each case's grid)."""
+    """The units of one run: whole cases, or (`patch`, --query patch) boxes of `vox` voxels (the size asked for,
+    clamped to each case's grid)."""
 
     def __init__(self, cfg, cases):
         self.patch, self.vox, self.cases = cfg.query == "patch", tuple(cfg.query_vox), cases
@@ -41,11 +40,13 @@ class Queries:
 
     def box(self, unit):
         """(case, start, size) of a unit; a whole case is one box from 0 over its grid."""
-        cid = unit_case(unit) if self.patch else unit
-        start = unit_start(unit) if self.patch else None
-        if start is None:
-            return cid, np.zeros(3, np.int64), np.array(self.shape(cid))
-        return cid, start, self.size(cid)
+        if unit.whole:
+            return unit.case, np.zeros(3, np.int64), np.array(self.shape(unit.case))
+        return unit.case, np.array(unit.start, np.int64), self.size(unit.case)
+
+    def of(self, case):
+        """The unit a whole case is (line 5 and lines 12-16 of a volume run, the all-data reference)."""
+        return units.Volume(case)
 
     def boxes(self, units):
         """{case: [(start, size)]} of `units`."""
@@ -54,9 +55,6 @@ class Queries:
             cid, start, size = self.box(u)
             out.setdefault(cid, []).append((start, size))
         return out
-
-    def whole(self, unit):
-        return not self.patch or unit_start(unit) is None
 
     # --- scores
 
@@ -78,14 +76,14 @@ class Queries:
         most certain first)."""
         sign = -1.0 if lowest else 1.0
         if not self.patch:
-            return {c: sign * s[measure] for c, s in scores.items() if c not in taken}
+            return {u: sign * s[measure] for u, s in ((self.of(c), s) for c, s in scores.items()) if u not in taken}
         held, out = self.boxes(taken), {}
         for cid, s in scores.items():
             starts, means = np.asarray(s["boxes"]["starts"], np.int64).reshape(-1, 3), np.asarray(s["boxes"][measure])
             free = np.ones(len(starts), bool)
             for start, size in held.get(cid, ()):
                 free &= ~regions.overlapping(starts, self.size(cid), start, size)
-            out.update({box_unit(cid, st): sign * float(m) for st, m in zip(starts[free], means[free])})
+            out.update({units.box(cid, st): sign * float(m) for st, m in zip(starts[free], means[free])})
         return out
 
     def top(self, scores, k, taken=()):
@@ -122,19 +120,19 @@ class Queries:
                 cases.remove(cid)
                 continue
             held.setdefault(cid, []).append((starts[0], self.size(cid)))
-            chosen.append(box_unit(cid, starts[0]))
+            chosen.append(units.box(cid, starts[0]))
         return {u: float(k - i) for i, u in enumerate(chosen)}
 
     # --- labels
 
-    def volumes(self, units, labels=None):
-        """Training volumes (image_hu, label, foreground index) of `units`, one per case in case order. A whole
+    def volumes(self, labeled, labels=None):
+        """Training volumes (image_hu, label, foreground index) of the units `labeled`, one per case in case order. A whole
         case: its annotation (Cases.labeled_volume), or labels[case] (a noisy label on image(case)). Boxes: the
         annotation (or labels[case]) inside them and IGNORE elsewhere, on image(case): a partial label, whose
-        patches are centred on annotated voxels (train.foreground_index)."""
+        patches are centred on annotated voxels (data.foreground_index)."""
         out = []
-        for cid, boxes in sorted(self.boxes(units).items()):
-            if not self.patch or all(self.whole(u) for u in units if unit_case(u) == cid):
+        for cid, boxes in sorted(self.boxes(labeled).items()):
+            if all(u.whole for u in labeled if u.case == cid):
                 out.append(self.cases.labeled_volume(cid, None if labels is None else labels[cid]))
                 continue
             known = self.cases.label(cid)[self.cases.box(cid)] if labels is None else labels[cid]

@@ -6,33 +6,11 @@ A box is a (start, size) pair of voxel triples: voxels start[i] <= v[i] < start[
 - label_centres, random_boxes: nnActive's foreground-aware random baselines, random-label and random-label2.
 - partial_label: what the annotator returns for a set of boxes, IGNORE (losses.py) everywhere else.
 - aubc: area under the Dice-against-annotated-voxels curve, one number per strategy.
-- box_unit, unit_case, unit_start: a box of a case as one string, "<case>@x,y,z", for lists and JSON files.
 
 This file ports on its own: it imports only numpy and scipy.
 """
-import re
-
 import numpy as np
 import scipy.ndimage as ndi
-
-UNIT = re.compile(r"(.+)@(\d+),(\d+),(\d+)")
-
-
-def box_unit(case: str, start) -> str:
-    """The box of `case` starting at voxel `start` (3,), as one string: "<case>@x,y,z"."""
-    return f"{case}@{','.join(str(int(v)) for v in start)}"
-
-
-def unit_case(unit: str) -> str:
-    """The case of a box_unit string; any other string (a whole case) is its own case."""
-    m = UNIT.fullmatch(unit)
-    return m.group(1) if m else unit
-
-
-def unit_start(unit: str):
-    """The start (3,) int64 of a box_unit string, or None for a whole case."""
-    m = UNIT.fullmatch(unit)
-    return np.array([int(v) for v in m.groups()[1:]], dtype=np.int64) if m else None
 
 # ----------------------------------------------------------------------------- scoring boxes
 

@@ -8,6 +8,7 @@ Dice follows MONAI's DiceMetric with ignore_empty=True, as the paper computed it
 case's label has no Dice (NaN) for that case, and a mean over cases uses only the cases where it is present.
 """
 import csv
+import dataclasses
 import io
 import warnings
 
@@ -64,9 +65,9 @@ def pseudo_label_report(out, rows, hu_band, spacing_mm, labeled_hu=None):
 
 
 def records(state):
-    """(strategy, seed, iteration counted from 1, record) of every finished iteration in the state."""
+    """(strategy, seed, iteration counted from 1, state.Record) of every finished iteration in the state."""
     return [(s, seed, j + 1, rec) for seed, by_s in state.items() for s, st in by_s.items()
-            for j, rec in enumerate(st["iterations"])]
+            for j, rec in enumerate(st.iterations)]
 
 
 def kind(name):
@@ -100,7 +101,7 @@ def write_reports(out, state, task, n_pool, left_out=None, plot=True, times=None
     """results.csv, per_case_dice.csv, wilcoxon.csv, summary.md (and dice_curve.png with matplotlib, if `plot`)
     in `out`.
 
-    state: {seed: {strategy: {"iterations": [record]}}} as in state/, a record's per_case {case: per-class Dice}
+    state: {seed: {strategy: state.RunState}} (run_folder.read_states), a Record's per_case {case: per-class Dice}
     holding NaN for a class absent from the case's label; task: folders.read_task_info; n_pool: pool size (for
     pct_labeled: of the pool's cases, or in a patch run of its voxels); left_out: {case: why} of cases that could not be read. A NaN is written "nan" in the CSV files;
     per_case_dice.csv's mean_dice is the mean over the classes present in the case. Returns the summary text.
@@ -108,13 +109,13 @@ def write_reports(out, state, task, n_pool, left_out=None, plot=True, times=None
     class_names = [task["labels"].get(c, f"class{c}") for c in range(1, task["num_classes"])]
     names = [f"dice_{n}" for n in class_names]
     header = ["strategy", "seed", "iteration", "n_labeled", "pct_labeled"] + names + ["mean_dice"]
-    pct = lambda rec: (100.0 * rec["voxels"] / rec["pool_voxels"] if "pool_voxels" in rec      # patch runs
-                       else 100.0 * rec["n_labeled"] / max(n_pool, 1))
-    rows = [[s, seed, j, rec["n_labeled"], round(pct(rec), 2)]
-            + [cell(d) for d in rec["dice"]] + [cell(rec["mean_dice"])] for s, seed, j, rec in records(state)]
+    pct = lambda rec: (100.0 * rec.voxels / rec.pool_voxels if rec.pool_voxels is not None       # patch runs
+                       else 100.0 * rec.n_labeled / max(n_pool, 1))
+    rows = [[s, seed, j, rec.n_labeled, round(pct(rec), 2)]
+            + [cell(d) for d in rec.dice] + [cell(rec.mean_dice)] for s, seed, j, rec in records(state)]
     tested, validation = test_view(state), state    # --n-test: the Dice of cases that chose nothing
     if tested:
-        test_rows = [r[:5] + [cell(d) for d in rec["dice"]] + [cell(rec["mean_dice"])]
+        test_rows = [r[:5] + [cell(d) for d in rec.dice] + [cell(rec.mean_dice)]
                      for r, (_, _, _, rec) in zip(rows, records(tested))]
         write_csv(out / "results.csv", header + [f"test_{n}" for n in header[5:]],
                   [r + t[5:] for r, t in zip(rows, test_rows)])
@@ -127,12 +128,12 @@ def write_reports(out, state, task, n_pool, left_out=None, plot=True, times=None
     write_csv(out / "wilcoxon.csv", ["strategy"] + [display_name(s) for s in order],
               [[display_name(a)] + ["" if a == b else "n/a" if p[a, b] is None else f"{p[a, b]:.6g}" for b in order]
                for a in order])
-    budget = [[s, seed, j, rec["n_labeled"], rec["voxels"], rec["fg_voxels"], cell(rec["mean_dice"])]
-              for s, seed, j, rec in records(state) if "voxels" in rec]
+    budget = [[s, seed, j, rec.n_labeled, rec.voxels, rec.fg_voxels, cell(rec.mean_dice)]
+              for s, seed, j, rec in records(state) if rec.voxels is not None]
     if budget:
         write_csv(out / "budget.csv", ["strategy", "seed", "iteration", "n_labeled", "voxels", "fg_voxels",
                                        "mean_dice"], budget)
-    patch = is_patch_run(state)
+    patch = any(rec.pool_voxels is not None for *_, rec in records(state))      # a run of boxes (--query patch)
     summary = (summary_table(task["name"], header, rows, "test" if tested else "validation")
                + empty_note(state, class_names) + "\n"
                + (budget_table(budget) + "\n" if patch else "") + wilcoxon_table(matrix, "test" if tested else "validation"))
@@ -160,29 +161,21 @@ def time_table(times):
 
 def test_view(state):
     """The state with each record's test Dice (--n-test) in place of its validation Dice, or None without one."""
-    if not any("test" in rec for *_, rec in records(state)):
+    if not any(rec.test is not None for *_, rec in records(state)):
         return None
-    return {seed: {s: {**st, "iterations": [{**rec, **rec.get("test", {"dice": [float("nan")] * len(rec["dice"]),
-                                                                       "mean_dice": float("nan"), "per_case": {}})}
-                                            for rec in st["iterations"]]} for s, st in by_s.items()}
-            for seed, by_s in state.items()}
+    return {seed: {s: dataclasses.replace(st, iterations=[r.with_test_dice() for r in st.iterations])
+                   for s, st in by_s.items()} for seed, by_s in state.items()}
 
 
 def write_per_case(out, state, names, validation=None):
     """per_case_dice.csv: a row per (strategy, seed, iteration, case); with a test set (`validation`: the state
     of the validation Dice, `state` that of the test Dice) a column `set` says which."""
     rows = lambda st, kind: [[s, seed, j, c] + [cell(x) for x in d] + [cell(nanmean(d))] + kind
-                             for s, seed, j, rec in records(st) for c, d in rec["per_case"].items()]
+                             for s, seed, j, rec in records(st) for c, d in rec.per_case.items()]
     header = ["strategy", "seed", "iteration", "case"] + names + ["mean_dice"]
     if validation is None:
         return write_csv(out / "per_case_dice.csv", header, rows(state, []))
     write_csv(out / "per_case_dice.csv", header + ["set"], rows(validation, ["validation"]) + rows(state, ["test"]))
-
-
-def is_patch_run(state):
-    """Whether the run queried boxes (--query patch): a labeled unit is a box."""
-    return any(regions.unit_start(u) is not None for by_s in state.values() for st in by_s.values()
-               for u in st.get("labeled", ()))
 
 
 def budget_table(budget):
@@ -252,8 +245,7 @@ def spread(values):
 
 def last_per_case(state):
     """[(strategy, {case: per-class Dice list})] of every (seed, strategy) run's last finished iteration."""
-    return [(s, st["iterations"][-1]["per_case"]) for by_s in state.values() for s, st in by_s.items()
-            if st["iterations"]]
+    return [(s, st.iterations[-1].per_case) for by_s in state.values() for s, st in by_s.items() if st.iterations]
 
 
 def empty_note(state, class_names):

@@ -11,14 +11,12 @@ the method; a file that cannot be used ends in ProxyAlError naming it and the fi
     out/to_annotate/asked.json                annotation mode with boxes: each box's label when asked (CRC-32)
     out/times/<start>-<pid>.json              the wall seconds of each stage, per process (summary.md sums them)
 """
-import dataclasses
 import json
 import os
 import shutil
 import warnings
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +24,9 @@ import torch
 
 import files
 from files import ProxyAlError, few, read_json
-from regions import unit_case
+from state import RunState
 from strategies import MC_MEASURES
 
-ASKED = "to_annotate/asked.json"      # annotation mode with boxes: what was asked, when (annotate.py)
 
 try:
     import fcntl
@@ -44,44 +41,12 @@ MAY_CHANGE = ("strategy", "seeds", "iterations", "k", "device", "workers", "save
               "data_root", "preset")
 
 
-@dataclass
-class RunState:
-    """One (seed, strategy) of a run, saved as state/seed<S>_<strategy>.json with these keys in this order."""
-    given: list = field(default_factory=list)       # pool cases labeled when the run began: in Tl from the start
-    initial: list = field(default_factory=list)     # line 5's selection
-    labeled: list = field(default_factory=list)     # Tl, in the order the cases joined it
-    iterations: list = field(default_factory=list)  # a record per finished iteration (its Dice, its acquisitions)
-    scores: dict = field(default_factory=dict)      # the score that selected each case
-
-
-def state_problem(st):
-    """What is wrong with one (seed, strategy) state object read from JSON, or None."""
-    if not isinstance(st, dict):
-        return f"expected a JSON object, got {type(st).__name__}"
-    for key in ("labeled", "given", "initial"):
-        if not (isinstance(st.get(key, []), list) and all(isinstance(c, str) for c in st.get(key, []))):
-            return f"'{key}' must be a list of case ids"
-    if not isinstance(st.get("labeled"), list):
-        return "'labeled' must be a list of case ids"
-    if not isinstance(st.get("scores"), dict):
-        return "'scores' must be an object {case: score}"
-    iterations = st.get("iterations")
-    if not isinstance(iterations, list):
-        return "'iterations' must be a list"
-    for j, rec in enumerate(iterations):
-        if not (isinstance(rec, dict) and isinstance(rec.get("n_labeled"), int) and isinstance(rec.get("dice"), list)
-                and isinstance(rec.get("mean_dice"), (int, float)) and isinstance(rec.get("per_case"), dict)
-                and isinstance(rec.get("acquired", []), list)):
-            return f"iteration {j + 1} is not a record with n_labeled, dice, mean_dice, per_case"
-    return None
-
-
 def state_file(out, seed, strategy):
     return Path(out) / "state" / f"seed{seed}_{strategy}.json"
 
 
 def read_states(out, rebuild=False):
-    """{seed: {strategy: state dict}} from out/state/. An invalid file stops the run naming it; with `rebuild`
+    """{seed: {strategy: state.RunState}} from out/state/. An invalid file stops the run naming it; with `rebuild`
     it is set aside (.bad) and that run restarts, reloading its finished stages from the checkpoints."""
     states, fix = {}, ("rerun with --rebuild-state to set it aside and rebuild it from the checkpoints "
                        "(training is not redone), or restore it from a backup")
@@ -90,13 +55,22 @@ def read_states(out, rebuild=False):
     for path in sorted((Path(out) / "state").glob("seed*_*.json")):
         seed, strategy = path.stem[4:].split("_", 1)
         try:
-            states.setdefault(seed, {})[strategy] = read_json(path, state_problem, fix)
+            states.setdefault(seed, {})[strategy] = read_state(path, fix)
         except ProxyAlError:
             if not rebuild:
                 raise
             os.replace(path, path.with_suffix(".bad"))
             warnings.warn(f"{path}: invalid, moved to {path.with_suffix('.bad').name}; rebuilding it")
     return states
+
+
+def read_state(path, fix):
+    """The RunState of one state file, or ProxyAlError naming the file, what is wrong and the fix."""
+    obj = read_json(path, lambda o: None, fix)
+    try:
+        return RunState.from_json(obj)
+    except ValueError as err:
+        raise ProxyAlError(f"{path}: {err}; {fix}") from None
 
 
 def read_times(out):
@@ -194,7 +168,8 @@ def check_rerun_settings(out, settings, moot=()):
 
 class RunFolder:
     """The files of one run folder, read and written by name. `saved`: the state files as read at the start
-    ({seed: {strategy: dict}}); `state()` gives the RunState a strategy's loop updates, `save_state()` writes it."""
+    ({seed: {strategy: RunState}}); `state()` gives the RunState a strategy's loop updates, `save_state()` writes
+    it."""
 
     def __init__(self, path, rebuild_state=False):
         self.path = Path(path)
@@ -202,13 +177,12 @@ class RunFolder:
         self._states = {}                               # (seed, strategy): RunState
 
     def saved_state(self, seed, strategy):
-        """The state dict of (seed, strategy name) as read at the start (or as saved since), or None."""
-        st = self._states.get((str(seed), strategy))
-        return dataclasses.asdict(st) if st else self.saved.get(str(seed), {}).get(strategy)
+        """The RunState of (seed, strategy name) as read at the start (or as updated since), or None."""
+        return self._states.get((str(seed), strategy)) or self.saved.get(str(seed), {}).get(strategy)
 
     def selected(self):
         """Every case any (seed, strategy) of the run has labeled (whole, or a box of it)."""
-        return {unit_case(u) for by_s in self.saved.values() for st in by_s.values() for u in st["labeled"]}
+        return {u.case for by_s in self.saved.values() for st in by_s.values() for u in st.labeled}
 
     def has_finished_work(self):
         return bool(self.saved) or (self.path / "checkpoints").exists()
@@ -216,22 +190,22 @@ class RunFolder:
     def state(self, seed, strategy, given, first):
         """The RunState of (seed, strategy name), kept here so that every call returns the same object. A new
         one starts from `given` (annotation mode: the pool cases labeled when the run began). Tl is given +
-        line 5's selection ("initial"; a state of an older proxy-al has none: its first `first` cases after
-        given) + every record's acquisitions, each case once, whatever --k a rerun has."""
+        line 5's selection ("initial"; a state of an older proxy-al has none: its first `first` units after
+        given) + every record's acquisitions, each unit once, whatever --k a rerun has."""
         key = (str(seed), strategy)
         if key not in self._states:
             saved = self.saved.get(key[0], {}).get(strategy)
             if saved is None:
                 self._states[key] = RunState(given=list(given), labeled=list(given))
                 return self._states[key]
-            old, given = saved["labeled"], saved.get("given", [])
-            initial = saved.get("initial", old[len(given):len(given) + first])
-            labeled = list(dict.fromkeys(given + initial + [c for r in saved["iterations"] for c in r.get("acquired", [])]))
+            old, given = saved.labeled, saved.given
+            initial = old[len(given):len(given) + first] if saved.initial is None else saved.initial
+            labeled = list(dict.fromkeys(given + initial + [u for r in saved.iterations for u in r.acquired or []]))
             if old and labeled != old:        # only a hand-edited or foreign state gets here
                 warnings.warn(f"{state_file(self.path, seed, strategy)}: 'labeled' disagrees with the iteration "
                               f"records; following the records ({len(labeled)} cases)")
             self._states[key] = RunState(given=given, initial=initial, labeled=labeled if old else old,
-                                         iterations=saved["iterations"], scores=saved["scores"])
+                                         iterations=saved.iterations, scores=saved.scores)
         return self._states[key]
 
     def drop_scores(self, seed):
@@ -240,7 +214,7 @@ class RunFolder:
 
     def save_state(self, seed, strategy):
         """One (seed, strategy)'s state, in one atomic write: its records and the cases they acquired."""
-        files.atomic_write_json(state_file(self.path, seed, strategy), dataclasses.asdict(self._states[(str(seed), strategy)]))
+        files.atomic_write_json(state_file(self.path, seed, strategy), self._states[(str(seed), strategy)].to_json())
 
     def write_json(self, name, obj):
         files.atomic_write_json(self.path / name, obj)

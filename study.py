@@ -22,6 +22,7 @@ from typing import Callable
 import cli
 import folders
 import strategies
+from annotate import NeedLabels
 from cases import Cases, check_sources, read_task, resolve_data
 from queries import Queries
 from files import ProxyAlError, few, read_json
@@ -38,10 +39,6 @@ import torch
 
 
 PLOT_EVERY_S = 30       # dice_curve.png between iterations, at most this often (the CSV files and summary.md: always)
-
-
-class NeedLabels(Exception):
-    """Annotation mode: the selected cases need labels before the loop can go on."""
 
 
 # ----------------------------------------------------------------------------- the study
@@ -99,18 +96,19 @@ class Study:
         """The RunState of one (seed, Strategy) (RunFolder.state). In annotation mode, the pool cases that had
         labels when the run began are in Tl from the start: only unlabeled cases are ranked, selected and listed
         for annotation."""
-        return self.run.state(seed, strategy.name, self.cases.given, self.first_pool(strategy))
+        return self.run.state(seed, strategy.name, list(map(self.queries.of, self.cases.given)),
+                              self.first_pool(strategy))
 
     def selections_needed(self, seed, strategy):
         """(cases selected so far, cases selected by the end) of one (seed, Strategy) at this rerun's --k and
         --iterations; the selections already made stay as they are."""
         k, iterations = self.cfg.k, strategy.iterations(self.cfg.iterations)
         st = self.run.saved_state(seed, strategy.name)
-        records = st["iterations"] if st else []
-        selected = len(st["labeled"]) - len(st.get("given", [])) if st else 0
+        records = st.iterations if st else []
+        selected = len(st.labeled) - len(st.given) if st else 0
         still = 0 if selected else self.first_pool(strategy)                               # line 5
         still += k * max(0, iterations - 1 - len(records))                                 # lines 13 / 16 to come
-        if records and "acquired" not in records[-1] and len(records) < iterations:         # a finished run extended
+        if records and records[-1].acquired is None and len(records) < iterations:         # a finished run extended
             still += k
         return selected, selected + still
 
@@ -133,12 +131,13 @@ class Study:
         torch.manual_seed(seed)
         return UNet(1, out_channels, tuple(self.cfg.channels), self.cfg.dropout).to(self.device)
 
-    def load_checkpoint(self, key, model, cases):
-        """Weights of a finished stage into `model` (run_folder.RunFolder.load_checkpoint), or None to redo it."""
-        return self.run.load_checkpoint(key, model, cases, self.device, self.cases.left_out)
+    def load_checkpoint(self, key, model, units):
+        """Weights of a finished stage into `model` (run_folder.RunFolder.load_checkpoint), or None to redo it.
+        units: what it trains on (case ids, or units of Tl)."""
+        return self.run.load_checkpoint(key, model, list(map(str, units)), self.device, self.cases.left_out)
 
-    def save_checkpoint(self, key, model, cases, **results):
-        self.run.save_checkpoint(key, model, cases, self.settings(), **results)
+    def save_checkpoint(self, key, model, units, **results):
+        self.run.save_checkpoint(key, model, list(map(str, units)), self.settings(), **results)
 
     def keep_proxy(self, seed, model):
         self._proxy = (seed, model)
@@ -153,7 +152,7 @@ class Study:
 
     def final_model(self, seed, strategy, j, record):
         """The model iteration j (from 0) ended with, from its checkpoint: Msemi, or Ms where there was none."""
-        key, stage = Key(seed, strategy.name, j), "semi" if record.get("certain") else "sup"
+        key, stage = Key(seed, strategy.name, j), record.final_stage
         model = self.new_model(self.cases.num_classes, key.model_seed(stage))
         model.load_state_dict(self.run.checkpoint_weights(key.checkpoint(stage), self.device))
         return model.eval()
@@ -303,7 +302,7 @@ def check_request(study, chosen):
             so_far = f" ({selected} selected so far)" if selected else ""
             if cases.annotation:
                 st = study.run.saved_state(seed, strategy.name)
-                given = st["given"] if st else cases.given
+                given = st.given if st else cases.given
                 free = len(cases.pool) - len(given)
                 if need > free:
                     raise ProxyAlError(f"--k {cfg.k} x --iterations {cfg.iterations} asks for {need} cases to annotate"
@@ -357,9 +356,8 @@ def start(study, chosen, sources=None):
     if unasked:
         study.log(f"{len(unasked)} label file(s) of pool cases not asked for ({few(unasked)}): not used until the run "
                   "asks for the case (or for a box in it: then confirm its labels there with --boxes-done CASE)")
-    study.count_iterations(sum(s.iterations(study.cfg.iterations) - len((study.run.saved_state(seed, s.name) or
-                                                                         {"iterations": []})["iterations"])
-                               for seed in study.seeds for s in chosen))
+    done = lambda seed, s: len(st.iterations) if (st := study.run.saved_state(seed, s.name)) else 0
+    study.count_iterations(sum(s.iterations(study.cfg.iterations) - done(seed, s) for seed in study.seeds for s in chosen))
     study.log(f"{cases.task['name']}: {len(cases.pool)} pool, {len(cases.val)} validation"
               + (f", {len(cases.test)} test" if cases.test else "") + " cases; "
               f"{len(chosen)} strategies x {len(study.seeds)} seeds; device {study.device}; out {study.out}; "
@@ -521,7 +519,7 @@ def report_only(cfg):
     """--report: the reports of --out from its state files so far, without touching a running study."""
     root, split = saved_run(cfg)
     states = read_states(cfg.out)
-    if not any(st["iterations"] for by_s in states.values() for st in by_s.values()):
+    if not any(st.iterations for by_s in states.values() for st in by_s.values()):
         print(f"{cfg.out}: no iteration has finished yet ({sum(map(len, states.values()))} (seed, strategy) runs "
               "started), so there is nothing to report; the study writes its reports after each iteration")
         return 0

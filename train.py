@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from data import window
-from losses import IGNORE, dice_ce_loss
+from data import foreground_index, window
+from losses import dice_ce_loss
 from proxy_al import autocast, evaluate
 
 # ----------------------------------------------------------------------------- progress
@@ -94,23 +94,6 @@ def needs_scaler(device):
 # RandCropByPosNegLabeld), else on a background voxel. Beyond the paper, by_class: a present foreground class
 # first, uniformly, then a voxel of it (nnU-Net's oversampling; helps small classes such as tumours and vessels).
 # fg_fraction None: the proxy's "random selection of patches", a centre anywhere. Then the paper's augmentation.
-
-
-def foreground_index(label: np.ndarray) -> dict[int, np.ndarray]:
-    """Flat voxel indices of each foreground class present in label (X, Y, Z) uint8.
-
-    Returns {class: int32 or int64 (N,) indices into label.ravel()}, only classes with N > 0.
-    A partial label (IGNORE where unannotated, losses.py) also gets 0: its annotated background voxels, where
-    background centres are drawn; IGNORE itself is no class. Compute once per case and pass to sample_patch.
-    """
-    flat = np.asarray(label).ravel()
-    where = np.flatnonzero(flat)
-    values = flat[where]
-    index_dtype = np.int32 if flat.size < 2**31 else np.int64
-    index = {int(c): where[values == c].astype(index_dtype) for c in np.unique(values) if c != IGNORE}
-    if len(index) < len(np.unique(values)):                     # partial: centres only on annotated voxels
-        index[0] = np.flatnonzero(flat == 0).astype(index_dtype)
-    return index
 
 
 BACKGROUND_TRIES = 100  # a background centre by rejection: fails only where background is a tiny share of the volume

@@ -13,7 +13,6 @@ import al_loop
 import data
 import tiny
 import folders
-import run_folder
 from tiny import deliver_labels, own_scans, states_of, to_annotate
 
 
@@ -40,7 +39,7 @@ def test_annotation_mode_writes_to_annotate_and_continues(phantom, tmp_path):
         for row in rows:  # the "annotator" delivers the requested labels
             shutil.move(hidden / f"{row['case']}.nii.gz", root / "labelsTr")
         todo.unlink()
-    state = run_folder.read_states(out)
+    state = tiny.read_states(out)
     st = state["0"]["proxyrank_var_semi"]
     assert len(st["iterations"]) == 2 and attempt >= 2
     assert not set(st["labeled"]) & set(json.loads((out / "split.json").read_text())["val"])
@@ -86,7 +85,7 @@ def test_presegmentations_on_the_native_grid_and_labels_saved_from_them_continue
     assert row["save_label_as"] == str(root / "labelsTr" / f"{row['case']}.nii.gz")   # where the rerun looks
     shutil.copy(row["prediction"], row["save_label_as"])
     assert al_loop.main(args) == 0
-    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
+    st = tiny.read_states(out)["0"]["proxyrank_var_semi"]
     given = st["given"]                                                      # labels in hand count from the start
     in_hand = {c["id"] for c in folders.read_msd(root) if c["label"]} - {row["case"]}
     assert given and set(given) <= in_hand and st["labeled"][:len(given)] == given
@@ -122,7 +121,7 @@ def test_annotation_mode_runs_to_its_end_when_the_user_labels_what_it_asks(phant
         assert al_loop.main(args) == 0
         asked += deliver_labels(phantom, root, out)
     assert al_loop.main(args) == 0                        # iteration 2 trains on all of them
-    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
+    st = tiny.read_states(out)["0"]["proxyrank_var_semi"]
     given = 2 if labeled == 4 else 4
     assert [r["n_labeled"] for r in st["iterations"]] == [given + 2, given + 4] and len(set(asked)) == 4
     said = capsys.readouterr().out

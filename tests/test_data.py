@@ -283,3 +283,13 @@ def test_real_ct_cases_if_present(tmp_path):
     image, label = data.cached_case(cases["upperabd_001"], tmp_path / "cache", num_classes=2)
     assert image.shape == label.shape == (333, 333, 20) and set(np.unique(label)) == {0, 1}
     assert 60 < np.median(image[label == 1]) < 130  # README: liver median about 93 HU
+
+
+def test_foreground_index_skips_the_loss_ignore_label():
+    """data.foreground_index's default unannotated value is the one the loss skips (losses.IGNORE)."""
+    import inspect
+    import losses
+    assert inspect.signature(data.foreground_index).parameters["ignore"].default == losses.IGNORE
+    label = np.array([[[0, 1], [losses.IGNORE, 2]]], np.uint8)
+    index = data.foreground_index(label)
+    assert sorted(index) == [0, 1, 2] and index[0].tolist() == [0]

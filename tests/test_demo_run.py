@@ -10,7 +10,6 @@ import strategies
 import tiny
 from tiny import K, run
 import cases
-import run_folder
 
 
 def test_all_strategies_two_iterations(phantom, tmp_path, monkeypatch):
@@ -85,7 +84,7 @@ def test_bald_strategies_run_apart_from_the_paper(phantom, tmp_path):
     out = tmp_path / "run"
     names = ["bald", "bald_semi", "proxyrank_bald", "proxyrank_bald_semi"]
     assert al_loop.main(tiny.args(phantom, out, "--strategy", ",".join(names))) == 0
-    state = run_folder.read_states(out)["0"]
+    state = tiny.read_states(out)["0"]
     assert sorted(state) == sorted(names) and all(len(st["iterations"]) == 2 for st in state.values())
     proxy = {c: json.loads((out / "scores" / "seed0" / f"{c}.json").read_text()) for c in json.loads(
         (out / "split.json").read_text())["pool"]}

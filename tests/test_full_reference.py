@@ -7,7 +7,7 @@ import pytest
 
 import al_loop
 import strategies
-import run_folder
+import tiny
 from tiny import rows
 
 
@@ -16,7 +16,7 @@ from tiny import rows
 
 def test_full_trains_once_on_the_whole_pool_and_is_reported_apart(msd_run):
     split = json.loads((msd_run / "split.json").read_text())
-    st = run_folder.read_states(msd_run)["0"]["full"]
+    st = tiny.read_states(msd_run)["0"]["full"]
     assert len(st["iterations"]) == 1                                          # one iteration, no selection
     assert st["iterations"][0]["n_labeled"] == len(split["pool"]) == 8
     assert sorted(st["labeled"]) == sorted(split["pool"]) and "acquired" not in st["iterations"][0]

@@ -13,26 +13,35 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cases
+import annotate
 import nnunet
 import folders
 from cases import Cases
 from queries import Queries
-from run_folder import ASKED, RunFolder
+from annotate import ASKED
+from run_folder import RunFolder
+from state import RunState
 
 
 # ---------------------------------------------------------------------------------------------- selection
 
 
 def state(labeled, n_labeled):
-    return {"labeled": labeled, "scores": {}, "iterations": [{"n_labeled": n, "acquired": []} for n in n_labeled]}
+    return RunState.from_json({"labeled": labeled, "scores": {}, "iterations": [
+        {"n_labeled": n, "dice": [], "mean_dice": 0.0, "per_case": {}, "acquired": []} for n in n_labeled]})
+
+
+def selected(*args, **kwargs):
+    """nnunet.selection with the units as their text."""
+    strategy, seed, j, units = nnunet.selection(*args, **kwargs)
+    return strategy, seed, j, [str(u) for u in units]
 
 
 def test_selection_defaults_to_the_only_run_and_last_iteration():
     states = {"0": {"proxyrank": state(["a", "b", "c", "d", "e"], [2, 4])}}
-    assert nnunet.selection(states) == ("proxyrank", 0, 2, ["a", "b", "c", "d"])
-    assert nnunet.selection(states, iteration=1) == ("proxyrank", 0, 1, ["a", "b"])
-    assert nnunet.selection(states, "proxyrank", 0, 2)[3] == ["a", "b", "c", "d"]
+    assert selected(states) == ("proxyrank", 0, 2, ["a", "b", "c", "d"])
+    assert selected(states, iteration=1) == ("proxyrank", 0, 1, ["a", "b"])
+    assert selected(states, "proxyrank", 0, 2)[3] == ["a", "b", "c", "d"]
 
 
 def test_selection_ambiguities_list_the_choices():
@@ -42,7 +51,7 @@ def test_selection_ambiguities_list_the_choices():
         nnunet.selection(states)
     with pytest.raises(ValueError, match=r"2 strategies \['proxyrank', 'random'\]; choose one with --strategy"):
         nnunet.selection(states, seed=0)
-    assert nnunet.selection(states, seed="1") == ("random", 1, 1, ["b", "a"])
+    assert selected(states, seed="1") == ("random", 1, 1, ["b", "a"])
     with pytest.raises(ValueError, match=r"--strategy bald: not in the run; its strategies are \['proxyrank', 'rand"):
         nnunet.selection(states, "bald", 0)
     with pytest.raises(ValueError, match=r"--seed 5: not in the run; its seeds are \['0', '1'\]"):
@@ -166,7 +175,7 @@ def test_export_run_of_boxes_writes_partial_labels_on_each_label_files_grid(msd,
     nib.save(nib.Nifti1Image(np.asarray(flipped.dataobj).astype(np.int16), flipped.affine), label_path)
     queries = patch_queries(root, tmp_path / "run")
     units = ["phantom_2@0,0,0", "phantom_0", "phantom_2@4,1,6", "phantom_0@0,0,0"]
-    states = {"0": {"rand": {"labeled": units, "iterations": [{"n_labeled": 4}]}}}
+    states = {"0": {"rand": state(units, [4])}}
     folder = nnunet.export_run(tmp_path / "run", folders.read_msd(root), states, {"pool": POOL, "val": VAL},
                                folders.read_task_info(root)["labels"], 510, "Phantom", tmp_path / "raw",
                                log=lambda line: None, queries=queries)
@@ -177,7 +186,7 @@ def test_export_run_of_boxes_writes_partial_labels_on_each_label_files_grid(msd,
         assert os.path.samefile(folder / "labelsTr" / f"{cid}.nii.gz", root / "labelsTr" / f"{cid}.nii.gz")
     got = nib.load(folder / "labelsTr" / "phantom_2.nii.gz")
     assert got.get_data_dtype() == np.uint8 and np.array_equal(got.affine, flipped.affine)
-    inside = cases.box_mask(queries.cases, "phantom_2", [((0, 0, 0), (4, 4, 4)), ((4, 1, 6), (4, 4, 4))]) > 0
+    inside = annotate.box_mask(queries.cases, "phantom_2", [((0, 0, 0), (4, 4, 4)), ((4, 1, 6), (4, 4, 4))]) > 0
     assert 0 < inside.sum() < inside.size                                        # on the image's grid and order
     expected = np.where(inside, label, 3)
     np.testing.assert_array_equal(np.asarray(got.dataobj)[::-1, ::-1], expected)
@@ -196,7 +205,7 @@ def test_export_of_an_annotation_run_of_boxes_takes_the_boxes_the_run_confirmed(
     queries = patch_queries(root, tmp_path / "run")
     assert queries.cases.annotation
     units = ["phantom_0", "phantom_2@0,0,0", "phantom_3@0,0,0", "phantom_2@4,1,6", "phantom_4@0,0,0"]
-    states = {"0": {"rand": {"labeled": units, "iterations": [{"n_labeled": 2}]}}}
+    states = {"0": {"rand": state(units, [2])}}
     (tmp_path / "run" / ASKED).parent.mkdir()
     (tmp_path / "run" / ASKED).write_text(json.dumps({"boxes": {
         "phantom_2@0,0,0": {"done": True}, "phantom_3@0,0,0": {"done": False}, "phantom_2@4,1,6": {"done": True}}}))
@@ -210,7 +219,7 @@ def test_export_of_an_annotation_run_of_boxes_takes_the_boxes_the_run_confirmed(
     assert json.loads((folder / "dataset.json").read_text())["proxy_al"]["labeled_after_iteration"] == [
         "phantom_2@4,1,6"]
     got = np.asarray(nib.load(folder / "labelsTr" / "phantom_2.nii.gz").dataobj)
-    inside = cases.box_mask(queries.cases, "phantom_2", [((0, 0, 0), (4, 4, 4)), ((4, 1, 6), (4, 4, 4))]) > 0
+    inside = annotate.box_mask(queries.cases, "phantom_2", [((0, 0, 0), (4, 4, 4)), ((4, 1, 6), (4, 4, 4))]) > 0
     assert (got[~inside] == 3).all() and (got[inside] < 3).all()
     assert any(line.startswith("not exported: phantom_3@0,0,0, phantom_4@0,0,0 (acquired after iteration 1, not "
                                "confirmed labeled") and "rerun the run's command" in line for line in lines)
@@ -224,7 +233,7 @@ def test_export_of_boxes_refuses_a_label_with_values_beyond_the_classes(msd, tmp
     label_path = root / "labelsTr" / "phantom_3.nii.gz"
     source = nib.load(label_path)
     nib.save(nib.Nifti1Image(np.asarray(source.dataobj) * 4, source.affine), label_path)
-    states = {"0": {"rand": {"labeled": ["phantom_3@0,0,0"], "iterations": [{"n_labeled": 1}]}}}
+    states = {"0": {"rand": state(["phantom_3@0,0,0"], [1])}}
     with pytest.raises(ValueError, match=r"phantom_3.nii.gz: label values span 0..8; a label holds the class numbers "
                                          r"0..2 of dataset.json"):
         nnunet.export_run(tmp_path / "run", folders.read_msd(root), states, {"pool": POOL, "val": VAL},

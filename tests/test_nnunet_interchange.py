@@ -20,7 +20,7 @@ import folders
 import run_folder
 import nnunet
 from cases import Cases
-from regions import unit_case, unit_start
+from tiny import unit_case, unit_start
 from tiny import NNUNET_ENV, WITH_FULL, rows
 
 VOX = (8, 8, 8)
@@ -53,7 +53,7 @@ def test_nnunet_raw_copy_gives_the_results_of_the_msd_folder(phantom, msd_run, t
     out = tmp_path / "run"
     assert al_loop.main(tiny.args(root, out, *WITH_FULL)) == 0          # as the msd_run fixture
     assert json.loads((out / "split.json").read_text()) == json.loads((msd_run / "split.json").read_text())
-    mine, theirs = run_folder.read_states(out)["0"], run_folder.read_states(msd_run)["0"]
+    mine, theirs = tiny.read_states(out)["0"], tiny.read_states(msd_run)["0"]
     assert sorted(mine) == sorted(theirs) == ["full", "proxyrank_var_semi", "rand"]
     for name in theirs:
         assert mine[name]["labeled"] == theirs[name]["labeled"], name
@@ -87,7 +87,7 @@ def test_export_nnunet_writes_the_selection_with_the_runs_split(phantom, msd_run
     to = tmp_path / "raw"
     assert al_loop.main(["--out", str(msd_run), "--export-nnunet", "501", "--export-to", str(to),
                          "--strategy", "rand"]) == 0
-    st = run_folder.read_states(msd_run)["0"]["rand"]
+    st = tiny.read_states(msd_run)["0"]["rand"]
     split = json.loads((msd_run / "split.json").read_text())
     train = st["labeled"][:st["iterations"][-1]["n_labeled"]]                  # what the last Ms trained on
     folder = to / "Dataset501_Phantom"
@@ -211,7 +211,7 @@ def test_export_of_a_patch_run_is_an_nnunet_dataset_with_an_ignore_label(phantom
         assert al_loop.main(["--out", str(out), "--export-nnunet", str(number), "--export-to", str(raw),
                              "--strategy", strategy]) == 0
     cfg = al_loop.parse_args(argv)[0]
-    cases, states = Cases(cfg, run_folder.RunFolder(out)), run_folder.read_states(out)["0"]
+    cases, states = Cases(cfg, run_folder.RunFolder(out)), tiny.read_states(out)["0"]
     units, split = states["rand"]["labeled"], json.loads((out / "split.json").read_text())
     boxed = list(dict.fromkeys(map(unit_case, units)))
     assert all(unit_start(u) is not None for u in units) and boxed

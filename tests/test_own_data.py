@@ -65,7 +65,7 @@ def test_semi_strategy_with_every_pool_case_labeled_skips_lines_9_to_11(phantom1
     assert any("labels all 4 pool cases" in m and "no unlabeled case left" in m for m in said), said   # up front
     assert any("proxyrank_var_semi seed 0 iteration 2: every pool case is labeled, so lines 9-11" in m
                and "are skipped" in m for m in said), said
-    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
+    st = tiny.read_states(out)["0"]["proxyrank_var_semi"]
     assert [r["n_labeled"] for r in st["iterations"]] == [2, 4]
     assert sorted(st["labeled"]) == sorted(split["pool"])                     # the fault: nothing left unlabeled
     assert len(st["iterations"][0]["certain"]) == 2                           # iteration 1 fine-tuned as usual
@@ -91,7 +91,7 @@ def test_labels_in_hand_join_tl_and_only_unlabeled_cases_are_selected(phantom12,
             shutil.copy(phantom12 / "labelsTr" / f"{r['case']}.nii.gz", root / "labelsTr")
             have.add(r["case"])
     split = json.loads((out / "split.json").read_text())
-    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
+    st = tiny.read_states(out)["0"]["proxyrank_var_semi"]
     given = [c for c in split["pool"] if c in labeled]
     assert len(split["val"]) == 2 and set(split["val"]) <= labeled and len(given) == 4
     assert st["given"] == given and st["labeled"][:4] == given
@@ -165,7 +165,7 @@ def test_validation_label_without_foreground_is_named_and_left_out_of_the_means(
     assert lines[0] == "strategy,seed,iteration,case,dice_liver,dice_tumour,mean_dice"
     empty = [line for line in lines if f",{case['id']}," in line]
     assert len(empty) == 2 and all(line.endswith(",nan,nan,nan") for line in empty), empty
-    for rec in run_folder.read_states(out)["0"]["rand"]["iterations"]:
+    for rec in tiny.read_states(out)["0"]["rand"]["iterations"]:
         assert all(np.isnan(rec["per_case"][case["id"]]))
         others = np.array([rec["per_case"][c] for c in val[1:]], float)
         assert rec["dice"] == pytest.approx(list(nanmean(others, 0)), nan_ok=True)
@@ -333,21 +333,21 @@ def test_images_added_after_the_run_began_are_named_in_one_message_and_not_used(
         "phantom_12) are not used (phantom_0_seg: a label saved among the images?" in said[0]
     assert "the run goes on with 8 pool and 2 validation cases" in said[0]
     assert not (out / "to_annotate.csv").exists()
-    assert [r["n_labeled"] for r in run_folder.read_states(out)["0"]["rand"]["iterations"]] == [2, 4]
+    assert [r["n_labeled"] for r in tiny.read_states(out)["0"]["rand"]["iterations"]] == [2, 4]
 
 
 def test_removed_scan_never_selected_is_left_out_and_a_selected_one_is_named(phantom, tmp_path):
     root, out = binary_folder(phantom, tmp_path / "scans"), tmp_path / "run"
     args = tiny_args(root, out, "--strategy", "rand")
     assert al_loop.main(args + ["--iterations", "1"]) == 0
-    st = run_folder.read_states(out)["0"]["rand"]
+    st = tiny.read_states(out)["0"]["rand"]
     split = json.loads((out / "split.json").read_text())
     unused = next(c for c in split["pool"] if c not in st["labeled"])
     for folder in ("imagesTr", "labelsTr"):
         (root / folder / f"{unused}.nii.gz").unlink()
     with pytest.warns(UserWarning, match=rf"1 pool image\(s\) removed \({unused}\), never selected, are left out"):
         assert al_loop.main(args + ["--iterations", "2"]) == 0
-    st = run_folder.read_states(out)["0"]["rand"]
+    st = tiny.read_states(out)["0"]["rand"]
     assert len(st["iterations"]) == 2 and unused not in st["labeled"]
     assert unused in (out / "summary.md").read_text()
     picked = st["labeled"][0]

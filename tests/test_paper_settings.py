@@ -15,7 +15,6 @@ import al_loop
 import data
 import study
 import tiny
-import run_folder
 from proxy_al import enable_mc_dropout, mc_scores, noisy_label, sliding_window
 from train import PatchStream, Stage, StageClock, supervised_loss
 from unet import UNet
@@ -356,7 +355,7 @@ def test_dice_on_the_labeled_box_equals_the_full_grid_dice():
 
 def run_tiny(phantom, out, *extra):
     assert al_loop.main(tiny.args(phantom, out, *extra)) == 0
-    return run_folder.read_states(out)
+    return tiny.read_states(out)
 
 
 def test_crop_none_gives_the_cached_volumes_and_body_crops_only_air(phantom, tmp_path):

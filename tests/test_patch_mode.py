@@ -19,8 +19,9 @@ import data
 import regions
 import tiny
 from cases import Cases
-from regions import unit_case, unit_start
-from run_folder import RunFolder, read_states
+from tiny import unit_case, unit_start
+from run_folder import RunFolder
+from tiny import read_states
 from tiny import K, own_scans, rows
 
 VOX = (8, 8, 8)

@@ -1,4 +1,4 @@
-"""Tests for queries.py, the unit of Tl (a case, or a box "<case>@x,y,z" with --query patch): candidate boxes and
+"""Tests for queries.py, the unit of Tl (units.py: a case, or a box "<case>@x,y,z" with --query patch): candidate boxes and
 their scores, the k best that overlap nothing taken, random boxes (uniform in the body or foreground-favouring),
 partial labels as training volumes (and the patches train.sample_patch draws from them), the annotated budget;
 and the per-voxel maps of proxy_al.mc_scores. A small stand-in for Cases, no study run; CPU, a few seconds."""
@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import proxy_al
 import train
 from losses import IGNORE
 from queries import Queries
-from regions import box_unit, unit_case, unit_start
+import units
 from strategies import MC_MEASURES
 from tiny import ROI, tiny_unet
 
@@ -49,7 +50,7 @@ class FakeCases:
     def labeled_volume(self, cid, label=None):
         self.whole.append(cid)
         label = self.cached[cid][self.box(cid)] if label is None else label
-        return ("whole", cid), label, train.foreground_index(label)
+        return ("whole", cid), label, data.foreground_index(label)
 
 
 def config(query="patch", vox=(4, 4, 4)):
@@ -94,9 +95,23 @@ def patch_queries(shapes=SHAPES, vox=(4, 4, 4), labels=None, lo=None):
     return Queries(config("patch", vox), cases), cases
 
 
+def U(*texts):
+    """Units from their text: "a" a whole case, "a@x,y,z" a box."""
+    return [units.parse(t) for t in texts]
+
+
+def keyed(scores):
+    """{unit: score} from {text: score}."""
+    return {units.parse(t): s for t, s in scores.items()}
+
+
+def text(us):
+    return [str(u) for u in us]
+
+
 def box_mask(q, unit):
     """(case, (X, Y, Z) bool) of a unit on its case's training grid: a box, or the whole grid."""
-    cid, start = unit_case(unit), unit_start(unit)
+    cid, start = unit.case, None if unit.whole else unit.start
     mask = np.zeros(q.shape(cid), bool)
     if start is None:
         mask[...] = True
@@ -186,7 +201,7 @@ def pool_scores(q):
 def test_ranked_in_patch_mode_drops_exactly_the_candidates_overlapping_taken_boxes():
     q, _ = patch_queries()
     scores = pool_scores(q)
-    taken = ["a@2,3,1", "b@5,0,7"]
+    taken = U("a@2,3,1", "b@5,0,7")
     every = q.ranked(scores, "entropy")
     ranked = q.ranked(scores, "entropy", taken)
     assert len(every) == sum(len(s["boxes"]["starts"]) for s in scores.values())
@@ -194,24 +209,24 @@ def test_ranked_in_patch_mode_drops_exactly_the_candidates_overlapping_taken_box
     assert ranked == expected and 0 < len(ranked) < len(every)
     for cid, s in scores.items():                               # each box keeps its own mean
         for start, mean in zip(s["boxes"]["starts"], s["boxes"]["entropy"]):
-            assert every[box_unit(cid, start)] == mean
+            assert every[units.box(cid, start)] == mean
 
 
 def test_ranked_lowest_negates_in_both_modes():
     q, _ = patch_queries()
     scores = pool_scores(q)
-    high, low = q.ranked(scores, "bald", ["a@0,0,0"]), q.ranked(scores, "bald", ["a@0,0,0"], lowest=True)
+    high, low = q.ranked(scores, "bald", U("a@0,0,0")), q.ranked(scores, "bald", U("a@0,0,0"), lowest=True)
     assert low == {u: -s for u, s in high.items()} and high
     v = Queries(config("volume"), None)
     floats = {c: {m: float(i + j) for j, m in enumerate(MC_MEASURES)} for i, c in enumerate("pqrs")}
-    assert v.ranked(floats, "entropy", ["q"]) == {"p": 1.0, "r": 3.0, "s": 4.0}
-    assert v.ranked(floats, "entropy", ["q"], lowest=True) == {"p": -1.0, "r": -3.0, "s": -4.0}
+    assert v.ranked(floats, "entropy", U("q")) == keyed({"p": 1.0, "r": 3.0, "s": 4.0})
+    assert v.ranked(floats, "entropy", U("q"), lowest=True) == keyed({"p": -1.0, "r": -3.0, "s": -4.0})
 
 
 def test_ranked_counts_a_whole_case_unit_as_a_box_over_its_grid():
     q, _ = patch_queries()
-    ranked = q.ranked(pool_scores(q), "variance", ["a"])
-    assert ranked and {unit_case(u) for u in ranked} == {"b"}
+    ranked = q.ranked(pool_scores(q), "variance", U("a"))
+    assert ranked and {u.case for u in ranked} == {"b"}
 
 
 def greedy(q, scores, k, taken):
@@ -226,7 +241,7 @@ def greedy(q, scores, k, taken):
 @pytest.mark.parametrize("k", [1, 5, 12])
 def test_top_in_patch_mode_is_greedy_across_the_pool_and_never_overlaps(k):
     q, _ = patch_queries()
-    taken = ["a@2,3,1", "b@5,0,7", "b@0,8,0"]
+    taken = U("a@2,3,1", "b@5,0,7", "b@0,8,0")
     candidates = q.ranked(pool_scores(q), "variance")          # unfiltered: top must skip what overlaps taken
     chosen = q.top(candidates, k, taken)
     assert chosen == greedy(q, candidates, k, taken)
@@ -241,26 +256,26 @@ def test_top_in_patch_mode_is_greedy_across_the_pool_and_never_overlaps(k):
 
 def test_top_takes_the_highest_box_of_any_case_first():
     q, _ = patch_queries()
-    scores = {"a@0,0,0": 1.0, "b@0,0,0": 3.0, "a@4,0,0": 2.0, "b@1,0,0": 2.5, "a@8,0,0": 0.5}
+    scores = keyed({"a@0,0,0": 1.0, "b@0,0,0": 3.0, "a@4,0,0": 2.0, "b@1,0,0": 2.5, "a@8,0,0": 0.5})
     # b@1,0,0 overlaps b@0,0,0, chosen before it; the next best are a's
-    assert q.top(scores, 3) == ["b@0,0,0", "a@4,0,0", "a@0,0,0"]
-    assert q.top(scores, 3, taken=["a@3,0,0"]) == ["b@0,0,0", "a@8,0,0"]    # fewer when no more fit
+    assert text(q.top(scores, 3)) == ["b@0,0,0", "a@4,0,0", "a@0,0,0"]
+    assert text(q.top(scores, 3, taken=U("a@3,0,0"))) == ["b@0,0,0", "a@8,0,0"]    # fewer when no more fit
 
 
 def test_top_counts_a_whole_case_unit_as_a_box_over_its_grid():
     q, _ = patch_queries()
-    scores = {"a": 5.0, "a@0,0,0": 4.0, "b@0,0,0": 3.0, "a@8,6,5": 2.0}
-    assert q.top(scores, 4) == ["a", "b@0,0,0"]                 # a's boxes lie inside the whole of a
-    assert q.top(scores, 4, taken=["a"]) == ["b@0,0,0"]
-    assert q.top({"a": 5.0, "b": 1.0}, 2, taken=["a@3,3,3"]) == ["b"]    # the whole of a overlaps its box
+    scores = keyed({"a": 5.0, "a@0,0,0": 4.0, "b@0,0,0": 3.0, "a@8,6,5": 2.0})
+    assert text(q.top(scores, 4)) == ["a", "b@0,0,0"]                 # a's boxes lie inside the whole of a
+    assert text(q.top(scores, 4, taken=U("a"))) == ["b@0,0,0"]
+    assert text(q.top(keyed({"a": 5.0, "b": 1.0}), 2, taken=U("a@3,3,3"))) == ["b"]    # the whole of a overlaps
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 6, 20])
 def test_top_in_volume_mode_is_the_old_sorted_formula(k):
     q = Queries(config("volume"), None)
     rng = np.random.default_rng(k)
-    scores = {f"case_{i}": float(rng.integers(0, 4)) for i in range(15)}     # many ties
-    taken = ["case_3", "case_7", "case_0"]
+    scores = keyed({f"case_{i}": float(rng.integers(0, 4)) for i in range(15)})     # many ties
+    taken = U("case_3", "case_7", "case_0")
     old = sorted((c for c in scores if c not in taken), key=lambda c: -scores[c])[:k]
     assert q.top(scores, k, taken) == old
     assert len(set(scores.values())) < len(scores)
@@ -275,14 +290,14 @@ def draw_pool(vox=(4, 4, 4)):
 
 def test_draw_is_seeded_and_its_boxes_lie_in_the_body_disjoint_from_each_other_and_taken():
     q, cases = draw_pool()
-    taken = ["a@6,6,6", "b@10,10,10", "c"]                      # c is labeled whole: no box of it
+    taken = U("a@6,6,6", "b@10,10,10", "c")                      # c is labeled whole: no box of it
     drawn = q.draw(10, np.random.default_rng(3), taken)
     assert drawn == q.draw(10, np.random.default_rng(3), taken)
     assert list(drawn) != list(q.draw(10, np.random.default_rng(4), taken))
     assert list(drawn.values()) == [float(10 - i) for i in range(10)]      # the first drawn scores highest
     for u in drawn:
-        cid, start, size = unit_case(u), unit_start(u), q.size(unit_case(u))
-        assert cid in ("a", "b") and start is not None
+        cid, start, size = u.case, np.array(u.start), q.size(u.case)
+        assert cid in ("a", "b") and not u.whole
         assert (start >= 0).all() and (start + size <= q.shape(cid)).all()
         centre = tuple(start + size // 2)           # the body lies 6 voxels from each edge: no box is shifted
         assert cases.image_hu(cid)[centre] > WINDOW[0], u
@@ -292,8 +307,8 @@ def test_draw_is_seeded_and_its_boxes_lie_in_the_body_disjoint_from_each_other_a
 
 def test_draw_passes_over_a_full_case_and_returns_fewer():
     q, _ = patch_queries({"a": (4, 4, 4), "b": (6, 4, 4)}, vox=(4, 4, 4))
-    drawn = q.draw(5, np.random.default_rng(0), taken=["b@1,0,0"])
-    assert list(drawn) == ["a@0,0,0"]
+    drawn = q.draw(5, np.random.default_rng(0), taken=U("b@1,0,0"))
+    assert text(drawn) == ["a@0,0,0"]
 
 
 def touches(q, unit, foreground):
@@ -332,14 +347,14 @@ def test_volumes_give_partial_labels_inside_the_boxes_and_ignore_elsewhere():
     shapes = {"a": (12, 10, 9), "b": (9, 12, 11), "c": (8, 8, 8)}
     labels = class_labels(shapes)
     q, cases = patch_queries(shapes, labels=labels)
-    units = ["b@2,2,2", "a@0,0,0", "c", "a@5,4,3"]
-    out = q.volumes(units)
+    labeled = U("b@2,2,2", "a@0,0,0", "c", "a@5,4,3")
+    out = q.volumes(labeled)
     assert len(out) == 3 and out[2][0] == ("whole", "c") and cases.whole == ["c"]   # case order; c whole
     for (image, partial, index), cid in zip(out[:2], ["a", "b"]):
         assert image is cases.image_hu(cid)
         inside = np.zeros(shapes[cid], bool)
-        for u in units:
-            if unit_case(u) == cid:
+        for u in labeled:
+            if u.case == cid:
                 inside |= box_mask(q, u)[1]
         np.testing.assert_array_equal(partial[inside], labels[cid][inside])
         assert (partial[~inside] == IGNORE).all() and (~inside).any()
@@ -353,7 +368,7 @@ def test_volumes_of_noisy_labels_use_them_inside_the_boxes():
     shapes = {"a": (12, 10, 9)}
     q, _ = patch_queries(shapes, labels=class_labels(shapes))
     noisy = np.full(shapes["a"], 2, np.uint8)
-    (_, partial, index), = q.volumes(["a@4,4,4"], {"a": noisy})
+    (_, partial, index), = q.volumes(U("a@4,4,4"), {"a": noisy})
     assert (partial[4:8, 4:8, 4:8] == 2).all() and (partial == 2).sum() == 64
     assert (partial[partial != 2] == IGNORE).all()
     assert sorted(index) == [0, 2] and len(index[0]) == 0
@@ -361,7 +376,7 @@ def test_volumes_of_noisy_labels_use_them_inside_the_boxes():
 
 def test_volumes_in_volume_mode_are_the_whole_annotations_in_case_order():
     cases = FakeCases(body_images(SHAPES), class_labels(SHAPES))
-    out = Queries(config("volume"), cases).volumes(["b", "a"])
+    out = Queries(config("volume"), cases).volumes(U("b", "a"))
     assert [v[0] for v in out] == [("whole", "a"), ("whole", "b")] and cases.whole == ["a", "b"]
 
 
@@ -381,7 +396,7 @@ def test_sample_patch_centres_partial_labels_on_annotated_voxels_one_to_one():
     label[2:12, 3:13, 2:10] = 1                                  # a liver ...
     label[6:9, 6:9, 5:7] = 2                                     # ... with a tumour
     q, _ = patch_queries({"a": shape}, labels={"a": label})
-    (image, partial, index), = q.volumes(["a@4,4,4", "a@10,10,8"])    # the first holds liver and tumour
+    (image, partial, index), = q.volumes(U("a@4,4,4", "a@10,10,8"))    # the first holds liver and tumour
     assert (partial == IGNORE).mean() > 0.95 and (partial == 0).any() and (partial == 2).any()
     centres = centre_labels(np.asarray(image, np.float32), partial, index)
     assert not (centres == IGNORE).any()                         # only annotated voxels
@@ -395,7 +410,7 @@ def test_sample_patch_centres_on_annotated_voxels_when_the_boxes_hold_no_backgro
     label = np.zeros(shape, np.uint8)
     label[2:14, 2:14, 2:14] = 1
     q, _ = patch_queries({"a": shape}, labels={"a": label})
-    (image, partial, index), = q.volumes(["a@4,4,4"])
+    (image, partial, index), = q.volumes(U("a@4,4,4"))
     assert set(np.unique(partial).tolist()) == {1, IGNORE}
     centres = centre_labels(np.asarray(image, np.float32), partial, index, n=100)
     assert not (centres == IGNORE).any(), f"{(centres == IGNORE).sum()} of 100 patches centred on unannotated voxels"
@@ -407,9 +422,9 @@ def test_budget_counts_voxels_and_foreground_inside_the_boxes():
     shapes = {"a": (12, 10, 9), "b": (9, 12, 3), "c": (8, 8, 8)}
     labels = class_labels(shapes, seed=2)
     q, _ = patch_queries(shapes, vox=(4, 5, 6), labels=labels)
-    units = ["a@0,0,0", "a@6,5,3", "b@2,2,0", "c"]                 # b's box clamped to its 3 slices; c whole
-    voxels, foreground = q.budget(units)
-    masks = [box_mask(q, u) for u in units]
+    labeled = U("a@0,0,0", "a@6,5,3", "b@2,2,0", "c")               # b's box clamped to its 3 slices; c whole
+    voxels, foreground = q.budget(labeled)
+    masks = [box_mask(q, u) for u in labeled]
     assert voxels == 4 * 5 * 6 * 2 + 4 * 5 * 3 + 8 ** 3 == sum(int(m.sum()) for _, m in masks)
     assert foreground == sum(int((labels[cid][m] > 0).sum()) for cid, m in masks) > 0
     assert q.budget([]) == (0, 0)
@@ -418,6 +433,6 @@ def test_budget_counts_voxels_and_foreground_inside_the_boxes():
 def test_budget_in_volume_mode_counts_whole_training_grids():
     labels = class_labels(SHAPES, seed=1)
     q = Queries(config("volume"), FakeCases(body_images(SHAPES), labels))
-    voxels, foreground = q.budget(["a", "b"])
+    voxels, foreground = q.budget(U("a", "b"))
     assert voxels == sum(int(np.prod(s)) for s in SHAPES.values())
     assert foreground == sum(int((lab > 0).sum()) for lab in labels.values())

@@ -11,6 +11,7 @@ import al_loop
 import report
 import tiny
 from report import wilcoxon_matrix, wilcoxon_table, write_reports
+from state import RunState
 
 TASK = {"name": "Phantom", "labels": {0: "background", 1: "liver", 2: "tumour"}, "num_classes": 3}
 NAN = float("nan")
@@ -20,6 +21,12 @@ def record(n_labeled, per_case):
     """A record as the loop writes it: class means over the cases where the class is present (nanmean)."""
     dice = np.nanmean(np.array(list(per_case.values()), float), axis=0).tolist()
     return {"n_labeled": n_labeled, "dice": dice, "mean_dice": float(np.nanmean(dice)), "per_case": per_case}
+
+
+def typed(state):
+    """Hand-written states in their file form, as run_folder.read_states gives them (state.RunState)."""
+    return {seed: {s: RunState.from_json({"labeled": [], "scores": {}, **st}) for s, st in by_s.items()}
+            for seed, by_s in state.items()}
 
 
 def state_with(n_cases, gap):
@@ -38,16 +45,16 @@ def row(table, name):
 
 
 def test_wilcoxon_says_when_too_few_cases_can_reach_p_below_005():
-    few = wilcoxon_table(wilcoxon_matrix(state_with(5, 0.1)))
+    few = wilcoxon_table(wilcoxon_matrix(typed(state_with(5, 0.1))))
     assert row(few, "b")[1:] == ["-", "n/a"] and row(few, "a")[1:] == ["n/a", "-"]     # b, the best, first
     assert "p < 0.05 needs n >= 6" in few
-    many = wilcoxon_table(wilcoxon_matrix(state_with(8, 0.1)))
+    many = wilcoxon_table(wilcoxon_matrix(typed(state_with(8, 0.1))))
     assert row(many, "b")[0] == f"{(0.535 + 0.1 + 0.2) / 2:.4f}"     # per case: the mean of liver and tumour
     assert float(row(many, "a")[1]) < 0.05               # 8 cases all better: exact two-sided p = 2 / 2^8
 
 
 def test_reports_hold_every_iteration_and_the_last_mean(tmp_path):
-    summary = write_reports(tmp_path, state_with(8, 0.1), TASK, n_pool=16)
+    summary = write_reports(tmp_path, typed(state_with(8, 0.1)), TASK, n_pool=16)
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["strategy"], r["iteration"], r["pct_labeled"]) for r in rows] == [
@@ -63,7 +70,7 @@ def test_std_over_seeds_is_the_sample_std(tmp_path):
     per_seed = {}
     for seed, liver in enumerate([0.6, 0.7, 0.8]):
         per_seed[str(seed)] = {"a": {"iterations": [record(4, {"c0": [liver, 0.5], "c1": [liver, 0.5]})]}}
-    summary = write_reports(tmp_path, per_seed, TASK, n_pool=8)
+    summary = write_reports(tmp_path, typed(per_seed), TASK, n_pool=8)
     assert "| a | 3 | 4 | 0.7000 +- 0.1000 | 0.5000 +- 0.0000 |" in summary      # ddof 1: 0.1, not 0.0816
 
 
@@ -72,7 +79,7 @@ def test_a_class_absent_from_a_case_is_nan_left_out_and_counted(tmp_path):
     per_case = {"c0": [0.8, 0.6], "c1": [0.9, NAN], "c2": [0.7, NAN], "c3": [NAN, NAN]}
     state = json.loads(json.dumps({"0": {"a": {"iterations": [record(4, per_case)]}}}))    # NaN survives the state file
     assert np.isnan(state["0"]["a"]["iterations"][0]["per_case"]["c1"][1])
-    summary = write_reports(tmp_path, state, TASK, n_pool=8)
+    summary = write_reports(tmp_path, typed(state), TASK, n_pool=8)
     with open(tmp_path / "per_case_dice.csv") as f:
         cases = {r["case"]: r for r in csv.DictReader(f)}
     assert cases["c1"]["dice_tumour"] == "nan" and cases["c1"]["dice_liver"] == "0.9"
@@ -93,7 +100,7 @@ def test_wilcoxon_matrix_covers_all_pairs_and_is_symmetric(tmp_path):
     for seed in state:
         for name, gap in (("rand", 0.0), ("proxyrank", 0.1), ("proxyrank_var_semi", 0.2), ("old_name", 0.05)):
             state[seed][name] = {"iterations": [record(4, {c: [d[0] + gap, d[1]] for c, d in base.items()})]}
-    write_reports(tmp_path, state, TASK, n_pool=20)
+    write_reports(tmp_path, typed(state), TASK, n_pool=20)
     with open(tmp_path / "wilcoxon.csv") as f:
         table = list(csv.reader(f))
     names = table[0][1:]
@@ -114,7 +121,7 @@ def test_the_all_data_reference_is_a_row_of_its_own(tmp_path):
     state = state_with(8, 0.1)
     per_case = {f"c{i}": [0.9, 0.7] for i in range(8)}
     state["0"]["full"] = {"iterations": [record(16, per_case)]}
-    summary = write_reports(tmp_path, state, TASK, n_pool=16)
+    summary = write_reports(tmp_path, typed(state), TASK, n_pool=16)
     table, reference = summary.split("Reference (all pool cases labeled")
     assert "| full |" not in table and "| a |" in table
     assert "| full | 1 | 16 | 0.9000 +- - | 0.7000 +- - |" in reference.split("##")[0]
@@ -166,7 +173,7 @@ def test_report_before_any_finished_iteration_says_so(phantom, tmp_path, monkeyp
     assert not (out / "dice_curve.png").exists() and not (out / "summary.md").exists()
     with warnings.catch_warnings():                     # the writer itself, given no finished iteration
         warnings.simplefilter("error")
-        write_reports(tmp_path, {"0": {"rand": state}}, TASK, n_pool=8)
+        write_reports(tmp_path, typed({"0": {"rand": state}}), TASK, n_pool=8)
     assert not (tmp_path / "dice_curve.png").exists()
 
 

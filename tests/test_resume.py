@@ -19,6 +19,7 @@ import torch
 
 import al_loop
 import run_folder
+import tiny
 from tiny import REPO, run, same_results, states_of, tiny_args
 
 
@@ -282,7 +283,7 @@ def test_killed_run_resumes_to_the_same_results(phantom, reference, tmp_path, ta
         while (line := proc.stdout.readline()) and not line.startswith("held before the rename onto"):
             log.append(line)
         held = Path(line.split(" onto ", 1)[1].strip()) if line else None
-        states = run_folder.read_states(out)              # what the run had finished when it was killed
+        states = tiny.read_states(out)              # what the run had finished when it was killed
         proc.kill()
         proc.wait()
     finally:

@@ -52,14 +52,14 @@ def finish(proc, log=""):
 
 
 def results(out):
-    states = run_folder.read_states(out)
+    states = tiny.read_states(out)
     return {(seed, s): (st["labeled"], [r["mean_dice"] for r in st["iterations"]])
             for seed, by_s in states.items() for s, st in by_s.items()}
 
 
 def same_as_seed0_of(one_rank, out):
     """`out`, a SEED0 study, has one_rank's seed 0 states and results.csv rows."""
-    same_results(run_folder.read_states(out), {"0": run_folder.read_states(one_rank)["0"]}, exact=True)
+    same_results(tiny.read_states(out), {"0": tiny.read_states(one_rank)["0"]}, exact=True)
     header, *rows = (one_rank / "results.csv").read_text().splitlines(keepends=True)
     assert (out / "results.csv").read_text() == header + "".join(r for r in rows if r.split(",")[1] == "0")
 
@@ -77,7 +77,7 @@ def test_two_ranks_give_the_results_and_reports_of_one(phantom, one_rank, tmp_pa
     log = finish(proc)
     assert proc.returncode == 0, log
     assert "[rank 1 " in log and "[rank 0 " in log and "active iterations done, ETA" in log
-    same_results(run_folder.read_states(out), run_folder.read_states(one_rank), exact=True)
+    same_results(tiny.read_states(out), tiny.read_states(one_rank), exact=True)
     assert len(results(out)) == 6
     for name in ("results.csv", "per_case_dice.csv", "summary.md"):
         assert tiny.results_text(out / name) == tiny.results_text(one_rank / name), name
@@ -236,7 +236,7 @@ def test_semi_strategy_with_every_pool_case_labeled_under_torchrun(phantom12, tm
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log[-3000:]
     assert "[rank 1 " in log and "every pool case is labeled, so lines 9-11" in log, log[-3000:]
-    st = run_folder.read_states(out)["0"]["proxyrank_var_semi"]
+    st = tiny.read_states(out)["0"]["proxyrank_var_semi"]
     assert [r["n_labeled"] for r in st["iterations"]] == [2, 4] and st["iterations"][1]["certain"] == []
 
 

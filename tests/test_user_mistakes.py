@@ -13,7 +13,6 @@ import al_loop
 import data
 import tiny
 import folders
-import run_folder
 from tiny import REPO, copy_data, snapshot, tiny_args
 
 
@@ -69,7 +68,7 @@ def test_too_many_validation_cases_refused_then_a_smaller_count_is_not(phantom, 
     assert not out.exists()
     assert al_loop.main(tiny.args(phantom, out, "--strategy", "rand", "--n-val", "4")) == 0   # not refused
     assert len(json.loads((out / "split.json").read_text())["val"]) == 4
-    assert [r["n_labeled"] for r in run_folder.read_states(out)["0"]["rand"]["iterations"]] == [2, 4]
+    assert [r["n_labeled"] for r in tiny.read_states(out)["0"]["rand"]["iterations"]] == [2, 4]
 
 # ------------------------------------------------------------------------------------ 11. --out inside the data
 

@@ -15,6 +15,7 @@ import torch
 import al_loop
 import folders
 import run_folder
+import units
 from unet import UNet
 
 
@@ -32,8 +33,15 @@ def args(root, out, *extra):
             "--channels", "2,4,8", "--workers", "0", "--n-val", "2", "--warm-start", "none", *extra]
 
 
+def read_states(out, rebuild=False):
+    """The run's states in their file form (run_folder.read_states, each RunState as its JSON object): what the
+    tests compare."""
+    return {seed: {name: st.to_json() for name, st in by_s.items()}
+            for seed, by_s in run_folder.read_states(out, rebuild).items()}
+
+
 def states_of(out):
-    return run_folder.read_states(out)["0"]
+    return read_states(out)["0"]
 
 
 def own_scans(phantom, tmp_path, labeled=3):
@@ -75,11 +83,11 @@ def tiny_args(root, out, *extra):
 
 def run(root, out, *extra):
     assert al_loop.main(tiny_args(root, out, *extra)) == 0
-    return run_folder.read_states(out)
+    return read_states(out)
 
 
 def same_results(a, b, exact=False):
-    """Two runs' states (run_folder.read_states): the same (seed, strategy) runs, the same cases labeled and the
+    """Two runs' states (read_states): the same (seed, strategy) runs, the same cases labeled and the
     same Dice (NaN where a class is absent from every validation label); exact: bit for bit."""
     tolerance = dict(rel=0, abs=0) if exact else {}
     assert a.keys() == b.keys()
@@ -207,3 +215,14 @@ def results_text(path):
     results)."""
     text = Path(path).read_text()
     return re.sub(r"\n## Where the time went\n.*?(?=\n## |\Z)", "", text, flags=re.S) if path.name == "summary.md" else text
+
+
+def unit_case(text):
+    """The case of a unit in its file form (units.parse: "<case>@x,y,z" or a case id)."""
+    return units.parse(text).case
+
+
+def unit_start(text):
+    """The first voxel (3,) int64 of a box in its file form, None for a whole case."""
+    unit = units.parse(text)
+    return None if unit.whole else np.array(unit.start, np.int64)
