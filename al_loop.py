@@ -15,10 +15,9 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-if "LOCAL_RANK" in os.environ:      # a torchrun worker: when the launcher dies, c10d's C++ warning (a stack trace)
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")    # would bury world.py's one-line message; set before torch
+import world  # noqa: F401  (first: under torchrun it sets torch's C++ log level before torch loads)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 import cli
 from annotate import require_labels, save_maps
@@ -31,7 +30,7 @@ from keys import Key
 from state import Record
 from ranking import Scoring, mc_pool
 from study import Method, export_nnunet, report_only, run_stage, run_study, validate
-from train import PatchStream, batches, supervised_loss, train_proxy
+from train import batches, supervised_loss, train_proxy
 from unet import load_backbone
 
 HU_BAND = (lambda v: v == "auto" or LO_HI[0](v.split(",")), "two numbers LO,HI with LO < HI, or auto")
@@ -65,7 +64,8 @@ class Config:
     patches_per_case: int = opt(4, "patches from each case of a training step of Ms and Msemi (first author's "
                                 "tutorial: 2 cases x 4); 1 -> a case per patch", at_least(1))
     query: str = opt("volume", "what a query asks the annotator for: volume (a whole pool case, the paper) or patch "
-                     "(a box of --query-vox voxels in a pool case; partial labels, as nnActive)", one_of("volume", "patch"))
+                     "(a box of --query-vox voxels in a pool case; partial labels, as nnActive)",
+                     one_of("volume", "patch"))
     query_vox: tuple = opt((32, 32, 32), "--query patch: the box of one query, voxels of the training grid (clamped "
                            "to each case)", (lambda v: len(v) == 3 and all(isinstance(s, int) and s >= 1 for s in v),
                                              "three whole numbers of voxels, each >= 1"), only=("query", "patch"))
@@ -113,7 +113,8 @@ class Config:
                        (lambda v: v >= -1, "must be >= 0, or -1 for the default"))
     save_maps: int = opt(0, "write MC variance maps of the N top-ranked cases as NIfTI", at_least(0))
     phantom_cases: int = opt(20, "demo: number of phantom cases", at_least(1))
-    cache_dir: str = opt("", "preprocessed cache, shared by runs; empty -> $XDG_CACHE_HOME/proxy-al (else ~/.cache/proxy-al)")
+    cache_dir: str = opt("", "preprocessed cache, shared by runs; empty -> $XDG_CACHE_HOME/proxy-al (else "
+                         "~/.cache/proxy-al)")
     preset: str = opt("", "demo, paper or real (OpenKBP CT); empty -> demo without --data, paper with it")
 
 
@@ -173,7 +174,8 @@ def pseudo_labels(study, ids):
         dice = (dice_per_class(study.cases.uncrop(cid, labels[cid]), np.asarray(study.cases.label(cid)) > 0, 2)[0]
                 if cid in study.cases.val else None)
         report.append((cid, int(labels[cid].sum()), dice))
-    labeled_hu = lambda: np.concatenate([hu[label > 0] for hu, label, _ in map(study.cases.labeled_volume, study.cases.val)])
+    labeled_hu = lambda: np.concatenate([hu[label > 0] for hu, label, _ in
+                                         map(study.cases.labeled_volume, study.cases.val)])
     study.log(pseudo_label_report(study.out, report, study.cfg.hu_band, study.cfg.spacing_mm, labeled_hu))
     return labels
 
@@ -188,8 +190,8 @@ def pseudo_label_of(study, cid):
             return pseudo_label(study.cases.image_hu(cid), band, cid)
 
     source = os.stat(study.cases.files[cid]["image"])
-    key = [study.cfg.hu_band, study.cfg.spacing_mm, study.cfg.crop, study.cases.window_hu, study.cases.files[cid]["image"],
-           source.st_size, source.st_mtime_ns]        # what made it: another --crop or grid makes it again
+    key = [study.cfg.hu_band, study.cfg.spacing_mm, study.cfg.crop, study.cases.window_hu,
+           study.cases.files[cid]["image"], source.st_size, source.st_mtime_ns]   # another --crop or grid: made again
     return study.run.saved_array(f"pseudo_labels/{cid}", make, key)
 
 
@@ -204,15 +206,9 @@ def proxy_model(study, seed):
         labels = pseudo_labels(study, cases.pool + cases.val)    # lines 1-2: U (and validation, for Mp's check)
         volumes = [cases.labeled_volume(c, labels[c]) for c in cases.pool]
         val_cases = (lambda: ((cases.image(c), labels[c]) for c in cases.val)) if cases.val else None
-        steps = max(1, len(cases.pool) * cfg.proxy_patches_per_case // cfg.batch_size)
-        with study.clock("proxy training"):
-            history = train_proxy(model, volumes, val_cases, cfg.proxy_epochs, cfg.proxy_val_every, steps,  # line 3
-                                  study.device, key.of_seed("proxy"), patch_vox=cfg.patch_vox,
-                                  batch_size=cfg.batch_size, window_hu=cases.window_hu, lr=cfg.lr,
-                                  workers=study.workers, roi=cfg.roi_vox, overlap=cfg.overlap,
-                                  fg_fraction=None if cfg.proxy_patches == "random" else cfg.fg_fraction,
-                                  by_class=cfg.fg_draw == "classes", warmup_steps=cfg.warmup_steps,
-                                  decay=cfg.lr_decay, progress=study.bar)
+        with study.clock("proxy training"):                                                    # line 3
+            history = train_proxy(model, volumes, val_cases, study.proxy_training(), study.device,
+                                  key.of_seed("proxy"), study.workers, study.bar)
         study.save_checkpoint(key.checkpoint(), model, cases.pool, history=history)
     return model
 
@@ -322,7 +318,8 @@ def add_top_k(study, state, scores, k):
     not yet labeled join Tl (stable on ties). Returns them."""
     new = study.queries.top(scores, k, state.labeled)
     if len(new) < k and study.queries.patch:
-        warnings.warn(f"only {len(new)} of --k {k} boxes fit in the pool beside the boxes taken; lower --k or --query-vox")
+        warnings.warn(f"only {len(new)} of --k {k} boxes fit in the pool beside the boxes taken; lower --k or "
+                      "--query-vox")
     state.labeled.extend(new)
     state.scores.update({c: scores[c] for c in new})
     return new
@@ -345,9 +342,7 @@ def supervised(study, labeled, init_state, key, steps, origin=None):
         else:
             if init_state is not None:
                 load_backbone(model, init_state, head_from_proxy=cfg.head_init == "proxy")
-            stream = PatchStream(study.queries.volumes(cases), cfg.patch_vox, cfg.fg_fraction,
-                                 study.cases.window_hu, key.paired("sup", *cases), by_class=cfg.fg_draw == "classes",
-                                 patches_per_case=cfg.patches_per_case)
+            stream = study.patches.stream(study.queries.volumes(cases), key.paired("sup", *cases))
             loader = batches(stream, cfg.batch_size * cfg.patches_per_case, study.workers, study.device)
             stats = run_stage(study, model, supervised_loss, loader, steps, key.paired("dropout", *cases), "supervised")
         study.save_checkpoint(key.checkpoint("sup"), model, labeled, stats=stats)
@@ -360,7 +355,8 @@ def most_certain(study, model, ids, labeled, strategy, key):
     """Line 9: as many of the most certain units of U under Ms as Tl holds (cases of `ids`, or their boxes
     overlapping no annotated box), by the strategy's own measure, else variance."""
     scores = score_cases(study, model, ids, key.scoring("certain"))
-    return study.queries.top(study.queries.ranked(scores, strategy.measure, labeled, lowest=True), len(labeled), labeled)
+    ranked = study.queries.ranked(scores, strategy.measure, labeled, lowest=True)
+    return study.queries.top(ranked, len(labeled), labeled)
 
 
 def semi_finetune(study, model, labeled, certain, key):
@@ -373,16 +369,13 @@ def semi_finetune(study, model, labeled, certain, key):
         noisy = {c: noisy_label(sliding_window_predict(model, study.cases.image(c), cfg.roi_vox, cfg.overlap), cfg.tau)
                  for c in study.queries.boxes(certain)}                                          # line 10
     cases, pair = sorted(labeled, key=str), ("|", *sorted(certain, key=str))     # seeds shared on the same units
-    sup = PatchStream(study.queries.volumes(cases), cfg.patch_vox, cfg.fg_fraction, study.cases.window_hu,
-                      key.paired("semi-sup", *cases), by_class=cfg.fg_draw == "classes",
-                      patches_per_case=cfg.patches_per_case)
-    two = PatchStream(study.queries.volumes(certain, noisy), cfg.patch_vox,
-                      cfg.semi_fg_fraction, study.cases.window_hu, key.paired("semi-unl", *cases, *pair), two_views=True,
-                      by_class=cfg.fg_draw == "classes", patches_per_case=cfg.patches_per_case)
+    sup = study.patches.stream(study.queries.volumes(cases), key.paired("semi-sup", *cases))
+    two = study.patches.stream(study.queries.volumes(certain, noisy), key.paired("semi-unl", *cases, *pair),
+                               cfg.semi_fg_fraction, two_views=True)
     workers, n = (max(study.workers // 2, 1) if study.workers else 0), cfg.batch_size * cfg.patches_per_case
     pairs = zip(batches(sup, n, workers, study.device), batches(two, n, workers, study.device))
-    stats = run_stage(study, model, lambda m, b: semi_loss(m, b, cfg.alpha, cfg.beta), pairs, cfg.semi_steps,   # line 11
-                  key.paired("semi-dropout", *cases, *pair), "semi-supervised")
+    stats = run_stage(study, model, lambda m, b: semi_loss(m, b, cfg.alpha, cfg.beta), pairs, cfg.semi_steps,
+                      key.paired("semi-dropout", *cases, *pair), "semi-supervised")                    # line 11
     study.save_checkpoint(key.checkpoint("semi"), model, labeled + certain, stats=stats)
     return model
 

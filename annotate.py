@@ -215,12 +215,13 @@ def write_box_rows(study, state, seed, strategy, asked, pending):
         if model is not None and cid in stale:
             write_maps(study, model, cid, folder)
             asked.maps[cid] = len(state.iterations)
-        native, affine = write_box_mask(study, cid, [study.queries.box(u)[1:] for u in units], folder / f"{cid}_boxes.nii.gz")
+        native, affine = write_box_mask(study, cid, [study.queries.box(u)[1:] for u in units],
+                                        folder / f"{cid}_boxes.nii.gz")
         for number, (u, (name, st)) in enumerate(units.items(), 1):
             where = np.nonzero(native == number)
             first, last = [int(a.min()) for a in where], [int(a.max()) for a in where]
             mm = lambda v: ",".join(f"{x:.1f}" for x in (affine @ [*v, 1])[:3])
-            found = lambda kind: str(folder / f"{cid}_{kind}.nii.gz") if (folder / f"{cid}_{kind}.nii.gz").exists() else ""
+            found = lambda kind: str(p) if (p := folder / f"{cid}_{kind}.nii.gz").exists() else ""
             rows.append((cid, number, ",".join(f"{a}-{b}" for a, b in zip(first, last)), mm(first), mm(last),
                          f"{st.scores[u]:.6g}", st.labeled.index(u) - len(st.given) + 1,
                          str(folder / f"{cid}_boxes.nii.gz"), found("pred"), found("uncertainty"),

@@ -272,7 +272,8 @@ class Cases:
         into the cache; a pool label is still used only once its case is selected). A validation label without
         foreground is named: it is left out of every class's mean (MONAI's rule)."""
         problems = [f"{self.files[c]['label_to']}: missing, but {c} is a validation case of this run (split.json); "
-                    "put its label back, or start a new --out" for c in self.val + self.test if not self.files[c]["label"]]
+                    "put its label back, or start a new --out" for c in self.val + self.test
+                    if not self.files[c]["label"]]
         for case in self.files.values():
             try:
                 if case["label"]:
@@ -280,7 +281,8 @@ class Cases:
             except (OSError, ValueError) as err:
                 problems.append(str(err))
         if problems:
-            raise ProxyAlError(f"{len(problems)} label file(s) are missing or do not fit their image:\n" + "\n".join(problems))
+            raise ProxyAlError(f"{len(problems)} label file(s) are missing or do not fit their image:\n"
+                               + "\n".join(problems))
         for cid, case in self.files.items():
             if case["label"] and not self.label(cid).any() and cid in self.val + self.test:
                 warnings.warn(f"{case['label']}: validation label without foreground; this case counts in no "

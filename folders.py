@@ -155,7 +155,8 @@ def _cases_from_folders(root):
     images_dir = root / "imagesTr"
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir}: not found; expected an MSD folder with imagesTr/ "
-                                "(and labelsTr/ or dataset.json); or make a demo one with phantom.make_phantom_dataset(root, n)")
+                                "(and labelsTr/ or dataset.json); or make a demo one with "
+                                "phantom.make_phantom_dataset(root, n)")
     images = _nifti_files(images_dir)
     if not images:
         raise ValueError(f"{images_dir}: no .nii.gz or .nii images; put the CT volumes there")
@@ -198,8 +199,9 @@ def _check_label_files(root, cases, same_name_pairs, nnunet=None):
     if len(orphans) == len(files):
         raise ValueError(f"{labels_dir}: none of its {len(orphans)} label files ({few(orphans)}) pairs with an "
                          f"image in {root / 'imagesTr'}; {fix}")
-    warnings.warn(f"{labels_dir}: {len(orphans)} label file{'s' * (len(orphans) != 1)} pair{'s' * (len(orphans) == 1)} with no image and are not used "
-                  f"({few(orphans)}); {fix}")
+    many = len(orphans) != 1
+    warnings.warn(f"{labels_dir}: {len(orphans)} label file{'s' * many} pair{'s' * (not many)} with no image and "
+                  f"are not used ({few(orphans)}); {fix}")
 
 
 def _nnunet_label_fix(cases, orphans, json_path, ending):

@@ -255,7 +255,8 @@ def semi_loss(model: nn.Module, batch, alpha: float = 1.0, beta: float = 1e-3) -
 # ----------------------------------------------------------------------------- validation
 
 
-def evaluate(model: nn.Module, cases, num_classes: int, roi, overlap: float = 0.25, batch_size: int = None) -> np.ndarray:
+def evaluate(model: nn.Module, cases, num_classes: int, roi, overlap: float = 0.25,
+             batch_size: int = None) -> np.ndarray:
     """Hard Dice per foreground class of each case: (n_cases, num_classes - 1) float64.
 
     cases: iterable of (image (X, Y, Z) in [0, 1], label (X, Y, Z) int), e.g. a generator that loads lazily.

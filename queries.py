@@ -126,8 +126,8 @@ class Queries:
     # --- labels
 
     def volumes(self, labeled, labels=None):
-        """Training volumes (image_hu, label, foreground index) of the units `labeled`, one per case in case order. A whole
-        case: its annotation (Cases.labeled_volume), or labels[case] (a noisy label on image(case)). Boxes: the
+        """Training volumes (image_hu, label, foreground index) of the units `labeled`, one per case in case order. A
+        whole case: its annotation (Cases.labeled_volume), or labels[case] (a noisy label on image(case)). Boxes: the
         annotation (or labels[case]) inside them and IGNORE elsewhere, on image(case): a partial label, whose
         patches are centred on annotated voxels (data.foreground_index)."""
         out = []

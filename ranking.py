@@ -34,8 +34,8 @@ def mc_pool(model: nn.Module, ids: Iterable[str], image_of: Callable[[str], np.n
             maps: bool = False) -> Iterator[tuple[str, dict]]:
     """(case, proxy_al.mc_scores) for each case of `ids` in turn, of image_of(case) ((X, Y, Z) float32 in
     [0, 1]) under `model`. Each case is seeded by (key, case) alone (keys.mc_seed; key: the scoring's name,
-    keys.Key.scoring), so its scores do not depend on the cases scored before it, on the rank, or on the tool. maps: with the per-voxel maps (region
-    queries); one case's at a time, as the caller keeps what it needs of them."""
+    keys.Key.scoring), so its scores do not depend on the cases scored before it, on the rank, or on the tool.
+    maps: with the per-voxel maps (region queries); one case's at a time, as the caller keeps what it needs."""
     for cid in ids:
         torch.manual_seed(mc_seed(key, cid))
         yield cid, mc_scores(model, image_of(cid), scoring.mc_passes, scoring.roi_vox, scoring.overlap,

@@ -56,8 +56,8 @@ def pseudo_label_report(out, rows, hu_band, spacing_mm, labeled_hu=None):
         warnings.warn(f"{len(empty)} case(s) have no voxel in the pseudo-label band; try {suggest}")
     if misses:
         warnings.warn(f"the pseudo-label band {hu_band} HU misses the labeled organ: its Dice against the validation "
-                      f"labels is {np.median(dice):.2f} (median of {len(dice)}), so the proxy learns another structure. "
-                      f"Try {suggest} (pseudo_labels.csv lists each case)")
+                      f"labels is {np.median(dice):.2f} (median of {len(dice)}), so the proxy learns another "
+                      f"structure. Try {suggest} (pseudo_labels.csv lists each case)")
     return (f"pseudo labels (band {hu_band} HU): median {np.median(ml):.0f} ml, {len(empty)} empty"
             + (f" ({', '.join(empty[:10])})" if empty else "")
             + (f"; Dice against the validation labels: median {np.median(dice):.2f}, lowest {min(dice):.2f}"
@@ -103,8 +103,9 @@ def write_reports(out, state, task, n_pool, left_out=None, plot=True, times=None
 
     state: {seed: {strategy: state.RunState}} (run_folder.read_states), a Record's per_case {case: per-class Dice}
     holding NaN for a class absent from the case's label; task: folders.read_task_info; n_pool: pool size (for
-    pct_labeled: of the pool's cases, or in a patch run of its voxels); left_out: {case: why} of cases that could not be read. A NaN is written "nan" in the CSV files;
-    per_case_dice.csv's mean_dice is the mean over the classes present in the case. Returns the summary text.
+    pct_labeled: of the pool's cases, or in a patch run of its voxels); left_out: {case: why} of cases that could
+    not be read; times: run_folder.read_times. A NaN is written "nan" in the CSV files; per_case_dice.csv's
+    mean_dice is the mean over the classes present in the case. Returns the summary text.
     """
     class_names = [task["labels"].get(c, f"class{c}") for c in range(1, task["num_classes"])]
     names = [f"dice_{n}" for n in class_names]
@@ -136,7 +137,8 @@ def write_reports(out, state, task, n_pool, left_out=None, plot=True, times=None
     patch = any(rec.pool_voxels is not None for *_, rec in records(state))      # a run of boxes (--query patch)
     summary = (summary_table(task["name"], header, rows, "test" if tested else "validation")
                + empty_note(state, class_names) + "\n"
-               + (budget_table(budget) + "\n" if patch else "") + wilcoxon_table(matrix, "test" if tested else "validation"))
+               + (budget_table(budget) + "\n" if patch else "")
+               + wilcoxon_table(matrix, "test" if tested else "validation"))
     if times:
         summary += "\n" + time_table(times)
     if left_out:
@@ -191,7 +193,8 @@ def budget_table(budget):
         return ""
     lo, hi = max(p[0][0] for p in runs.values()), min(p[-1][0] for p in runs.values())
     lines = [f"## Budget: Dice against annotated voxels (AUBC over {lo}-{hi} voxels, the range every run reached)",
-             "", "| strategy | seeds | voxels (last) | foreground share | AUBC | final mean_dice |", "|---|---|---|---|---|---|"]
+             "", "| strategy | seeds | voxels (last) | foreground share | AUBC | final mean_dice |",
+             "|---|---|---|---|---|---|"]
     for s in dict.fromkeys(key[0] for key in runs):
         pts = [p for key, p in runs.items() if key[0] == s]
         area = [regions.aubc([v for v, _, _ in p], [d for _, _, d in p], lo, hi) if lo < hi and

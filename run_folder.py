@@ -129,7 +129,8 @@ def locked(out):
             except OSError:
                 f.seek(0)
                 raise ProxyAlError(f"{out}: run folder in use by another proxy-al process (pid "
-                                   f"{f.read().strip() or 'unknown'}); wait for it to end, or choose another --out") from None
+                                   f"{f.read().strip() or 'unknown'}); wait for it to end, or choose another --out"
+                                   ) from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

@@ -30,7 +30,7 @@ from keys import Key
 from proxy_al import evaluate
 from report import nanmean, write_reports
 from run_folder import MARKER, RunFolder, check_rerun_settings, locked, read_states, read_times
-from train import Progress, Stage, StageClock, fmt_s, pick_device
+from train import Patches, Progress, ProxyTraining, Stage, StageClock, fmt_s, pick_device
 from unet import UNet
 from world import World
 
@@ -126,6 +126,23 @@ class Study:
 
     # --- models
 
+    @property
+    def patches(self):
+        """How this run draws its training patches (train.Patches): the config's patch, draw and window."""
+        cfg = self.cfg
+        return Patches(tuple(cfg.patch_vox), self.cases.window_hu, cfg.fg_fraction, cfg.fg_draw == "classes",
+                       cfg.patches_per_case)
+
+    def proxy_training(self):
+        """What training the proxy takes of the config (train.ProxyTraining): an epoch of --proxy-patches-per-case
+        patches per pool case, on random patches (the paper) or balanced ones."""
+        cfg = self.cfg
+        steps = max(1, len(self.cases.pool) * cfg.proxy_patches_per_case // cfg.batch_size)
+        patches = dataclasses.replace(self.patches,
+                                      fg_fraction=None if cfg.proxy_patches == "random" else cfg.fg_fraction)
+        return ProxyTraining(cfg.proxy_epochs, cfg.proxy_val_every, steps, cfg.batch_size, cfg.lr, patches,
+                             tuple(cfg.roi_vox), cfg.overlap, cfg.warmup_steps, cfg.lr_decay)
+
     def new_model(self, out_channels, seed):
         """A U-Net of the config's widths and dropout, its weights drawn from `seed` (keys.Key's seeds)."""
         torch.manual_seed(seed)
@@ -162,8 +179,9 @@ class Study:
 
 def validate(study, model, ids=None):
     """Validation Dice of the validation cases (or of `ids`, e.g. the test cases) per foreground class, per case
-    (NaN where the case's label lacks the class: MONAI's rule) and its mean over the cases that have it. mean_dice is MONAI's DiceMetric(include_background=False,
-    reduction="mean"), as the first author's tutorial reports it: per case the mean over its present classes,
+    (NaN where the case's label lacks the class: MONAI's rule) and its mean over the cases that have it. mean_dice
+    is MONAI's DiceMetric(include_background=False, reduction="mean"), as the first author's tutorial reports it:
+    per case the mean over its present classes,
     then the mean over the cases. Each case is scored on box(cid, labeled=True), which holds all its
     foreground: outside it both label and prediction are background, so the Dice is the full grid's."""
     with study.clock("validation"):
@@ -309,8 +327,9 @@ def check_request(study, chosen):
                                        f"{so_far}, but the pool has {free} cases besides the {len(given)} labeled when "
                                        "the run began; lower --k or --iterations")
             elif need > len(cases.pool):
-                raise ProxyAlError(f"--n-val {cfg.n_val:g} leaves {len(cases.pool)} pool case{'s' * (len(cases.pool) != 1)} "
-                                   f"of {len(cases.pool) + len(cases.val)}, but --k {cfg.k} x --iterations {cfg.iterations} "
+                raise ProxyAlError(f"--n-val {cfg.n_val:g} leaves {len(cases.pool)} pool "
+                                   f"case{'s' * (len(cases.pool) != 1)} of {len(cases.pool) + len(cases.val)}, but "
+                                   f"--k {cfg.k} x --iterations {cfg.iterations} "
                                    f"needs {need}{so_far}; lower --n-val, --k or --iterations")
     need = cfg.k * cfg.iterations
     if any(s.semi for s in chosen) and need >= len(cases.pool) and not cases.annotation and not study.queries.patch:
@@ -357,7 +376,8 @@ def start(study, chosen, sources=None):
         study.log(f"{len(unasked)} label file(s) of pool cases not asked for ({few(unasked)}): not used until the run "
                   "asks for the case (or for a box in it: then confirm its labels there with --boxes-done CASE)")
     done = lambda seed, s: len(st.iterations) if (st := study.run.saved_state(seed, s.name)) else 0
-    study.count_iterations(sum(s.iterations(study.cfg.iterations) - done(seed, s) for seed in study.seeds for s in chosen))
+    study.count_iterations(sum(s.iterations(study.cfg.iterations) - done(seed, s)
+                               for seed in study.seeds for s in chosen))
     study.log(f"{cases.task['name']}: {len(cases.pool)} pool, {len(cases.val)} validation"
               + (f", {len(cases.test)} test" if cases.test else "") + " cases; "
               f"{len(chosen)} strategies x {len(study.seeds)} seeds; device {study.device}; out {study.out}; "

@@ -6,6 +6,7 @@ proxy (Algorithm 1 line 3), Ms (line 7) and Msemi (line 11).
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,7 +20,9 @@ from proxy_al import autocast, evaluate
 
 def fmt_s(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    if seconds >= 3600:
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 class Progress:
@@ -39,7 +42,8 @@ class Progress:
         self.last = now
         elapsed = now - self.t0
         eta = elapsed / max(done, 1) * (self.total - done)
-        print(f"{self.prefix}  {self.tag} {done}/{self.total}  {extra}  elapsed {fmt_s(elapsed)}  ETA {fmt_s(eta)}", flush=True)
+        print(f"{self.prefix}  {self.tag} {done}/{self.total}  {extra}  elapsed {fmt_s(elapsed)}  ETA {fmt_s(eta)}",
+              flush=True)
 
 
 class StageClock:
@@ -78,7 +82,9 @@ class StageClock:
 
 def pick_device(name="auto"):
     """'auto' -> cuda when available, else cpu. Turns on cudnn.benchmark on CUDA (fixed patch sizes)."""
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return device
@@ -89,10 +95,11 @@ def needs_scaler(device):
     return device.type == "cuda" and not torch.cuda.is_bf16_supported()
 
 # ----------------------------------------------------------------------------- patches
-# The centre's draw, the one place it is described. The paper's 1:1: a patch is centred on foreground with probability fg_fraction, on a uniform
-# voxel of any foreground class (tumour centres in proportion to tumour voxels, as MONAI's
-# RandCropByPosNegLabeld), else on a background voxel. Beyond the paper, by_class: a present foreground class
-# first, uniformly, then a voxel of it (nnU-Net's oversampling; helps small classes such as tumours and vessels).
+# The centre's draw, the one place it is described. The paper's 1:1: a patch is centred on foreground with
+# probability fg_fraction, on a uniform voxel of any foreground class (tumour centres in proportion to tumour
+# voxels, as MONAI's RandCropByPosNegLabeld), else on a background voxel. Beyond the paper, by_class: a present
+# foreground class first, uniformly, then a voxel of it (nnU-Net's oversampling; helps small classes such as
+# tumours and vessels).
 # fg_fraction None: the proxy's "random selection of patches", a centre anywhere. Then the paper's augmentation.
 
 
@@ -238,6 +245,22 @@ class PatchStream(torch.utils.data.IterableDataset):
                            torch.from_numpy(lab[None].astype(np.int64)))
 
 
+@dataclass(frozen=True)
+class Patches:
+    """How a run draws its training patches (PatchStream's settings but the volumes and the seed): one value from
+    the config, so that Ms, Msemi and the proxy draw alike where they should."""
+    patch_vox: tuple                 # the patch (paper: 96^3)
+    window_hu: tuple                 # the HU window to [0, 1]
+    fg_fraction: float               # share of centres on foreground (paper: 1:1; None: anywhere)
+    by_class: bool = False           # a present class first, then a voxel of it (--fg-draw classes)
+    patches_per_case: int = 1        # patches in a row from each drawn case (the first author's tutorial: 4)
+
+    def stream(self, volumes, seed, fg_fraction=..., two_views=False) -> PatchStream:
+        """A PatchStream of `volumes` seeded by `seed`; fg_fraction: another share (Msemi's 9:1, the proxy's)."""
+        return PatchStream(volumes, self.patch_vox, self.fg_fraction if fg_fraction is ... else fg_fraction,
+                           self.window_hu, seed, two_views, self.by_class, self.patches_per_case)
+
+
 def batches(stream, batch_size, workers, device):
     """An endless iterator of batches on `device` from a PatchStream."""
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers,
@@ -318,35 +341,46 @@ class Stage:
                            self.device, tag=tag, schedule=self.schedule, progress=self.progress)
 
 
-def train_proxy(model, volumes, val_cases, epochs, val_every, steps_per_epoch, device, seed, *, patch_vox,
-                batch_size, window_hu, lr, workers, roi, overlap=0.25, fg_fraction=None, by_class=False, warmup_steps=0,
-                decay="constant", progress=Progress):
-    """Proxy model on pseudo labels (Algorithm 1 line 3): `epochs` epochs, validation Dice on the validation
-    cases' pseudo labels every `val_every` epochs, the best weights kept (paper: 100 epochs, every 5).
-    val_cases: a function returning an iterable of (image, pseudo label) pairs, or None. fg_fraction: None for
-    the paper's "random selection of patches" (centres anywhere), or a foreground share. warmup_steps, decay:
-    the lr schedule over all epochs. Returns [(epoch, dice)]; the model ends with its best weights (the last
-    ones when no validation case has a pseudo label to score against).
+@dataclass(frozen=True)
+class ProxyTraining:
+    """What training the proxy (Algorithm 1 line 3) takes of the config."""
+    epochs: int                      # paper: 100
+    val_every: int                   # validate every N epochs and keep the best (paper: 5)
+    steps_per_epoch: int
+    batch_size: int                  # patches a step
+    lr: float
+    patches: Patches                 # its draw: patches_per_case 1; fg_fraction None for the paper's random patches
+    roi: tuple = (96, 96, 96)        # the sliding window of its validation
+    overlap: float = 0.25
+    warmup_steps: int = 0            # the lr schedule over all epochs
+    decay: str = "constant"
+
+
+def train_proxy(model, volumes, val_cases, settings, device, seed, workers=0, progress=Progress):
+    """Proxy model on pseudo labels (Algorithm 1 line 3): settings.epochs epochs, validation Dice on the validation
+    cases' pseudo labels every settings.val_every epochs, the best weights kept (paper: 100 epochs, every 5).
+    val_cases: a function returning an iterable of (image, pseudo label) pairs, or None. Returns [(epoch, dice)];
+    the model ends with its best weights (the last ones when no validation case has a pseudo label to score).
     """
-    data = batches(PatchStream(volumes, patch_vox, fg_fraction, window_hu, seed, by_class=by_class), batch_size,
-                   workers, device)
-    stage = Stage(model, supervised_loss, data, epochs * steps_per_epoch, device, lr, warmup_steps, decay,
+    s = settings
+    data = batches(replace(s.patches, patches_per_case=1).stream(volumes, seed), s.batch_size, workers, device)
+    stage = Stage(model, supervised_loss, data, s.epochs * s.steps_per_epoch, device, s.lr, s.warmup_steps, s.decay,
                   progress=progress)
     best, best_state, history = -1.0, None, []
-    for epoch in range(0, epochs, val_every):
-        chunk = min(val_every, epochs - epoch)
-        stage.run(f"proxy epochs {epoch + 1}-{epoch + chunk}/{epochs}", chunk * steps_per_epoch)
+    for epoch in range(0, s.epochs, s.val_every):
+        chunk = min(s.val_every, s.epochs - epoch)
+        stage.run(f"proxy epochs {epoch + 1}-{epoch + chunk}/{s.epochs}", chunk * s.steps_per_epoch)
         if val_cases is None:  # nothing to validate on: keep the last weights
             best_state = model.state_dict()
             continue
-        scores = evaluate(model, val_cases(), 2, roi, overlap)
+        scores = evaluate(model, val_cases(), 2, s.roi, s.overlap)
         if len(scores) == 0:
             raise ValueError("train_proxy: val_cases() gave no validation case; pass val_cases=None "
                              "to train the proxy without validation")
         scored = np.isfinite(scores).any()          # NaN: a case whose pseudo label is empty
         dice = float(np.nanmean(scores)) if scored else -1.0
         history.append((epoch + chunk, dice))
-        print(f"  proxy epoch {epoch + chunk}/{epochs}: validation Dice on pseudo labels "
+        print(f"  proxy epoch {epoch + chunk}/{s.epochs}: validation Dice on pseudo labels "
               + (f"{dice:.4f}" if scored else "none (every validation pseudo label is empty)"), flush=True)
         if dice > best or best_state is None:
             best, best_state = dice, {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -89,7 +89,8 @@ class UNet(nn.Module):
             raise ValueError(f"UNet input sides {tuple(x.shape[2:])} must be multiples of {self.divisor}; pad first")
         if all(s == self.divisor for s in x.shape[2:]):
             # the bottleneck would be 1 voxel, where InstanceNorm has no statistics
-            raise ValueError(f"UNet input {tuple(x.shape[2:])} is too small: at least one side must exceed {self.divisor}")
+            raise ValueError(f"UNet input {tuple(x.shape[2:])} is too small: at least one side must exceed "
+                             f"{self.divisor}")
         return self.decoder(self.encoder(x))
 
 

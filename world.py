@@ -14,7 +14,10 @@ import sys
 import time
 from datetime import timedelta
 
-import torch
+if "LOCAL_RANK" in os.environ:      # a torchrun worker: when the launcher dies, c10d's C++ warning (a stack trace)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")    # would bury this module's one-line message
+
+import torch  # noqa: E402  (after the log level: torch reads it when it loads)
 import torch.distributed as dist
 
 from files import ProxyAlError

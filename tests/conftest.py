@@ -103,7 +103,11 @@ SECONDS = {"test_all_strategies_two_iterations": 13, "test_killed_worker_is_rest
            "test_box_labels_round_trip_on_an_lps_scan_and_only_the_boxes_are_read": 8,
            "test_two_ranks_give_the_results_of_one_in_patch_mode": 20,
            "test_patch_results_do_not_depend_on_pool_labels_outside_the_acquired_boxes": 4,
-           "test_a_patch_run_extended_by_an_iteration_ends_as_an_uninterrupted_one": 4}
+           "test_a_patch_run_extended_by_an_iteration_ends_as_an_uninterrupted_one": 4,
+           "test_next_sample_is_the_command_lines_ranking_then_the_fine_tuned_models": 14,
+           "test_a_bad_conf_value_stops_the_server_with_the_command_lines_message": 7,
+           "test_a_touched_or_copied_label_file_does_not_label_the_boxes_asked_in_it": 6,
+           "test_a_rerun_on_another_data_folder_is_taken_only_with_the_same_files": 5}
 TESTS = Path(__file__).resolve().parent
 
 

@@ -38,7 +38,7 @@ def centre_labels(label, fg_fraction, seed=0, **kw):
     """The label at the centre of N patches of 1 voxel (a 1-voxel patch is its centre)."""
     rng = np.random.default_rng(seed)
     image = np.zeros(label.shape, np.float32)
-    fg_index = train.foreground_index(label)
+    fg_index = data.foreground_index(label)
     return np.array([train.sample_patch(image, label, (1, 1, 1), fg_fraction, rng, WINDOW_HU, fg_index, **kw)[1][0, 0, 0]
                      for _ in range(N)])
 
@@ -271,7 +271,7 @@ def constant_volumes(n=3, shape=(12, 12, 12)):
     """Volumes whose HU is their index x 10 (so a patch tells its case), label: a foreground cube."""
     label = np.zeros(shape, np.uint8)
     label[3:9, 3:9, 3:9] = 1
-    return [(np.full(shape, 10.0 * i, np.float32), label, train.foreground_index(label)) for i in range(n)]
+    return [(np.full(shape, 10.0 * i, np.float32), label, data.foreground_index(label)) for i in range(n)]
 
 
 def todays_stream(volumes, patch_vox, fg_fraction, window_hu, seed, n):
@@ -297,7 +297,7 @@ def test_patches_per_case_come_in_groups_of_one_case():
     """4 patches in a row from each drawn case; a case tells itself by its label (all voxels of class i + 1)."""
     shape = (12, 12, 12)
     volumes = [(np.zeros(shape, np.float32), np.full(shape, i + 1, np.uint8)) for i in range(4)]
-    volumes = [(image, label, train.foreground_index(label)) for image, label in volumes]
+    volumes = [(image, label, data.foreground_index(label)) for image, label in volumes]
     got = list(itertools.islice(iter(PatchStream(volumes, (8, 8, 8), 0.5, (0, 100), 4, patches_per_case=4)), 40))
     case = [int(label.max()) for _, label in got]                   # padding is 0: the max is the case's class
     groups = [set(case[i:i + 4]) for i in range(0, 40, 4)]
@@ -462,13 +462,13 @@ class ProxyDrawn(Exception):
 def test_proxy_patch_draw_follows_the_preset(phantom, tmp_path, monkeypatch, extra, fg_fraction):
     seen = []
 
-    def capture(*args, **kwargs):
-        seen.append(kwargs)
+    def capture(model, volumes, val_cases, settings, *args):
+        seen.append(settings)
         raise ProxyDrawn()
 
     monkeypatch.setattr(al_loop, "train_proxy", capture)
     with pytest.raises(ProxyDrawn):
         al_loop.main(tiny.args(phantom, tmp_path / "run", "--strategy", "proxyrank", *extra))
-    assert len(seen) == 1 and seen[0]["fg_fraction"] == fg_fraction
-    assert seen[0]["patch_vox"] == (16, 16, 16)                               # the tiny sizes still hold
+    assert len(seen) == 1 and seen[0].patches.fg_fraction == fg_fraction
+    assert seen[0].patches.patch_vox == (16, 16, 16)                          # the tiny sizes still hold
     assert json.loads((tmp_path / "run" / "config.json").read_text())["preset"] == extra[1]

@@ -11,9 +11,10 @@ import torch.nn as nn
 import train
 from data import window
 from proxy_al import autocast, window_starts
+from data import foreground_index
 from train import (
-    PatchStream, batches, fmt_s, foreground_index, make_optimizer, needs_scaler, pick_device, supervised_loss, train_proxy,
-    train_steps)
+    Patches, PatchStream, ProxyTraining, batches, fmt_s, make_optimizer, needs_scaler, pick_device, supervised_loss,
+    train_proxy, train_steps)
 from tiny import CPU, ROI, WINDOW_HU, blob_volume, fixed_batch, same_weights, tiny_unet, weights
 
 
@@ -23,7 +24,7 @@ from tiny import CPU, ROI, WINDOW_HU, blob_volume, fixed_batch, same_weights, ti
 def test_foreground_index_lists_present_classes():
     label = np.zeros((5, 6, 7), np.uint8)
     label[1, 2, 3], label[4, 5, 6] = 1, 3
-    index = train.foreground_index(label)
+    index = foreground_index(label)
     assert sorted(index) == [1, 3]
     assert np.unravel_index(int(index[3][0]), label.shape) == (4, 5, 6)
 
@@ -34,7 +35,7 @@ def test_sample_patch_foreground_ratio_and_class_balance():
     label = np.zeros(image.shape, np.uint8)
     label[4:7, 5:8, 6:9] = 1            # 27 voxels = 0.4 % of the volume
     label[15, 15, 15] = 2               # one voxel: by class, still half of the foreground-centred draws
-    fg_index = train.foreground_index(label)
+    fg_index = foreground_index(label)
     centres = []
     for _ in range(800):
         patch, lab = train.sample_patch(image, label, (9, 8, 7), 0.3, rng, (-21, 189), fg_index, by_class=True)
@@ -174,8 +175,9 @@ def proxy_setup():
     image_hu, label = blob_volume(shape=(26, 21, 35))
     volumes = [(image_hu, label, foreground_index(label))]
     val = [(window(image_hu, *WINDOW_HU), label)]
-    kw = dict(patch_vox=(16, 16, 32), batch_size=1, window_hu=WINDOW_HU, lr=1e-2, workers=0, roi=ROI)
-    return volumes, val, kw
+    settings = lambda epochs, val_every: ProxyTraining(epochs, val_every, 1, 1, 1e-2, Patches((16, 16, 32), WINDOW_HU,
+                                                                                         None), ROI)
+    return volumes, val, settings
 
 
 def record_train_steps(monkeypatch):
@@ -195,8 +197,8 @@ def test_train_proxy_without_validation_keeps_last_weights(monkeypatch):
     net = tiny_unet()
     start = weights(net)
     snapshots = record_train_steps(monkeypatch)
-    volumes, _, kw = proxy_setup()
-    history = train_proxy(net, volumes, None, epochs=3, val_every=2, steps_per_epoch=1, device=CPU, seed=0, **kw)
+    volumes, _, settings = proxy_setup()
+    history = train_proxy(net, volumes, None, settings(3, 2), CPU, seed=0)
     assert history == [] and len(snapshots) == 2
     assert same_weights(weights(net), snapshots[-1]) and not same_weights(weights(net), start)
 
@@ -212,9 +214,8 @@ def test_train_proxy_keeps_best_epoch_weights(monkeypatch):
         return np.array([[next(dices)]])
 
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
-    volumes, val, kw = proxy_setup()
-    history = train_proxy(net, volumes, lambda: iter(val), epochs=5, val_every=2, steps_per_epoch=1, device=CPU,
-                          seed=0, **kw)
+    volumes, val, settings = proxy_setup()
+    history = train_proxy(net, volumes, lambda: iter(val), settings(5, 2), CPU, seed=0)
     assert len(history) == math.ceil(5 / 2) == len(snapshots)
     assert [e for e, _ in history] == [2, 4, 5]
     assert [d for _, d in history] == pytest.approx([0.1, 0.9, 0.3])
@@ -225,9 +226,8 @@ def test_train_proxy_keeps_best_epoch_weights(monkeypatch):
 
 def test_train_proxy_real_validation_history():
     net = tiny_unet()
-    volumes, val, kw = proxy_setup()
-    history = train_proxy(net, volumes, lambda: iter(val), epochs=1, val_every=1, steps_per_epoch=1, device=CPU,
-                          seed=0, **kw)
+    volumes, val, settings = proxy_setup()
+    history = train_proxy(net, volumes, lambda: iter(val), settings(1, 1), CPU, seed=0)
     assert len(history) == 1 and history[0][0] == 1 and 0.0 <= history[0][1] <= 1.0
 
 # ----------------------------------------------------------------------------- devices and progress
@@ -256,8 +256,8 @@ def test_bad_overlap_and_empty_validation_are_clear_errors():
     net = tiny_unet()
     vol = (np.zeros((20, 20, 20), np.int16), np.ones((20, 20, 20), np.uint8), None)
     with pytest.raises(ValueError, match="no validation case"):
-        train_proxy(net, [vol], lambda: iter(()), 1, 1, 1, torch.device("cpu"), 0, patch_vox=(16, 16, 32),
-                    batch_size=1, window_hu=(-21, 189), lr=1e-4, workers=0, roi=ROI)
+        train_proxy(net, [vol], lambda: iter(()), ProxyTraining(1, 1, 1, 1, 1e-4, Patches((16, 16, 32), (-21, 189), None),
+                                                                 ROI), torch.device("cpu"), 0)
 
 
 def test_lr_schedule_warm_up_then_constant_or_cosine_to_zero():

@@ -1,4 +1,4 @@
-"""A study on several ranks (torchrun, gloo on the CPU) gives the results of one rank; the shared queue hands
+"""world.py (torchrun): a study on several ranks (gloo on the CPU) gives the results of one rank; the shared queue hands
 each unit to exactly one rank; a killed worker is restarted and the study ends as an uninterrupted one would;
 a failing rank stops the others with a message naming it and its unit; a killed torchrun stops its workers
 with one line each. Tiny phantoms, seconds each."""
