@@ -1,4 +1,4 @@
-"""strategies.py: the table of strategy names, and the recipe for a new score, as its docstring and the README give
+"""strategies.py: the table of strategy names, and the recipe for a new score, as its docstring gives
 it, works: applied to a copy of the project, a `margin` score ranks lines 4, 9 and 12 of a tiny study."""
 import json
 import re
@@ -32,8 +32,9 @@ def recipe(text):
     return " ".join(found.group(0).split())
 
 
-def test_readme_and_strategies_give_the_same_recipe():
-    assert recipe((REPO / "README.md").read_text(encoding="utf-8")) == recipe(strategies.__doc__)
+def test_readme_points_to_the_recipe_that_strategies_gives():
+    assert "takes three edits, listed in `strategies.py`'s docstring" in (REPO / "README.md").read_text(encoding="utf-8")
+    assert recipe(strategies.__doc__).startswith("Adding a strategy: its name")
 
 
 def apply_recipe(copy):
