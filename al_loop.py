@@ -300,7 +300,7 @@ def iteration(study, strategy, seed, proxy, state, j):
     voxels, fg_voxels = queries.budget(labeled)                                  # the budget spent so far
     dice = validate(study, model)
     record = Record(len(labeled), **dice, voxels=voxels, fg_voxels=fg_voxels, certain=certain,
-                    pool_voxels=queries.budget(map(queries.of, pool), False)[0] if queries.patch else None,
+                    pool_voxels=queries.pool_voxels(),
                     test=validate(study, model, study.cases.test) if study.cases.test else None)   # chose nothing
     study.log(f"{strategy.name} seed {seed} iteration {j + 1}: validation mean Dice {record.mean_dice:.4f}")
     return record, model
@@ -310,7 +310,7 @@ def acquire(study, model, state, record, seed, strategy, proxy, j):
     """Lines 12-16 after iteration j: the unlabeled pool scored under its final model, the top k join Tl."""
     scores = acquisition_scores(study, model, state, seed, strategy, proxy, j)              # lines 12 / 15
     acquired = add_top_k(study, state, scores, study.cfg.k)                                # lines 13 / 16
-    record.acquire(acquired, {u: scores[u] for u in acquired} if study.queries.patch else scores)
+    record.acquire(acquired, study.queries.kept_scores(scores, acquired))
 
 
 def add_top_k(study, state, scores, k):

@@ -140,6 +140,16 @@ class Queries:
             out.append((self.cases.image_hu(cid), label, foreground_index(label)))
         return out
 
+    def pool_voxels(self):
+        """The pool's voxels on the training grids, the whole a run of boxes could annotate (results.csv's
+        pct_labeled is the share annotated); None in volume mode, whose share counts cases."""
+        return self.budget(map(self.of, self.cases.pool), foreground=False)[0] if self.patch else None
+
+    def kept_scores(self, scores, acquired):
+        """What a record keeps of an acquisition's {unit: score}: every unit's in volume mode (a case each),
+        the acquired ones' in patch mode (there are thousands of candidate boxes)."""
+        return {u: scores[u] for u in acquired} if self.patch else scores
+
     def budget(self, units, foreground=True):
         """(voxels annotated, foreground voxels among them) of `units` on the training grids (foreground 0
         without reading a label when `foreground` is False)."""
