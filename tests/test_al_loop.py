@@ -121,7 +121,8 @@ def test_oracle_uses_only_selected_labels(phantom, tmp_path, monkeypatch):
     used, checked = [], []
     real_label, real_check = cases.Cases.label, cases.Cases.check_labels
     monkeypatch.setattr(cases.Cases, "label", lambda self, cid: used.append(cid) or real_label(self, cid))
-    monkeypatch.setattr(cases.Cases, "check_labels", lambda self: real_check(self) or checked.extend(used) or used.clear())
+    monkeypatch.setattr(cases.Cases, "check_labels",
+                        lambda self: real_check(self) or checked.extend(used) or used.clear())
     state = run(phantom, tmp_path / "run", "--strategy", "proxyrank_var_semi,var")["0"]
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     allowed = set(split["val"]) | {c for st in state.values() for c in st["labeled"]}
@@ -132,7 +133,8 @@ def test_oracle_uses_only_selected_labels(phantom, tmp_path, monkeypatch):
 
 def test_bald_strategies_run_apart_from_the_paper(phantom, tmp_path):
     chosen = lambda *flags: study.open_study(al_loop.parse_args(tiny.args(phantom, tmp_path / "s", *flags))[0])[1]
-    assert [x.name for x in chosen("--strategy", "extended")] == list(strategies.EXTENDED) and len(strategies.EXTENDED) == 16
+    assert [x.name for x in chosen("--strategy", "extended")] == list(strategies.EXTENDED)
+    assert len(strategies.EXTENDED) == 16
     assert len(chosen("--strategy", "all")) == 12
     bald = strategies.parse("proxyrank_bald_semi")
     assert (bald.proxy, bald.acquisition, bald.semi) == (True, "bald", True)

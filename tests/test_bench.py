@@ -87,6 +87,6 @@ def test_mc_stage_scores_the_case_for_region_queries_too_and_reports_the_ratio()
     res = bench.stage_mc(cfg, model, image, torch.device("cpu"), None, bench.RssSampler())
     assert set(res["ours"]["scores"]) == {"variance", "entropy", "bald"}
     n_boxes = res["ours_patch"]["scores"]["variance"]
-    assert n_boxes == 9 * 7 * 6           # 8-voxel boxes 2 apart on 24, 20, 17 voxels: 9, 7, 6 starts (the last at the edge)
+    assert n_boxes == 9 * 7 * 6           # 8-voxel boxes 2 apart on 24, 20, 17 voxels: 9, 7, 6 starts (last: the edge)
     rows = bench.mc_rows(res, cfg, torch.device("cpu"), None)
     assert any(r[0].startswith("MC scoring for region queries (8^3 boxes") and r[4] == "<= 1.2x" for r in rows)

@@ -192,7 +192,8 @@ def test_no_object_is_changed_from_outside():
     """An object's attributes are set by its own methods only (`self.x = ...`): nothing outside an object
     writes them, so a reader finds every change of a Study, Cases or RunFolder in its class."""
     found = [f"{name}.py:{line} {target}" for name, path in MODULES.items()
-             for line, target in assigned_attributes(path.read_text(encoding="utf-8")) if target not in FOREIGN_ATTRIBUTES]
+             for line, target in assigned_attributes(path.read_text(encoding="utf-8"))
+             if target not in FOREIGN_ATTRIBUTES]
     assert not found, f"attributes assigned from outside their object: {found}"
 
 

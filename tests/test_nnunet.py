@@ -130,7 +130,8 @@ def test_export_run_uses_the_env_folders_and_prints_the_next_commands(msd, tmp_p
     states = {"0": {"proxyrank": state(["phantom_4", "phantom_0", "phantom_2"], [2, 3])}}
     split = {"pool": ["phantom_0", "phantom_2", "phantom_3", "phantom_4"], "val": ["phantom_1", "phantom_5"]}
     lines = []
-    folder = nnunet.export_run(tmp_path / "run", folders.read_msd(msd), states, split, folders.read_task_info(msd)["labels"],
+    labels = folders.read_task_info(msd)["labels"]
+    folder = nnunet.export_run(tmp_path / "run", folders.read_msd(msd), states, split, labels,
                                502, "Phantom", iteration=1, log=lines.append)
     assert folder == tmp_path / "raw" / "Dataset502_Phantom"
     expected = [{"train": ["phantom_4", "phantom_0"], "val": ["phantom_1", "phantom_5"]}]

@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location("openkbp", Path(__file__).resolve().parents[1] / "benchmarks" / "openkbp.py")
+_spec = importlib.util.spec_from_file_location("openkbp",
+                                               Path(__file__).resolve().parents[1] / "benchmarks" / "openkbp.py")
 openkbp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(openkbp)
 

@@ -288,7 +288,8 @@ def test_pool_label_values_checked_before_training(phantom, tmp_path, monkeypatc
         break_label(root, ids.index(cid), "value")
     with pytest.raises(SystemExit, match="case phantom_.*labelsTr/phantom_.*label value 7"):
         al_loop.main(tiny_args(root, tmp_path / "run", "--strategy", "rand"))
-    assert not list((tmp_path / "run").glob("**/*.pt")) and not run_folder.state_file(tmp_path / "run", 0, "rand").exists()
+    assert not list((tmp_path / "run").glob("**/*.pt"))
+    assert not run_folder.state_file(tmp_path / "run", 0, "rand").exists()
 
 
 def test_validation_label_deleted_between_rounds_is_named_before_training(phantom, tmp_path):

@@ -39,8 +39,8 @@ def centre_labels(label, fg_fraction, seed=0, **kw):
     rng = np.random.default_rng(seed)
     image = np.zeros(label.shape, np.float32)
     fg_index = data.foreground_index(label)
-    return np.array([train.sample_patch(image, label, (1, 1, 1), fg_fraction, rng, WINDOW_HU, fg_index, **kw)[1][0, 0, 0]
-                     for _ in range(N)])
+    draw = lambda: train.sample_patch(image, label, (1, 1, 1), fg_fraction, rng, WINDOW_HU, fg_index, **kw)[1]
+    return np.array([draw()[0, 0, 0] for _ in range(N)])
 
 
 def near(share, p):
@@ -164,7 +164,8 @@ FROM_TUTORIAL = {"patches_per_case", "crop", "keep", "val_every", "variance_clas
 def test_the_tutorials_settings_are_our_choices_and_name_the_file():
     text = (Path(__file__).parents[1] / "docs" / "method.md").read_text(encoding="utf-8")
     section = text.split("### Not stated by the paper")[1].split("\n### ")[0]
-    rows = {f: line for line in section.splitlines() for f in FROM_TUTORIAL if line.startswith(f"| ") and f"`{f}`" in line}
+    rows = {f: line for line in section.splitlines() for f in FROM_TUTORIAL
+            if line.startswith("| ") and f"`{f}`" in line}
     assert set(rows) == FROM_TUTORIAL, f"docs/method.md: no our-choice row for {FROM_TUTORIAL - set(rows)}"
     for field, line in rows.items():
         assert "first author's tutorial" in line, f"docs/method.md, {field}: the row should name its source"

@@ -69,8 +69,8 @@ def test_porting_example_runs_with_proxy_al_and_losses_alone(tmp_path):
     code = YOURS + readme_example() + CHECKS
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     # `python -c` puts the working folder first on sys.path: the two copies, and nothing else of the project
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path.resolve()), str(REPO), *others], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path.resolve()), str(REPO), *others], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1].startswith("ported:"), proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == ["losses.py", "proxy_al.py"]

@@ -1,4 +1,5 @@
-"""Tests for queries.py, the unit of Tl (units.py: a case, or a box "<case>@x,y,z" with --query patch): candidate boxes and
+"""Tests for queries.py, the unit of Tl (units.py: a case, or a box "<case>@x,y,z" with --query patch): candidate
+boxes and
 their scores, the k best that overlap nothing taken, random boxes (uniform in the body or foreground-favouring),
 partial labels as training volumes (and the patches train.sample_patch draws from them), the annotated budget;
 and the per-voxel maps of proxy_al.mc_scores. A small stand-in for Cases, no study run; CPU, a few seconds."""

@@ -27,7 +27,8 @@ def test_second_process_on_a_run_folder_stops_naming_the_holder(phantom, tmp_pat
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(SystemExit, match=f"{out}: run folder in use by another proxy-al process \\(pid {holder.pid}\\)"):
+        in_use = f"{out}: run folder in use by another proxy-al process \\(pid {holder.pid}\\)"
+        with pytest.raises(SystemExit, match=in_use):
             al_loop.main(tiny_args(phantom, out))
     finally:
         holder.send_signal(signal.SIGKILL)          # the OS drops a dead process's lock

@@ -33,7 +33,8 @@ def recipe(text):
 
 
 def test_readme_points_to_the_recipe_that_strategies_gives():
-    assert "takes three edits, listed in `strategies.py`'s docstring" in (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "takes three edits, listed in `strategies.py`'s docstring" in readme
     assert recipe(strategies.__doc__).startswith("Adding a strategy: its name")
 
 
@@ -48,7 +49,8 @@ def apply_recipe(copy):
     path.write_text(text, encoding="utf-8")
     path = copy / "strategies.py"
     text = path.read_text(encoding="utf-8")
-    text = text.replace('MC_MEASURES = ("variance", "entropy", "bald")', 'MC_MEASURES = ("variance", "entropy", "bald", "margin")')
+    text = text.replace('MC_MEASURES = ("variance", "entropy", "bald")',
+                        'MC_MEASURES = ("variance", "entropy", "bald", "margin")')
     text = text.replace('"bald": "bald"}', '"bald": "bald", "margin": "margin"}')
     text = text.replace('"proxyrank_bald_semi")', '"proxyrank_bald_semi", "proxyrank_margin_semi")')
     assert text.count("margin") == 4 + strategies.__doc__.count("margin")     # each edit took

@@ -25,8 +25,8 @@ def test_sigterm_during_a_file_read_is_not_taken_for_a_damaged_file(phantom, mon
 
 
 @pytest.mark.parametrize("every_s, plots", [(3600, [4]), (0, [1, 2, 3, 4, 4])])
-def test_dice_curve_is_drawn_at_the_end_and_between_iterations_at_most_every_plot_every_s(phantom, tmp_path, monkeypatch,
-                                                                                    every_s, plots):
+def test_dice_curve_is_drawn_at_the_end_and_between_iterations_at_most_every_plot_every_s(
+        phantom, tmp_path, monkeypatch, every_s, plots):
     """rand and proxyrank_var_semi, 2 iterations each: with PLOT_EVERY_S not yet passed, the curve is drawn
     once, at the end, with all 4 rows; with 0 s, after each iteration and at the end. The CSV files are
     written after every iteration either way (the tests of report.py and resume cover them)."""

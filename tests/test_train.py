@@ -256,8 +256,8 @@ def test_bad_overlap_and_empty_validation_are_clear_errors():
     net = tiny_unet()
     vol = (np.zeros((20, 20, 20), np.int16), np.ones((20, 20, 20), np.uint8), None)
     with pytest.raises(ValueError, match="no validation case"):
-        train_proxy(net, [vol], lambda: iter(()), ProxyTraining(1, 1, 1, 1, 1e-4, Patches((16, 16, 32), (-21, 189), None),
-                                                                 ROI), torch.device("cpu"), 0)
+        settings = ProxyTraining(1, 1, 1, 1, 1e-4, Patches((16, 16, 32), (-21, 189), None), ROI)
+        train_proxy(net, [vol], lambda: iter(()), settings, torch.device("cpu"), 0)
 
 
 def test_lr_schedule_warm_up_then_constant_or_cosine_to_zero():

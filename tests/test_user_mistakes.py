@@ -38,7 +38,8 @@ def test_one_class_task_is_refused(phantom, tmp_path):
     info = json.loads((root / "dataset.json").read_text())
     info["labels"] = {"0": "background"}
     (root / "dataset.json").write_text(json.dumps(info))
-    with pytest.raises(SystemExit, match=r"dataset.json: 'labels' must number the classes 0\.\.C-1 with C >= 2 .*got \[0\]"):
+    with pytest.raises(SystemExit,
+                       match=r"dataset.json: 'labels' must number the classes 0\.\.C-1 with C >= 2 .*got \[0\]"):
         al_loop.main(tiny.args(root, tmp_path / "run"))
 
 # ------------------------------------------------------------------------------------ 2. a refused run writes nothing

@@ -214,7 +214,9 @@ def results_text(path):
     """A report file's text, summary.md without its table of where the time went (it measures the run, not its
     results)."""
     text = Path(path).read_text()
-    return re.sub(r"\n## Where the time went\n.*?(?=\n## |\Z)", "", text, flags=re.S) if path.name == "summary.md" else text
+    if path.name != "summary.md":
+        return text
+    return re.sub(r"\n## Where the time went\n.*?(?=\n## |\Z)", "", text, flags=re.S)
 
 
 def unit_case(text):
