@@ -36,6 +36,7 @@ import strategies
 from files import ProxyAlError, atomic_write_json, read_json
 from folders import natural_key
 from study import open_study
+from units import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,8 @@ class Pool:
         proxy = al_loop.proxy_model(study, seed)
         try:
             study.cases.check_labels()                        # a label that does not fit its image, named
-            model = al_loop.supervised(study, sorted(labeled), proxy.state_dict(), key, study.cfg.steps)  # line 7
+            units = [Volume(c) for c in sorted(labeled)]      # an annotator labels whole images
+            model = al_loop.supervised(study, units, proxy.state_dict(), key, study.cfg.steps)      # line 7
         except ProxyAlError as err:                           # a label file the annotator can fix
             names = ", ".join(f"{v} {n}" for v, n in enumerate(self.settings.labels, 1))
             raise ProxyAlError(f"{err}\nThe labels are MONAI Label's (labels/final/ in the studies folder); the "

@@ -230,3 +230,20 @@ def test_a_label_with_a_class_the_app_does_not_name_is_refused_naming_the_file_a
         ranker.ranking(strategies.parse("proxyrank_var"), images, {label.name[:-len(".nii.gz")]: str(label)})
     said = str(refused.value)
     assert f"{label}: label value 2" in said and "0 background, 1 liver (--conf labels)" in said
+
+
+def test_proxyrank_var_after_a_label_ranks_the_other_images_under_the_fine_tuned_model(scans, tmp_path):
+    """No server, so the main suite runs it without monailabel: pool.Pool as proxyrank_var calls it once a label is
+    saved (lines 7 and 15). The labeled image is not ranked, every other one is, and a second call with the same
+    labels reads the saved scores instead of training again."""
+    conf = {**TINY, "labels": "liver,tumour", "run_dir": str(tmp_path / "run")}
+    images = {p.name[:-len(".nii.gz")]: str(p) for p in (scans / "scans").glob("*.nii.gz")}
+    first = sorted(images)[0]
+    labeled = {first: str(scans / "phantom" / "labelsTr" / f"{first}.nii.gz")}
+    ranker = pool.Pool(pool.settings(conf, scans / "scans"), "scans")
+    ranked = ranker.ranking(strategies.parse("proxyrank_var"), images, labeled)
+    assert sorted(c for c, _ in ranked) == sorted(set(images) - {first})
+    assert all(s >= 0 for _, s in ranked) and [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+    saved = list((tmp_path / "run").rglob("labeled/seed*_*.json"))
+    assert len(saved) == 1
+    assert ranker.ranking(strategies.parse("proxyrank_var"), images, labeled) == ranked
