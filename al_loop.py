@@ -139,12 +139,14 @@ DEMO = dataclasses.replace(
     warmup_steps=20, head_init="proxy", proxy_patches="balanced", phantom_cases=24, patches_per_case=1, val_every=40,
     warm_start="previous", warm_steps=80)
 # real: OpenKBP head-and-neck CTs (benchmarks/openkbp.py --crop-body --max-cases 48: 24 pool, 8 validation, 16 test
-# cases), learners at their plateau on a 2-core CPU (docs/real_ct.md measures each choice); the demo's departures and:
+# cases), learners that have learned on a 2-core CPU (docs/real_ct.md measures each choice); the demo's departures and:
 #  - 4 mm voxels: the contours resampled there keep a Dice of 0.94 against themselves (6 mm: 0.78, the cap it was);
 #  - 2 cases x 4 patches of 32^3 a step at lr 2e-3 (cosine): 0.80 mandible Dice by step 900, where 2 x 1 at 5e-3
-#    reached 0.78 in 1,600 steps; 900 supervised steps, the proxy 20 epochs;
+#    reached 0.78 in 1,600 steps; 900 supervised steps (close to the plateau, not at it: 1,800 gave `full` 0.02
+#    more test Dice on average, 0.01-0.045 a seed), the proxy 20 epochs;
 #  - later iterations train on from the last model (--warm-start previous, 300 steps) and semi-supervision runs 300
-#    steps: the study of 6 strategies x 3 seeds fits hours, not days; k = 4, 3 iterations (4, 8, 12 labeled);
+#    steps: the study of 6 strategies x 3 seeds takes about 12 h a structure on one thread, not days; k = 4, 3
+#    iterations (4, 8, 12 labeled);
 #  - checks every 150 steps, m = 5; the soft-tissue window -160,240 HU (the mandible's command keeps bone: -160,1500).
 REAL = dataclasses.replace(
     DEMO, strategy="rand,var,proxyrank,proxyrank_var,proxyrank_var_semi,full", seeds=(0, 1, 2), k=4, iterations=3,
