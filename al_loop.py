@@ -280,7 +280,7 @@ def run_strategy(study, strategy, seed, proxy):
 def iteration(study, strategy, seed, proxy, state, j):
     """Lines 7-11 of iteration j: Ms on Tl, and for a _semi strategy Msemi on {Tl, Tn}; their validation Dice.
     Returns (the iteration's Record, its final model)."""
-    cfg, pool, queries = study.cfg, study.cases.pool, study.queries
+    cfg, queries = study.cfg, study.queries
     key, labeled = Key(seed, strategy.name, j), list(state.labeled)      # key: its checkpoints' names and seeds
     study.log(f"{strategy.name} seed {seed} iteration {j + 1}/{strategy.iterations(cfg.iterations)}: "
               f"{len(labeled)} labeled")
@@ -290,7 +290,7 @@ def iteration(study, strategy, seed, proxy, state, j):
     model = supervised(study, labeled, start, key, cfg.warm_steps if warm and cfg.warm_steps else cfg.steps,
                        None if warm else "proxy" if strategy.proxy else "random")                     # line 7: Ms
     certain = None
-    unlabeled = [c for c in pool if queries.of(c) not in labeled]     # patch mode: cases with boxes still free
+    unlabeled = queries.unlabeled(labeled)                            # patch mode: cases with boxes still free
     if strategy.semi:                                                                        # line 8
         certain = most_certain(study, model, unlabeled, labeled, strategy, key) if unlabeled else []   # line 9
         if certain:
@@ -384,7 +384,7 @@ def semi_finetune(study, model, labeled, certain, key):
 
 def acquisition_scores(study, model, state, seed, strategy, proxy, j):
     """Lines 12 and 15: a score for every unlabeled unit of the pool under Msemi or Ms; higher is acquired first."""
-    rest = [c for c in study.cases.pool if study.queries.of(c) not in state.labeled]   # patch mode: with free boxes
+    rest = study.queries.unlabeled(state.labeled)                   # patch mode: every case with free boxes
     if strategy.acquisition == "proxy":                  # the proxy ranking itself, in order
         return study.queries.ranked({c: proxy.scores[c] for c in rest}, strategy.measure, state.labeled)
     if strategy.random:

@@ -48,6 +48,11 @@ class Queries:
         """The unit a whole case is (line 5 and lines 12-16 of a volume run, the all-data reference)."""
         return units.Volume(case)
 
+    def unlabeled(self, labeled):
+        """The pool cases with a unit not in `labeled`: cases not labeled whole (patch mode: every case, whose
+        free boxes the scores find)."""
+        return [c for c in self.cases.pool if self.of(c) not in labeled]
+
     def boxes(self, units):
         """{case: [(start, size)]} of `units`."""
         out = {}

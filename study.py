@@ -181,9 +181,9 @@ def validate(study, model, ids=None):
     """Validation Dice of the validation cases (or of `ids`, e.g. the test cases) per foreground class, per case
     (NaN where the case's label lacks the class: MONAI's rule) and its mean over the cases that have it. mean_dice
     is MONAI's DiceMetric(include_background=False, reduction="mean"), as the first author's tutorial reports it:
-    per case the mean over its present classes,
-    then the mean over the cases. Each case is scored on box(cid, labeled=True), which holds all its
-    foreground: outside it both label and prediction are background, so the Dice is the full grid's."""
+    per case the mean over its present classes, then the mean over the cases. Each case is scored on
+    box(cid, labeled=True), which holds all its foreground: outside it both label and prediction are background,
+    so the Dice is the full grid's."""
     with study.clock("validation"):
         return _validate(study, model, study.cases.val if ids is None else ids)
 
