@@ -376,8 +376,8 @@ def start(study, chosen, sources=None):
         study.log(f"{len(unasked)} label file(s) of pool cases not asked for ({few(unasked)}): not used until the run "
                   "asks for the case (or for a box in it: then confirm its labels there with --boxes-done CASE)")
     done = lambda seed, s: len(st.iterations) if (st := study.run.saved_state(seed, s.name)) else 0
-    study.count_iterations(sum(s.iterations(study.cfg.iterations) - done(seed, s)
-                               for seed in study.seeds for s in chosen))
+    study.count_iterations(sum(max(0, s.iterations(study.cfg.iterations) - done(seed, s))   # a rerun asking for
+                               for seed in study.seeds for s in chosen))                    # fewer: none left
     study.log(f"{cases.task['name']}: {len(cases.pool)} pool, {len(cases.val)} validation"
               + (f", {len(cases.test)} test" if cases.test else "") + " cases; "
               f"{len(chosen)} strategies x {len(study.seeds)} seeds; device {study.device}; out {study.out}; "

@@ -295,3 +295,15 @@ def test_killed_run_resumes_to_the_same_results(phantom, reference, tmp_path, ta
     with pytest.warns(UserWarning, match="removed 1 temporary file"):
         state = run(phantom, out)
     same_results(state, reference[1])
+
+
+def test_a_rerun_asking_fewer_iterations_than_some_runs_have_counts_only_the_work_left(phantom, reference, tmp_path,
+                                                                                        capsys):
+    """The study's progress line counts the iterations still to run: a (seed, strategy) that already has more
+    than --iterations asks for adds none (it once subtracted them: "1/-1 active iterations done", ETA < 0)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out, ignore=shutil.ignore_patterns(".lock"))    # rand, proxyrank_var_semi: 2 each
+    capsys.readouterr()
+    run(phantom, out, "--strategy", "rand,proxyrank_var_semi,proxyrank", "--iterations", "1")
+    assert "study: 1/1 active iterations done, ETA 0:00" in capsys.readouterr().out
+    assert [r["n_labeled"] for r in states_of(out)["proxyrank"]["iterations"]] == [2]
