@@ -274,20 +274,20 @@ def test_killed_run_resumes_to_the_same_results(phantom, reference, tmp_path, ta
     """SIGKILL in the middle of a write (temporary file complete, not yet renamed), then a plain rerun."""
     out = tmp_path / "run"
     code = HELD_RUN.format(repo=str(REPO), target=target, nth=nth, args=tiny_args(phantom, out))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    safety = threading.Timer(300, proc.kill)        # only against a hang: the test waits for the line below
-    safety.start()
-    try:
-        log = []
-        while (line := proc.stdout.readline()) and not line.startswith("held before the rename onto"):
-            log.append(line)
-        held = Path(line.split(" onto ", 1)[1].strip()) if line else None
-        states = tiny.read_states(out)              # what the run had finished when it was killed
-        proc.kill()
-        proc.wait()
-    finally:
-        safety.cancel()
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) as proc:
+        safety = threading.Timer(300, proc.kill)    # only against a hang: the test waits for the line below
+        safety.start()
+        try:
+            log = []
+            while (line := proc.stdout.readline()) and not line.startswith("held before the rename onto"):
+                log.append(line)
+            held = Path(line.split(" onto ", 1)[1].strip()) if line else None
+            states = tiny.read_states(out)          # what the run had finished when it was killed
+            proc.kill()
+            proc.wait()
+        finally:
+            safety.cancel()
     assert held is not None, "the run ended without reaching the write:\n" + "".join(log)[-3000:]
     assert proc.returncode == -signal.SIGKILL
     assert list(held.parent.glob(f".{held.name}.*.tmp"))                             # killed mid-write

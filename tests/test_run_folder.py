@@ -24,15 +24,16 @@ def test_second_process_on_a_run_folder_stops_naming_the_holder(phantom, tmp_pat
     out.mkdir()
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import run_folder\n"
             f"with run_folder.locked({str(out)!r}):\n    print('locked', flush=True); sys.stdin.readline()")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        in_use = f"{out}: run folder in use by another proxy-al process \\(pid {holder.pid}\\)"
-        with pytest.raises(SystemExit, match=in_use):
-            al_loop.main(tiny_args(phantom, out))
-    finally:
-        holder.send_signal(signal.SIGKILL)          # the OS drops a dead process's lock
-        holder.wait()
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as holder:     # closes its pipes when done
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            in_use = f"{out}: run folder in use by another proxy-al process \\(pid {holder.pid}\\)"
+            with pytest.raises(SystemExit, match=in_use):
+                al_loop.main(tiny_args(phantom, out))
+        finally:
+            holder.send_signal(signal.SIGKILL)      # the OS drops a dead process's lock
+            holder.wait()
     with run_folder.locked(out):
         assert (out / ".lock").read_text().strip() == str(os.getpid())
 

@@ -184,7 +184,8 @@ def test_killed_torchrun_stops_its_workers_with_one_line_and_the_rerun_continues
             safety.cancel()
             safety = threading.Timer(SAFETY_S, lambda: [os.kill(w, signal.SIGKILL) for w in workers])
             safety.start()
-            log = proc.stdout.read()                                   # to EOF: every worker has exited
+            with proc.stdout:                                          # closed once read
+                log = proc.stdout.read()                               # to EOF: every worker has exited
             status = [os.waitstatus_to_exitcode(os.waitpid(w, 0)[1]) for w in workers]
         finally:
             safety.cancel()
