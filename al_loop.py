@@ -145,8 +145,8 @@ DEMO = dataclasses.replace(
 #    reached 0.78 in 1,600 steps; 900 supervised steps (close to the plateau, not at it: 1,800 gave `full` 0.02
 #    more test Dice on average, 0.01-0.045 a seed), the proxy 20 epochs;
 #  - later iterations train on from the last model (--warm-start previous, 300 steps) and semi-supervision runs 300
-#    steps: the study of 6 strategies x 3 seeds takes about 6.5 h a structure on one thread (3 h 15 min on 2
-#    torchrun ranks; estimated from measured unit costs), not days; k = 4, 3 iterations (4, 8, 12 labeled);
+#    steps: the study of 6 strategies x 3 seeds took 6 h 50 min of process time on the mandible (about 3 h 30 min
+#    on 2 torchrun ranks, measured), not days; k = 4, 3 iterations (4, 8, 12 labeled);
 #  - checks every 150 steps, m = 5; the soft-tissue window -160,240 HU (the mandible's command keeps bone: -160,1500).
 REAL = dataclasses.replace(
     DEMO, strategy="rand,var,proxyrank,proxyrank_var,proxyrank_var_semi,full", seeds=(0, 1, 2), k=4, iterations=3,
