@@ -126,10 +126,10 @@ def test_full_disk_at_a_checkpoint_is_a_message_and_a_rerun_continues(phantom, r
 # ------------------------------------------------------------------------------------ 14. SIGTERM
 
 
-def test_sigterm_ends_with_a_message_and_a_rerun_continues(phantom, reference, tmp_path):
-    out, log = tmp_path / "run", tmp_path / "stdout.txt"
+def sigterm_after_the_first_state_file(phantom, out, log):
+    """Runs the tiny study in a subprocess, sends SIGTERM once its first state file exists; its exit code."""
     with open(log, "w") as stdout:
-        proc = subprocess.Popen([sys.executable, str(REPO / "al_loop.py"), *tiny_args(phantom, out)], cwd=tmp_path,
+        proc = subprocess.Popen([sys.executable, str(REPO / "al_loop.py"), *tiny_args(phantom, out)], cwd=out.parent,
                                 stdout=stdout, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
             deadline = time.monotonic() + 300        # a safety net only: the test waits for the state file
@@ -138,11 +138,23 @@ def test_sigterm_ends_with_a_message_and_a_rerun_continues(phantom, reference, t
                 assert time.monotonic() < deadline, f"no state file after 300 s:\n{log.read_text()[-3000:]}"
                 time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+            return proc.wait(timeout=300)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_sigterm_ends_with_a_message_and_a_rerun_continues(phantom, reference, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "stdout.txt"
+    # On a loaded machine this test may wake only after the tiny run (about 4 s past its first state file) has
+    # ended unsignalled (seen once in .ci/run beside a study): then it runs again. One that ignores SIGTERM fails.
+    for _ in range(3):
+        code = sigterm_after_the_first_state_file(phantom, out, log)
+        if code or "SIGTERM" in log.read_text():
+            break
+        shutil.rmtree(out)
+    assert code == 128 + signal.SIGTERM, log.read_text()[-3000:]
     text = log.read_text()
     assert "done: results.csv" not in text                              # the fault: it stopped before the end
     assert "SIGTERM: stopped during" in text and f"Every finished stage is saved in {out}; rerun the same command " \
