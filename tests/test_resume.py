@@ -313,8 +313,7 @@ def test_a_rerun_asking_fewer_iterations_than_some_runs_have_counts_only_the_wor
                                                                                         capsys):
     """The study's progress line counts the iterations still to run: a (seed, strategy) that already has more
     than --iterations asks for adds none (it once subtracted them: "1/-1 active iterations done", ETA < 0)."""
-    out = tmp_path / "run"
-    shutil.copytree(reference[0], out, ignore=shutil.ignore_patterns(".lock"))    # rand, proxyrank_var_semi: 2 each
+    out = copy_run(reference, tmp_path)                                # rand, proxyrank_var_semi: 2 each
     capsys.readouterr()
     run(phantom, out, "--strategy", "rand,proxyrank_var_semi,proxyrank", "--iterations", "1")
     assert "study: 1/1 active iterations done, ETA 0:00" in capsys.readouterr().out
