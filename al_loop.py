@@ -142,16 +142,17 @@ DEMO = dataclasses.replace(
 # cases), learners that have learned on a 2-core CPU (docs/real_ct.md measures each choice); the demo's departures and:
 #  - 4 mm voxels: the contours resampled there keep a Dice of 0.94 against themselves (6 mm: 0.78, the cap it was);
 #  - 2 cases x 4 patches of 32^3 a step at lr 2e-3 (cosine): 0.80 mandible Dice by step 900, where 2 x 1 at 5e-3
-#    reached 0.78 in 1,600 steps; 900 supervised steps (close to the plateau, not at it: 1,800 gave `full` 0.02
-#    more test Dice on average, 0.01-0.045 a seed), the proxy 20 epochs;
+#    reached 0.78 in 1,600 steps; 1,800 supervised steps, the mandible's plateau: `full` gains 0.022 test Dice
+#    from 900 to 1,800 steps and under 0.01 a seed from 1,800 to 3,600 (3 seeds); the proxy 20 epochs;
 #  - later iterations train on from the last model (--warm-start previous, 300 steps) and semi-supervision runs 300
-#    steps: the study of 6 strategies x 3 seeds took 6 h 50 min of process time on the mandible (about 3 h 30 min
-#    on 2 torchrun ranks, measured), not days; k = 4, 3 iterations (4, 8, 12 labeled);
+#    steps: the study of 6 strategies x 3 seeds at --steps 900 (the README's table) took 6 h 20-35 min of process
+#    time a structure (about 3 h 30 min on 2 torchrun ranks, measured), at 1,800 about 4 h 30 min on 2 ranks
+#    (estimated), not days; k = 4, 3 iterations (4, 8, 12 labeled);
 #  - checks every 150 steps, m = 5; the soft-tissue window -160,240 HU (the mandible's command keeps bone: -160,1500).
 REAL = dataclasses.replace(
     DEMO, strategy="rand,var,proxyrank,proxyrank_var,proxyrank_var_semi,full", seeds=(0, 1, 2), k=4, iterations=3,
     n_test=16, spacing_mm=(4.0, 4.0, 4.0), roi_vox=(64, 64, 64), channels=(8, 16, 32, 64), patches_per_case=4,
-    steps=900, semi_steps=300, warm_start="previous", warm_steps=300, val_every=150, lr=2e-3, warmup_steps=20,
+    steps=1800, semi_steps=300, warm_start="previous", warm_steps=300, val_every=150, lr=2e-3, warmup_steps=20,
     proxy_epochs=20, proxy_val_every=5, mc_passes=5, window_hu=(-160.0, 240.0))
 PRESETS = {"paper": PAPER, "demo": DEMO, "real": REAL}
 PHANTOM_ONLY = ("n_val", "phantom_cases")   # sized for the 24 phantoms: a user's folder gets the paper's rule
