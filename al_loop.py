@@ -146,7 +146,7 @@ DEMO = dataclasses.replace(
 #    from 900 to 1,800 steps and under 0.01 a seed from 1,800 to 3,600 (3 seeds); the proxy 20 epochs;
 #  - later iterations train on from the last model (--warm-start previous, 300 steps) and semi-supervision runs 300
 #    steps: the study of 6 strategies x 3 seeds at --steps 900 (the README's table) took 6 h 20-35 min of process
-#    time a structure (about 3 h 30 min on 2 torchrun ranks, measured), at 1,800 about 4 h 30 min on 2 ranks
+#    time a structure (about 3 h 30 min on 2 torchrun ranks, measured), at 1,800 about 4 h 15 min on 2 ranks
 #    (estimated), not days; k = 4, 3 iterations (4, 8, 12 labeled);
 #  - checks every 150 steps, m = 5; the soft-tissue window -160,240 HU (the mandible's command keeps bone: -160,1500).
 REAL = dataclasses.replace(
