@@ -143,7 +143,8 @@ DEMO = dataclasses.replace(
 #  - 4 mm voxels: the contours resampled there keep a Dice of 0.94 against themselves (6 mm: 0.78, the cap it was);
 #  - 2 cases x 4 patches of 32^3 a step at lr 2e-3 (cosine): 0.80 mandible Dice by step 900, where 2 x 1 at 5e-3
 #    reached 0.78 in 1,600 steps; 1,800 supervised steps, the mandible's plateau: `full` gains 0.022 test Dice
-#    from 900 to 1,800 steps and under 0.01 a seed from 1,800 to 3,600 (3 seeds); the proxy 20 epochs;
+#    from 900 to 1,800 steps and under 0.01 a seed from 1,800 to 3,600 (3 seeds; the parotids still gain 0.020:
+#    give them --steps 3600); the proxy 20 epochs;
 #  - later iterations train on from the last model (--warm-start previous, 300 steps) and semi-supervision runs 300
 #    steps: the study of 6 strategies x 3 seeds at --steps 900 (the README's table) took 6 h 20-35 min of process
 #    time a structure (about 3 h 30 min on 2 torchrun ranks, measured), at 1,800 about 4 h 15 min on 2 ranks
