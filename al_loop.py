@@ -26,6 +26,7 @@ from files import ProxyAlError
 from losses import dice_per_class
 from proxy_al import MIN_MC_PASSES, noisy_label, pseudo_label, semi_loss, sliding_window_predict
 from report import pseudo_label_report
+from run_folder import stage_name
 from keys import Key
 from state import Record
 from ranking import Scoring, mc_pool
@@ -339,7 +340,8 @@ def supervised(study, labeled, init_state, key, steps, origin=None):
     model = study.new_model(study.cases.num_classes, key.paired("init"))
     if study.load_checkpoint(key.checkpoint("sup"), model, labeled) is None:
         same = origin and {"seed": str(key.seed), "start": origin, "cases": list(map(str, cases)), "steps": steps}
-        done = same and study.run.same_stage(same, study.device)
+        done = same and study.world.shared(stage_name(same), lambda: study.run.same_stage(same, study.device),
+                                           study.log)          # None: trained here (another rank's: waited for)
         if done:
             model.load_state_dict(done["model"])
             stats = done.get("stats")
@@ -352,6 +354,7 @@ def supervised(study, labeled, init_state, key, steps, origin=None):
         study.save_checkpoint(key.checkpoint("sup"), model, labeled, stats=stats)
         if same:
             study.run.mark_stage(same, key.checkpoint("sup"))
+            study.world.computed(stage_name(same))
     return model
 
 

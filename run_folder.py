@@ -90,6 +90,11 @@ def read_times(out):
     return total if total["processes"] else None
 
 
+def stage_name(identity):
+    """The short name of a stage several strategies share (same_stage's identity): its file, its store key."""
+    return f"{zlib.crc32(json.dumps(identity).encode()):08x}"
+
+
 def is_run_folder(out):
     """Whether `out` is a run folder this project made: its marker, or (made before the marker) a config.json
     with the project's keys."""
@@ -283,7 +288,7 @@ class RunFolder:
     def same_stage(self, identity, device):
         """The checkpoint of a finished stage made from the same `identity` (everything that made it: seed, start
         weights, cases, steps; run_folder's settings are the run's), as another strategy saved it, or None."""
-        path = self.path / "checkpoints" / "same" / f"{zlib.crc32(json.dumps(identity).encode()):08x}.json"
+        path = self.path / "checkpoints" / "same" / f"{stage_name(identity)}.json"
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
             if saved["identity"] != identity:
@@ -296,7 +301,7 @@ class RunFolder:
 
     def mark_stage(self, identity, key):
         """Record that the checkpoint `key` holds the stage made from `identity` (same_stage finds it)."""
-        path = self.path / "checkpoints" / "same" / f"{zlib.crc32(json.dumps(identity).encode()):08x}.json"
+        path = self.path / "checkpoints" / "same" / f"{stage_name(identity)}.json"
         files.atomic_write_json(path, {"identity": identity, "checkpoint": key})
 
     def checkpoint_weights(self, key, device):

@@ -278,7 +278,7 @@ def work(study, chosen, method):
         method.run_strategy(study, strategy, seed, proxy)
 
     units = {"proxy": proxy_unit, "score": score_unit, "run": run_unit}
-    world.work(plan(study, chosen), lambda kind, seed, what: units[kind](seed, what))
+    world.work(plan(study, chosen), lambda kind, seed, what: units[kind](seed, what), study.log)
 
 # ----------------------------------------------------------------------------- before the long work
 

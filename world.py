@@ -5,8 +5,9 @@
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 al_loop.py ...
 
 The workers share --out on a shared file system and coordinate only through the group's key-value store:
-an atomic counter hands out the units of work in a fixed order, and a "failed" key stops everyone when a
-worker fails. Which worker runs a unit never changes its result (every unit seeds its own randomness).
+an atomic counter hands out the units of work in a fixed order, a "stage/..." key names the one rank that
+computes a stage several units share (the others run their other units first, then take its result), and a
+"failed" key stops everyone when a worker fails. Which worker runs a unit never changes its result (every unit seeds its own randomness).
 When the store itself goes (torchrun's agent killed), each worker stops with one line and exit status 1.
 """
 import os
@@ -28,6 +29,10 @@ class StoreGone(ProxyAlError):
     with it the group. main prints the one-line message, no traceback, and exits with status 1."""
 
 
+class InFlight(Exception):
+    """The unit needs a shared stage another rank is computing now: it goes to the back of this rank's queue."""
+
+
 class World:
     """This process's place in the group: rank, size, device index, and the shared queue."""
 
@@ -37,6 +42,7 @@ class World:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.counters = {}                   # a world of one counts here
         self.store, self.store_gone = None, False
+        self.deferring = False               # True while the queue has units left: a unit in flight elsewhere waits
         # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE) and is this process's parent; without
         # torchrun, rank 0 hosts it.
         self.agent = os.getppid() if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None
@@ -113,14 +119,40 @@ class World:
                 last = time.time()
             time.sleep(0.2)
 
-    def work(self, units, run_unit):
+    def shared(self, name, find, log):
+        """A stage that several units compute alike, `name` its identity: find()'s result (its saved weights) when
+        it is done, or None when this rank is to compute it now (then tell the others with computed(name)). One
+        rank computes it: while it does, another rank's unit that needs it waits at the back of that rank's queue
+        (InFlight), and once nothing else is left it waits for the stage instead of computing it a second time."""
+        if (found := find()) is not None or self.store is None:
+            return found
+        holder = self.ask("compare_set", f"stage/{name}", "", str(self.rank)).decode()
+        if holder == str(self.rank):
+            return None
+        if self.deferring:
+            raise InFlight(holder)
+        self.wait(lambda: self.ask("check", [f"stage/{name}/done"]), f"rank {holder} to finish a shared stage", log)
+        return find()               # None (not found after all): computed here, with the same result
+
+    def computed(self, name):
+        """The stage `name` this rank computed is saved (shared() of the other ranks finds it)."""
+        self.set(f"stage/{name}/done", "1")
+
+    def work(self, units, run_unit, log=print):
         """Take units (kind, seed, what) from the shared queue until it is empty, run_unit(*unit) for each this
-        rank gets. A unit that fails stops every rank within a second, with a message naming rank and unit."""
-        while (i := self.claim()) < len(units):
+        rank gets; a unit waiting for another rank's stage (InFlight) runs after the rest. A unit that fails stops
+        every rank within a second, with a message naming rank and unit."""
+        later, self.deferring = [], True
+        while (i := self.claim()) < len(units) or later:
+            if i >= len(units):
+                i, self.deferring = later.pop(0), False
             self.check()
             kind, seed, what = units[i]
             try:
                 run_unit(kind, seed, what)
+            except InFlight as busy:
+                log(f"unit {kind} seed {seed} {what or ''}: its stage is computed on rank {busy}; it runs later")
+                later.append(i)
             except StoreGone:
                 raise                           # not the unit's fault, and no one left to tell
             except BaseException as err:
@@ -129,6 +161,7 @@ class World:
                     print(message, file=sys.stderr, flush=True)
                 self.fail(message)
                 raise
+        self.deferring = False
 
     def close(self):
         if self.store is not None and not self.store_gone and dist.is_initialized():

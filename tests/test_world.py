@@ -126,6 +126,51 @@ def test_queue_hands_every_unit_to_exactly_one_rank(phantom, tmp_path):
     assert sorted(found[0] + found[1]) == list(range(len(units))) and found[0] and found[1]
 
 
+def _share(rank, port, found):
+    """Rank 0 computes the shared stage "x"; rank 1's unit A needs it, so rank 1 runs B first, then waits for x."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    world = World()
+    if rank == 0:
+        found["rank 0 computes"] = world.shared("x", lambda: None, print) is None
+        world.store.set("x claimed", "1")
+        _wait_for_key(world, "B ran", "rank 1's other unit")         # while x is in flight on this rank
+        world.computed("x")
+        _wait_for_key(world, "done 1", "rank 1's end")
+    else:
+        _wait_for_key(world, "x claimed", "rank 0's claim of x")
+        order, log = [], []
+        x = lambda: "x's weights" if world.store.check(["stage/x/done"]) else None
+
+        def run(kind, seed, what):
+            order.append(what)
+            if what == "A":
+                order.append(world.shared("x", x, log.append))
+            else:
+                world.store.set("B ran", "1")
+        world.work([("run", 0, "A"), ("run", 0, "B")], run, log.append)
+        found["order"], found["log"] = order, log
+        world.store.set("done 1", "1")
+    world.close()
+
+
+def test_a_stage_in_flight_on_another_rank_is_waited_for_not_computed_again(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    found = mp.Manager().dict()
+    mp.spawn(_share, args=(port, found), nprocs=2)
+    assert found["rank 0 computes"]
+    assert found["order"] == ["A", "B", "A", "x's weights"]        # A went to the back; then it took x as saved
+    assert any("unit run seed 0 A: its stage is computed on rank 0; it runs later" in line for line in found["log"])
+
+
+def test_a_world_of_one_computes_a_shared_stage_itself():
+    world = World()
+    assert world.store is None
+    assert world.shared("x", lambda: None, print) is None and world.shared("y", lambda: "saved", print) == "saved"
+    world.computed("x")                                                      # nothing to tell
+
+
 def test_killed_worker_is_restarted_and_the_study_ends_the_same(phantom, one_rank, tmp_path):
     out = tmp_path / "run"
     proc = torchrun(tiny.args(phantom, out, *SEED0), restarts=3)
