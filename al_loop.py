@@ -272,7 +272,7 @@ def run_strategy(study, strategy, seed, proxy):
         state.iterations.append(record)
         study.run.save_state(seed, strategy.name)        # the record and the units it acquired, in one write
         study.write_reports()
-        study.progress(1)                                                                   # line 18
+        study.progress(strategy)                                                            # line 18
     require_labels(study, state, seed, strategy)
     done, waiting = len(state.iterations), state.iterations[-1].acquired
     if waiting:                 # annotation mode's last acquisition (or a run cut back by --iterations)

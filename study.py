@@ -51,7 +51,7 @@ class Study:
     def __init__(self, cfg, run, cases, seeds, world, boxes_done=(), clock=None):
         self.cfg, self.run, self.cases, self.seeds, self.world = cfg, run, cases, tuple(seeds), world
         self.queries = Queries(cfg, cases)                              # what a unit of Tl is: a case or a box
-        self.out, self.t0, self.total, self.shown = run.path, time.time(), 0, 0
+        self.out, self.t0, self.total, self.work, self.shown = run.path, time.time(), 0, 0, 0
         self.plotted = self.t0                                          # when dice_curve.png was last drawn
         self.device = pick_device(world.device(cfg.device))
         many = world.size > 1
@@ -76,14 +76,17 @@ class Study:
         LAST_LOG[0] = tag
         return self._bar(tag, total, *args, **kwargs)
 
-    def count_iterations(self, total):
-        self.total = total
+    def count_iterations(self, total, work):
+        """The active iterations this run is to do, and their work (the sum of their strategies' cost)."""
+        self.total, self.work = total, work
 
-    def progress(self, count=0):
-        """Count finished active iterations (all ranks); rank 0 prints the study's progress and ETA."""
-        done = self.world.add("iterations", count)
-        if self.world.rank == 0 and done and (count or done != self.shown):
-            self.shown, eta = done, (time.time() - self.t0) / done * (self.total - done)
+    def progress(self, strategy=None):
+        """Count a finished active iteration of `strategy` (all ranks; None: count none); rank 0 prints the
+        study's progress and an ETA from the work done so far, each iteration weighted by its strategy's cost."""
+        done = self.world.add("iterations", int(strategy is not None))
+        work = self.world.add("work", strategy.cost if strategy else 0)
+        if self.world.rank == 0 and done and (strategy or done != self.shown):
+            self.shown, eta = done, (time.time() - self.t0) / work * max(0, self.work - work)
             self.log(f"study: {done}/{self.total} active iterations done, ETA {fmt_s(eta)}")
 
     # --- the state of a (seed, strategy)
@@ -376,8 +379,9 @@ def start(study, chosen, sources=None):
         study.log(f"{len(unasked)} label file(s) of pool cases not asked for ({few(unasked)}): not used until the run "
                   "asks for the case (or for a box in it: then confirm its labels there with --boxes-done CASE)")
     done = lambda seed, s: len(st.iterations) if (st := study.run.saved_state(seed, s.name)) else 0
-    study.count_iterations(sum(max(0, s.iterations(study.cfg.iterations) - done(seed, s))   # a rerun asking for
-                               for seed in study.seeds for s in chosen))                    # fewer: none left
+    todo = [(s, max(0, s.iterations(study.cfg.iterations) - done(seed, s)))     # a rerun asking for fewer: none
+            for seed in study.seeds for s in chosen]
+    study.count_iterations(sum(n for _, n in todo), sum(s.cost * n for s, n in todo))
     study.log(f"{cases.task['name']}: {len(cases.pool)} pool, {len(cases.val)} validation"
               + (f", {len(cases.test)} test" if cases.test else "") + " cases; "
               f"{len(chosen)} strategies x {len(study.seeds)} seeds; device {study.device}; out {study.out}; "

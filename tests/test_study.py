@@ -57,3 +57,20 @@ def test_the_stage_time_table_is_written_and_sums_to_the_wall_time(phantom, tmp_
     assert {"proxy training", "MC scoring", "training (supervised)", "validation", "reports"} <= times["stages"].keys()
     summary = (out / "summary.md").read_text()
     assert "## Where the time went" in summary and "| proxy training |" in summary and "| total |" in summary
+
+
+def test_the_study_eta_weights_each_iteration_by_its_strategys_cost():
+    """rand, var and var_semi to do (costs 1, 2, 5): when var_semi ends after 50 s, 3 of 8 parts of the work
+    are left, so 30 s (a count of iterations said 2 x 50 s). A world of one, no process group."""
+    import strategies
+    from world import World
+    lines = []
+    fake = type("FakeStudy", (), {"progress": study.Study.progress, "count_iterations": study.Study.count_iterations})()
+    fake.world, fake.log, fake.shown, fake.t0 = World(), lines.append, 0, time.time() - 50
+    chosen = [strategies.parse(name) for name in ("rand", "var", "var_semi")]
+    assert [s.cost for s in chosen] == [1, 2, 5]
+    fake.count_iterations(3, sum(s.cost for s in chosen))
+    fake.progress(chosen[2])
+    assert lines == ["study: 1/3 active iterations done, ETA 0:30"]
+    fake.progress()                                                             # nothing new: no line
+    assert len(lines) == 1
