@@ -7,7 +7,8 @@
 The workers share --out on a shared file system and coordinate only through the group's key-value store:
 an atomic counter hands out the units of work in a fixed order, a "stage/..." key names the one rank that
 computes a stage several units share (the others run their other units first, then take its result), and a
-"failed" key stops everyone when a worker fails. Which worker runs a unit never changes its result (every unit seeds its own randomness).
+"failed" key stops everyone when a worker fails. Which worker runs a unit never changes its result (every
+unit seeds its own randomness).
 When the store itself goes (torchrun's agent killed), each worker stops with one line and exit status 1.
 """
 import os
@@ -143,25 +144,31 @@ class World:
         rank gets; a unit waiting for another rank's stage (InFlight) runs after the rest. A unit that fails stops
         every rank within a second, with a message naming rank and unit."""
         later, self.deferring = [], True
-        while (i := self.claim()) < len(units) or later:
-            if i >= len(units):
-                i, self.deferring = later.pop(0), False
-            self.check()
-            kind, seed, what = units[i]
+        while (i := self.claim()) < len(units):
             try:
-                run_unit(kind, seed, what)
+                self.run_unit(units[i], run_unit)
             except InFlight as busy:
-                log(f"unit {kind} seed {seed} {what or ''}: its stage is computed on rank {busy}; it runs later")
+                log(f"unit {units[i][0]} seed {units[i][1]} {units[i][2] or ''}: its stage is computed on rank "
+                    f"{busy}; it runs later")
                 later.append(i)
-            except StoreGone:
-                raise                           # not the unit's fault, and no one left to tell
-            except BaseException as err:
-                message = f"rank {self.rank} failed in unit {kind} seed {seed} {what or ''}: {err!r}"[:2000]
-                if self.size > 1:
-                    print(message, file=sys.stderr, flush=True)
-                self.fail(message)
-                raise
-        self.deferring = False
+        self.deferring = False                  # nothing else left: a unit now waits for the stage it needs
+        for i in later:
+            self.run_unit(units[i], run_unit)
+
+    def run_unit(self, unit, run_unit):
+        """run_unit(*unit); a failure (not InFlight, not the store's) is told to every rank, naming rank and unit."""
+        self.check()
+        kind, seed, what = unit
+        try:
+            run_unit(kind, seed, what)
+        except (InFlight, StoreGone):
+            raise                               # not the unit's fault (StoreGone: no one left to tell)
+        except BaseException as err:
+            message = f"rank {self.rank} failed in unit {kind} seed {seed} {what or ''}: {err!r}"[:2000]
+            if self.size > 1:
+                print(message, file=sys.stderr, flush=True)
+            self.fail(message)
+            raise
 
     def close(self):
         if self.store is not None and not self.store_gone and dist.is_initialized():
