@@ -397,11 +397,12 @@ def run_study(cfg, method, rebuild_state=False, default_strategy=False, boxes_do
     world, clock = World(), StageClock()           # the clock from the start: the stages sum to the run's wall time
     main_thread = threading.current_thread() is threading.main_thread()     # only there can it take signals
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None   # SLURM's preemption
-    out, existed = Path(cfg.out or f"runs/{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"), None
+    out = Path(cfg.out or f"runs/{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    existed, marked = None, True            # rank 0: whether the folder, and its marker, were there before
     try:
         if world.rank == 0:
             check_out(cfg, out)
-            existed = out.exists()
+            existed, marked = out.exists(), (out / MARKER).is_file()
             with locked(out):
                 world.set("out", str(out))
                 return _run(cfg, out, world, method, rebuild_state, default_strategy, boxes_done, clock)
@@ -426,7 +427,7 @@ def run_study(cfg, method, rebuild_state=False, default_strategy=False, boxes_do
         raise
     finally:
         if existed is not None and out.is_dir() and not (out / "config.json").exists():   # refused: no trace
-            for name in (".lock", MARKER):
+            for name in (".lock",) if marked else (".lock", MARKER):        # a marker it found stays
                 (out / name).unlink(missing_ok=True)
             if not existed:
                 with suppress(OSError):

@@ -246,6 +246,21 @@ def test_missing_split_with_state_is_refused(phantom, reference, tmp_path):
     assert not (out / "split.json").exists()                          # not drawn anew
 
 
+def test_a_refused_rerun_keeps_the_marker_it_found(phantom, reference, tmp_path):
+    """A run folder without config.json (lost, or made by hand): a refused rerun removes only what it wrote,
+    so the folder is still known as a run folder when the cause is fixed."""
+    out = copy_run(reference, tmp_path)
+    split = (out / "split.json").read_text()
+    (out / "split.json").unlink()
+    (out / "config.json").unlink()
+    assert (out / run_folder.MARKER).is_file()
+    with pytest.raises(SystemExit, match="split.json: missing, but this run has finished work"):
+        al_loop.main(tiny_args(phantom, out))
+    assert (out / run_folder.MARKER).is_file()                        # before: removed, and the folder refused
+    (out / "split.json").write_text(split)
+    same_results(run(phantom, out), reference[1])
+
+
 def test_leftover_temporary_files_are_removed(phantom, reference, tmp_path):
     """The run's own temporary files (named as atomic_write names them) go; a user's .tmp files stay."""
     out = copy_run(reference, tmp_path)
