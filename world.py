@@ -148,19 +148,19 @@ class World:
             try:
                 self.run_unit(units[i], run_unit)
             except InFlight as busy:
-                log(f"unit {units[i][0]} seed {units[i][1]} {units[i][2] or ''}: its stage is computed on rank "
-                    f"{busy}; it runs later")
+                kind, seed, what = units[i]
+                log(f"unit {kind} seed {seed} {what or ''}: its stage is computed on rank {busy}; it runs later")
                 later.append(i)
         self.deferring = False                  # nothing else left: a unit now waits for the stage it needs
         for i in later:
             self.run_unit(units[i], run_unit)
 
-    def run_unit(self, unit, run_unit):
-        """run_unit(*unit); a failure (not InFlight, not the store's) is told to every rank, naming rank and unit."""
+    def run_unit(self, unit, body):
+        """body(*unit); a failure (not InFlight, not the store's) is told to every rank, naming rank and unit."""
         self.check()
         kind, seed, what = unit
         try:
-            run_unit(kind, seed, what)
+            body(kind, seed, what)
         except (InFlight, StoreGone):
             raise                               # not the unit's fault (StoreGone: no one left to tell)
         except BaseException as err:
