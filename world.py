@@ -34,6 +34,12 @@ class InFlight(Exception):
     """The unit needs a shared stage another rank is computing now: it goes to the back of this rank's queue."""
 
 
+def unit_name(unit):
+    """A queue unit (kind, seed, what) as the logs name it."""
+    kind, seed, what = unit
+    return f"unit {kind} seed {seed} {what or ''}"
+
+
 class World:
     """This process's place in the group: rank, size, device index, and the shared queue."""
 
@@ -139,32 +145,30 @@ class World:
         """The stage `name` this rank computed is saved (shared() of the other ranks finds it)."""
         self.set(f"stage/{name}/done", "1")
 
-    def work(self, units, run_unit, log=print):
-        """Take units (kind, seed, what) from the shared queue until it is empty, run_unit(*unit) for each this
+    def work(self, units, body, log=print):
+        """Take units (kind, seed, what) from the shared queue until it is empty, body(*unit) for each this
         rank gets; a unit waiting for another rank's stage (InFlight) runs after the rest. A unit that fails stops
         every rank within a second, with a message naming rank and unit."""
         later, self.deferring = [], True
         while (i := self.claim()) < len(units):
             try:
-                self.run_unit(units[i], run_unit)
+                self.run_unit(units[i], body)
             except InFlight as busy:
-                kind, seed, what = units[i]
-                log(f"unit {kind} seed {seed} {what or ''}: its stage is computed on rank {busy}; it runs later")
+                log(f"{unit_name(units[i])}: its stage is computed on rank {busy}; it runs later")
                 later.append(i)
         self.deferring = False                  # nothing else left: a unit now waits for the stage it needs
         for i in later:
-            self.run_unit(units[i], run_unit)
+            self.run_unit(units[i], body)
 
     def run_unit(self, unit, body):
         """body(*unit); a failure (not InFlight, not the store's) is told to every rank, naming rank and unit."""
         self.check()
-        kind, seed, what = unit
         try:
-            body(kind, seed, what)
+            body(*unit)
         except (InFlight, StoreGone):
             raise                               # not the unit's fault (StoreGone: no one left to tell)
         except BaseException as err:
-            message = f"rank {self.rank} failed in unit {kind} seed {seed} {what or ''}: {err!r}"[:2000]
+            message = f"rank {self.rank} failed in {unit_name(unit)}: {err!r}"[:2000]
             if self.size > 1:
                 print(message, file=sys.stderr, flush=True)
             self.fail(message)
